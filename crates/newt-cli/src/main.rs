@@ -1,0 +1,2 @@
+//! newt demo.
+fn main() {}

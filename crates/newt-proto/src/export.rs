@@ -1,0 +1,1 @@
+//! Room key export files (being written).

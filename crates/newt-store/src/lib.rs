@@ -1,0 +1,171 @@
+//! The narrow storage interface of newt.
+//!
+//! A [`Store`] offers keyed reads for what the protocol core needs on each
+//! operation, paged reads for bulk work (export, backup), and one atomic
+//! write, [`Store::apply`], that commits a [`Changes`] all or nothing.
+//! [`MemoryStore`] is the reference backend; every backend runs the
+//! [`conformance`] suite (feature `conformance`).
+//!
+//! ```
+//! # tokio_test_block_on(async {
+//! use newt_store::{MemoryStore, Store, Changes};
+//! use newt_proto::records::TrackedUser;
+//! use newt_proto::ids::UserId;
+//!
+//! let store = MemoryStore::new();
+//! let alice = UserId::parse("@alice:example.org")?;
+//! let mut changes = Changes::default();
+//! changes.tracked_users.push(TrackedUser { user_id: alice.clone(), outdated: true });
+//! store.apply(changes).await?;
+//! assert_eq!(store.tracked_users().await?.len(), 1);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! # });
+//! # fn tokio_test_block_on<F: std::future::Future>(f: F) -> F::Output {
+//! #     tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(f)
+//! # }
+//! ```
+
+#[cfg(feature = "conformance")]
+pub mod conformance;
+mod memory;
+
+pub use memory::MemoryStore;
+pub use newt_proto::changes::Changes;
+
+use newt_proto::ids::{RoomId, UserId};
+use newt_proto::records::{
+    AccountRecord, DeviceRecord, InboundGroupSessionRecord, KeyRequestRecord,
+    MessageIndexRecord, OlmSessionRecord, OutboundGroupSessionRecord, TrackedUser, WithheldRecord,
+};
+
+/// A storage failure. Protocol errors never wrap this; only the driver's do.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The backend failed (I/O, database engine, browser storage).
+    #[error("storage backend failed: {0}")]
+    Backend(Box<dyn std::error::Error + Send + Sync>),
+    /// Stored data could not be decoded.
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+    /// The key or passphrase does not open this store.
+    #[error("wrong store key or passphrase")]
+    WrongKey,
+    /// The store was written by a newer version of newt.
+    #[error("store schema version {found} is newer than this build knows ({supported})")]
+    TooNew {
+        /// Version found in the store.
+        found: u32,
+        /// Newest version this build understands.
+        supported: u32,
+    },
+    /// The store holds another account.
+    #[error("store belongs to another account")]
+    AccountMismatch,
+    /// Another process changed the account since it was loaded.
+    #[error("the account was changed by another process (generation {expected} expected, {found} found)")]
+    StaleGeneration {
+        /// Generation the writer started from.
+        expected: u64,
+        /// Generation in the store.
+        found: u64,
+    },
+}
+
+/// A page position for [`Store::inbound_group_sessions_page`]: the last
+/// (room ID, session ID) of the previous page.
+pub type SessionCursor = Option<(RoomId, String)>;
+
+/// The storage interface. Reads are keyed and narrow; the only write is
+/// [`apply`](Store::apply).
+///
+/// Implementations must make `apply` atomic (all or nothing), and apply the
+/// account's generation check: if `changes.account` is set and its
+/// `generation` is not exactly one more than the stored one, `apply` fails
+/// with [`StoreError::StaleGeneration`] and writes nothing.
+#[cfg_attr(not(target_arch = "wasm32"), async_trait::async_trait)]
+#[cfg_attr(target_arch = "wasm32", async_trait::async_trait(?Send))]
+pub trait Store: StoreBounds {
+    /// Our account, if one was created.
+    async fn account(&self) -> Result<Option<AccountRecord>, StoreError>;
+    /// Olm sessions with the device whose Curve25519 key is `sender_key`.
+    async fn olm_sessions(&self, sender_key: &str) -> Result<Vec<OlmSessionRecord>, StoreError>;
+    /// The inbound Megolm session (room, session ID).
+    async fn inbound_group_session(
+        &self,
+        room_id: &RoomId,
+        session_id: &str,
+    ) -> Result<Option<InboundGroupSessionRecord>, StoreError>;
+    /// Up to `limit` inbound sessions ordered by (room ID, session ID), after
+    /// `after`. Bulk readers page through with this instead of loading all.
+    async fn inbound_group_sessions_page(
+        &self,
+        after: SessionCursor,
+        limit: usize,
+    ) -> Result<Vec<InboundGroupSessionRecord>, StoreError>;
+    /// Our outbound Megolm session for the room.
+    async fn outbound_group_session(
+        &self,
+        room_id: &RoomId,
+    ) -> Result<Option<OutboundGroupSessionRecord>, StoreError>;
+    /// All known devices of a user (including ones marked deleted).
+    async fn devices(&self, user_id: &UserId) -> Result<Vec<DeviceRecord>, StoreError>;
+    /// Users whose device lists we track.
+    async fn tracked_users(&self) -> Result<Vec<TrackedUser>, StoreError>;
+    /// An outgoing key request by `request_id`.
+    async fn key_request(&self, request_id: &str) -> Result<Option<KeyRequestRecord>, StoreError>;
+    /// The outgoing key request for a session, if any.
+    async fn key_request_for_session(
+        &self,
+        room_id: &RoomId,
+        session_id: &str,
+    ) -> Result<Option<KeyRequestRecord>, StoreError>;
+    /// Outgoing key requests not yet handed out to be sent.
+    async fn unsent_key_requests(&self) -> Result<Vec<KeyRequestRecord>, StoreError>;
+    /// A withheld notice for the session.
+    async fn withheld(
+        &self,
+        room_id: &RoomId,
+        session_id: &str,
+    ) -> Result<Option<WithheldRecord>, StoreError>;
+    /// The replay-detection record at a Megolm index.
+    async fn message_index(
+        &self,
+        room_id: &RoomId,
+        session_id: &str,
+        index: u32,
+    ) -> Result<Option<MessageIndexRecord>, StoreError>;
+    /// The last committed sync token.
+    async fn sync_token(&self) -> Result<Option<String>, StoreError>;
+    /// Commits `changes` atomically.
+    async fn apply(&self, changes: Changes) -> Result<(), StoreError>;
+}
+
+/// `Send + Sync` on native targets, nothing on wasm32 (browser storage
+/// handles are single-threaded).
+#[cfg(not(target_arch = "wasm32"))]
+pub trait StoreBounds: Send + Sync {}
+#[cfg(not(target_arch = "wasm32"))]
+impl<T: Send + Sync + ?Sized> StoreBounds for T {}
+/// `Send + Sync` on native targets, nothing on wasm32.
+#[cfg(target_arch = "wasm32")]
+pub trait StoreBounds {}
+#[cfg(target_arch = "wasm32")]
+impl<T: ?Sized> StoreBounds for T {}
+
+/// Checks the account generation rule shared by every backend: a write of the
+/// account must be based on the stored generation.
+pub fn check_generation(
+    stored: Option<&AccountRecord>,
+    incoming: &AccountRecord,
+) -> Result<(), StoreError> {
+    let expected = stored.map(|a| a.generation + 1).unwrap_or(incoming.generation);
+    if incoming.generation == expected {
+        Ok(())
+    } else {
+        Err(StoreError::StaleGeneration {
+            expected: incoming.generation.saturating_sub(1),
+            found: stored.map(|a| a.generation).unwrap_or(0),
+        })
+    }
+}

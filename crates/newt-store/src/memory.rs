@@ -1,0 +1,257 @@
+//! [`MemoryStore`]: the reference backend. State lives in a mutex-guarded set
+//! of ordered maps; records are stored as serialised JSON so that a read
+//! always returns an independent copy (pickles are not `Clone`).
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+
+use newt_proto::ids::{RoomId, UserId};
+use newt_proto::records::{
+    AccountRecord, DeviceRecord, InboundGroupSessionRecord, KeyRequestRecord,
+    MessageIndexRecord, OlmSessionRecord, OutboundGroupSessionRecord, TrackedUser, WithheldRecord,
+};
+use serde_json::Value;
+
+use crate::{check_generation, Changes, SessionCursor, Store, StoreError};
+
+type Key2 = (String, String);
+
+#[derive(Default)]
+struct Inner {
+    account: Option<Value>,
+    olm_sessions: BTreeMap<Key2, Value>,
+    inbound: BTreeMap<Key2, Value>,
+    outbound: BTreeMap<String, Value>,
+    devices: BTreeMap<Key2, DeviceRecord>,
+    tracked: BTreeMap<String, TrackedUser>,
+    key_requests: BTreeMap<String, KeyRequestRecord>,
+    withheld: BTreeMap<Key2, WithheldRecord>,
+    indices: BTreeMap<(String, String, u32), MessageIndexRecord>,
+    sync_token: Option<String>,
+}
+
+/// An in-memory [`Store`]: nothing survives the process. For tests, bots that
+/// do not need persistence, and as the model every backend must match.
+#[derive(Default)]
+pub struct MemoryStore {
+    inner: Mutex<Inner>,
+}
+
+impl MemoryStore {
+    /// An empty store.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> Result<std::sync::MutexGuard<'_, Inner>, StoreError> {
+        self.inner
+            .lock()
+            .map_err(|_| StoreError::Corrupt("memory store mutex poisoned".into()))
+    }
+}
+
+fn to_value<T: serde::Serialize>(v: &T) -> Result<Value, StoreError> {
+    serde_json::to_value(v).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+fn from_value<T: serde::de::DeserializeOwned>(v: &Value) -> Result<T, StoreError> {
+    T::deserialize(v).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+#[cfg_attr(not(target_arch = "wasm32"), async_trait::async_trait)]
+#[cfg_attr(target_arch = "wasm32", async_trait::async_trait(?Send))]
+impl Store for MemoryStore {
+    async fn account(&self) -> Result<Option<AccountRecord>, StoreError> {
+        self.lock()?.account.as_ref().map(from_value).transpose()
+    }
+
+    async fn olm_sessions(&self, sender_key: &str) -> Result<Vec<OlmSessionRecord>, StoreError> {
+        let inner = self.lock()?;
+        inner
+            .olm_sessions
+            .range((sender_key.to_owned(), String::new())..)
+            .take_while(|((k, _), _)| k == sender_key)
+            .map(|(_, v)| from_value(v))
+            .collect()
+    }
+
+    async fn inbound_group_session(
+        &self,
+        room_id: &RoomId,
+        session_id: &str,
+    ) -> Result<Option<InboundGroupSessionRecord>, StoreError> {
+        let inner = self.lock()?;
+        inner
+            .inbound
+            .get(&(room_id.to_string(), session_id.to_owned()))
+            .map(from_value)
+            .transpose()
+    }
+
+    async fn inbound_group_sessions_page(
+        &self,
+        after: SessionCursor,
+        limit: usize,
+    ) -> Result<Vec<InboundGroupSessionRecord>, StoreError> {
+        use std::ops::Bound;
+        let inner = self.lock()?;
+        let start = match after {
+            Some((room, session)) => Bound::Excluded((room.to_string(), session)),
+            None => Bound::Unbounded,
+        };
+        inner
+            .inbound
+            .range((start, Bound::Unbounded))
+            .take(limit)
+            .map(|(_, v)| from_value(v))
+            .collect()
+    }
+
+    async fn outbound_group_session(
+        &self,
+        room_id: &RoomId,
+    ) -> Result<Option<OutboundGroupSessionRecord>, StoreError> {
+        self.lock()?.outbound.get(room_id.as_str()).map(from_value).transpose()
+    }
+
+    async fn devices(&self, user_id: &UserId) -> Result<Vec<DeviceRecord>, StoreError> {
+        let inner = self.lock()?;
+        let user = user_id.to_string();
+        Ok(inner
+            .devices
+            .range((user.clone(), String::new())..)
+            .take_while(|((u, _), _)| *u == user)
+            .map(|(_, d)| d.clone())
+            .collect())
+    }
+
+    async fn tracked_users(&self) -> Result<Vec<TrackedUser>, StoreError> {
+        Ok(self.lock()?.tracked.values().cloned().collect())
+    }
+
+    async fn key_request(&self, request_id: &str) -> Result<Option<KeyRequestRecord>, StoreError> {
+        Ok(self.lock()?.key_requests.get(request_id).cloned())
+    }
+
+    async fn key_request_for_session(
+        &self,
+        room_id: &RoomId,
+        session_id: &str,
+    ) -> Result<Option<KeyRequestRecord>, StoreError> {
+        Ok(self
+            .lock()?
+            .key_requests
+            .values()
+            .find(|r| &r.room_id == room_id && r.session_id == session_id)
+            .cloned())
+    }
+
+    async fn unsent_key_requests(&self) -> Result<Vec<KeyRequestRecord>, StoreError> {
+        Ok(self.lock()?.key_requests.values().filter(|r| !r.sent).cloned().collect())
+    }
+
+    async fn withheld(
+        &self,
+        room_id: &RoomId,
+        session_id: &str,
+    ) -> Result<Option<WithheldRecord>, StoreError> {
+        Ok(self.lock()?.withheld.get(&(room_id.to_string(), session_id.to_owned())).cloned())
+    }
+
+    async fn message_index(
+        &self,
+        room_id: &RoomId,
+        session_id: &str,
+        index: u32,
+    ) -> Result<Option<MessageIndexRecord>, StoreError> {
+        Ok(self
+            .lock()?
+            .indices
+            .get(&(room_id.to_string(), session_id.to_owned(), index))
+            .cloned())
+    }
+
+    async fn sync_token(&self) -> Result<Option<String>, StoreError> {
+        Ok(self.lock()?.sync_token.clone())
+    }
+
+    async fn apply(&self, changes: Changes) -> Result<(), StoreError> {
+        let mut inner = self.lock()?;
+        // Validate and serialise everything before touching the maps: all or nothing.
+        if let Some(account) = &changes.account {
+            let stored: Option<AccountRecord> =
+                inner.account.as_ref().map(from_value).transpose()?;
+            if let Some(stored) = &stored {
+                if stored.user_id != account.user_id || stored.device_id != account.device_id {
+                    return Err(StoreError::AccountMismatch);
+                }
+            }
+            check_generation(stored.as_ref(), account)?;
+        }
+        let account = changes.account.as_ref().map(to_value).transpose()?;
+        let olm = changes
+            .olm_sessions
+            .iter()
+            .map(|s| Ok(((s.sender_key.clone(), s.session_id.clone()), to_value(s)?)))
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        let inbound = changes
+            .inbound_group_sessions
+            .iter()
+            .map(|s| Ok(((s.room_id.to_string(), s.session_id.clone()), to_value(s)?)))
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        let outbound = changes
+            .outbound_group_sessions
+            .iter()
+            .map(|s| Ok((s.room_id.to_string(), to_value(s)?)))
+            .collect::<Result<Vec<_>, StoreError>>()?;
+
+        for room in &changes.removed_outbound_group_sessions {
+            inner.outbound.remove(room.as_str());
+        }
+        for (user, device) in &changes.removed_devices {
+            inner.devices.remove(&(user.to_string(), device.to_string()));
+        }
+        for user in &changes.untracked_users {
+            inner.tracked.remove(user.as_str());
+        }
+        for id in &changes.removed_key_requests {
+            inner.key_requests.remove(id);
+        }
+
+        if let Some(account) = account {
+            inner.account = Some(account);
+        }
+        inner.olm_sessions.extend(olm);
+        inner.inbound.extend(inbound);
+        inner.outbound.extend(outbound);
+        for d in changes.devices {
+            inner.devices.insert((d.user_id.to_string(), d.device_id.to_string()), d);
+        }
+        for t in changes.tracked_users {
+            inner.tracked.insert(t.user_id.to_string(), t);
+        }
+        for r in changes.key_requests {
+            inner.key_requests.insert(r.request_id.clone(), r);
+        }
+        for w in changes.withheld {
+            inner.withheld.insert((w.room_id.to_string(), w.session_id.clone()), w);
+        }
+        for m in changes.message_indices {
+            inner.indices.insert((m.room_id.to_string(), m.session_id.clone(), m.index), m);
+        }
+        if let Some(token) = changes.sync_token {
+            inner.sync_token = Some(token);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn memory_store_conformance() {
+        crate::conformance::run_all(|| async { MemoryStore::new() }).await;
+    }
+}
