@@ -1,1 +1,328 @@
-//! TODO
+//! Our own device: identity keys, signed device keys, one-time and fallback
+//! keys, and the `/keys/upload` body.
+//!
+//! One-time keys are topped up from the server's count in each sync
+//! (`device_one_time_keys_count`); the fallback key is rotated when the sync
+//! says it was used (`device_unused_fallback_key_types` lacks
+//! `signed_curve25519`). Keys are marked published only after the upload
+//! succeeded, so a failed upload is retried with the same keys.
+
+use serde_json::{json, Map, Value};
+use vodozemac::olm::{Account, IdentityKeys};
+use vodozemac::{Curve25519PublicKey, Ed25519PublicKey, Ed25519Signature, KeyId};
+
+use crate::ids::{DeviceId, UserId};
+use crate::json::{sign_json, JsonError};
+use crate::records::AccountRecord;
+use crate::{MEGOLM_V1, OLM_V1};
+
+/// The one-time key algorithm Matrix uses.
+pub const SIGNED_CURVE25519: &str = "signed_curve25519";
+
+/// The live form of our account.
+pub struct OwnAccount {
+    user_id: UserId,
+    device_id: DeviceId,
+    inner: Account,
+    shared: bool,
+    uploaded_one_time_key_count: u64,
+    fallback_key_created_at: Option<u64>,
+    generation: u64,
+}
+
+impl std::fmt::Debug for OwnAccount {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OwnAccount")
+            .field("user_id", &self.user_id)
+            .field("device_id", &self.device_id)
+            .field("curve25519", &self.inner.curve25519_key().to_base64())
+            .finish_non_exhaustive()
+    }
+}
+
+impl OwnAccount {
+    /// A new account with fresh identity keys. Nothing is uploaded yet.
+    pub fn new(user_id: UserId, device_id: DeviceId) -> Self {
+        Self {
+            user_id,
+            device_id,
+            inner: Account::new(),
+            shared: false,
+            uploaded_one_time_key_count: 0,
+            fallback_key_created_at: None,
+            generation: 0,
+        }
+    }
+
+    /// Restores an account from its record.
+    pub fn from_record(record: AccountRecord) -> Self {
+        Self {
+            user_id: record.user_id,
+            device_id: record.device_id,
+            inner: Account::from_pickle(record.pickle),
+            shared: record.shared,
+            uploaded_one_time_key_count: record.uploaded_one_time_key_count,
+            fallback_key_created_at: record.fallback_key_created_at,
+            generation: record.generation,
+        }
+    }
+
+    /// The record to persist after a change. Each call bumps the generation,
+    /// so call it once per commit.
+    pub fn to_record(&mut self) -> AccountRecord {
+        self.generation += 1;
+        AccountRecord {
+            user_id: self.user_id.clone(),
+            device_id: self.device_id.clone(),
+            pickle: self.inner.pickle(),
+            shared: self.shared,
+            uploaded_one_time_key_count: self.uploaded_one_time_key_count,
+            fallback_key_created_at: self.fallback_key_created_at,
+            generation: self.generation,
+        }
+    }
+
+    /// The record for a brand-new account (generation 0).
+    pub fn initial_record(&self) -> AccountRecord {
+        AccountRecord {
+            user_id: self.user_id.clone(),
+            device_id: self.device_id.clone(),
+            pickle: self.inner.pickle(),
+            shared: self.shared,
+            uploaded_one_time_key_count: self.uploaded_one_time_key_count,
+            fallback_key_created_at: self.fallback_key_created_at,
+            generation: self.generation,
+        }
+    }
+
+    /// Our user ID.
+    pub fn user_id(&self) -> &UserId {
+        &self.user_id
+    }
+
+    /// Our device ID.
+    pub fn device_id(&self) -> &DeviceId {
+        &self.device_id
+    }
+
+    /// Our Curve25519 and Ed25519 identity keys.
+    pub fn identity_keys(&self) -> IdentityKeys {
+        self.inner.identity_keys()
+    }
+
+    /// Our Ed25519 key.
+    pub fn ed25519_key(&self) -> Ed25519PublicKey {
+        self.inner.ed25519_key()
+    }
+
+    /// Our Curve25519 key.
+    pub fn curve25519_key(&self) -> Curve25519PublicKey {
+        self.inner.curve25519_key()
+    }
+
+    /// Whether our device keys were uploaded.
+    pub fn shared(&self) -> bool {
+        self.shared
+    }
+
+    /// Signs `message` with our Ed25519 key.
+    pub fn sign(&self, message: &[u8]) -> Ed25519Signature {
+        self.inner.sign(message)
+    }
+
+    /// Signs a JSON object as our device (`ed25519:<device_id>`).
+    pub fn sign_json(&self, value: &mut Value) -> Result<(), JsonError> {
+        let key_id = format!("ed25519:{}", self.device_id);
+        sign_json(value, &self.user_id, &key_id, |m| self.inner.sign(m))
+    }
+
+    /// Our signed DeviceKeys object.
+    pub fn device_keys(&self) -> Value {
+        let keys = self.identity_keys();
+        let mut value = json!({
+            "user_id": self.user_id,
+            "device_id": self.device_id,
+            "algorithms": [OLM_V1, MEGOLM_V1],
+            "keys": {
+                format!("curve25519:{}", self.device_id): keys.curve25519.to_base64(),
+                format!("ed25519:{}", self.device_id): keys.ed25519.to_base64(),
+            },
+        });
+        // Signing a freshly built object cannot fail: it is an object of strings.
+        let _ = self.sign_json(&mut value);
+        value
+    }
+
+    /// Takes the counts from a sync. Returns true when the account changed
+    /// (new keys were generated) and must be persisted.
+    ///
+    /// `one_time_key_count` is `device_one_time_keys_count.signed_curve25519`
+    /// (absent means 0); `unused_fallback_key_types` is
+    /// `device_unused_fallback_key_types`, `None` when the server did not send it.
+    pub fn update_key_counts(
+        &mut self,
+        one_time_key_count: Option<u64>,
+        unused_fallback_key_types: Option<&[String]>,
+        now: u64,
+    ) -> bool {
+        let mut changed = false;
+        if let Some(count) = one_time_key_count {
+            if count != self.uploaded_one_time_key_count {
+                self.uploaded_one_time_key_count = count;
+                changed = true;
+            }
+        }
+        changed |= self.generate_one_time_keys_if_needed();
+        if let Some(types) = unused_fallback_key_types {
+            let has_unused = types.iter().any(|t| t == SIGNED_CURVE25519);
+            if !has_unused && self.inner.fallback_key().is_empty() {
+                // The server has no unused fallback key and we have none
+                // waiting for upload: rotate.
+                self.inner.generate_fallback_key();
+                self.fallback_key_created_at = Some(now);
+                changed = true;
+            }
+        }
+        changed
+    }
+
+    /// Generates one-time keys so that, once uploaded, the server holds half of
+    /// vodozemac's maximum. Does nothing while unpublished keys are pending.
+    fn generate_one_time_keys_if_needed(&mut self) -> bool {
+        if !self.inner.one_time_keys().is_empty() {
+            return false;
+        }
+        let target = self.inner.max_number_of_one_time_keys() as u64;
+        let missing = target.saturating_sub(self.uploaded_one_time_key_count);
+        if missing == 0 {
+            return false;
+        }
+        self.inner.generate_one_time_keys(missing as usize);
+        true
+    }
+
+    /// Makes sure there is something to upload for a new device: one-time keys
+    /// and a fallback key. Returns true when the account changed.
+    pub fn prepare_initial_upload(&mut self, now: u64) -> bool {
+        let mut changed = self.generate_one_time_keys_if_needed();
+        if self.fallback_key_created_at.is_none() {
+            self.inner.generate_fallback_key();
+            self.fallback_key_created_at = Some(now);
+            changed = true;
+        }
+        changed
+    }
+
+    /// The `/keys/upload` body, or `None` when there is nothing to upload.
+    pub fn keys_upload_body(&self) -> Option<Value> {
+        let one_time_keys = self.signed_keys(self.inner.one_time_keys(), false);
+        let fallback_keys = self.signed_keys(self.inner.fallback_key(), true);
+        if self.shared && one_time_keys.is_empty() && fallback_keys.is_empty() {
+            return None;
+        }
+        let mut body = Map::new();
+        if !self.shared {
+            body.insert("device_keys".into(), self.device_keys());
+        }
+        if !one_time_keys.is_empty() {
+            body.insert("one_time_keys".into(), Value::Object(one_time_keys));
+        }
+        if !fallback_keys.is_empty() {
+            body.insert("fallback_keys".into(), Value::Object(fallback_keys));
+        }
+        Some(Value::Object(body))
+    }
+
+    fn signed_keys(
+        &self,
+        keys: std::collections::HashMap<KeyId, Curve25519PublicKey>,
+        fallback: bool,
+    ) -> Map<String, Value> {
+        let mut out = Map::new();
+        for (id, key) in keys {
+            let mut obj = json!({ "key": key.to_base64() });
+            if fallback {
+                obj["fallback"] = Value::Bool(true);
+            }
+            let _ = self.sign_json(&mut obj);
+            out.insert(format!("{SIGNED_CURVE25519}:{}", id.to_base64()), obj);
+        }
+        out
+    }
+
+    /// Records a successful upload of `body` (built by
+    /// [`keys_upload_body`](Self::keys_upload_body)) with the server's
+    /// response `one_time_key_counts`.
+    pub fn mark_keys_uploaded(&mut self, response_count: Option<u64>) {
+        self.shared = true;
+        self.inner.mark_keys_as_published();
+        if let Some(count) = response_count {
+            self.uploaded_one_time_key_count = count;
+        }
+    }
+
+    /// The vodozemac account, for session creation.
+    pub(crate) fn inner(&self) -> &Account {
+        &self.inner
+    }
+
+    /// The vodozemac account, mutably (inbound sessions consume one-time keys).
+    pub(crate) fn inner_mut(&mut self) -> &mut Account {
+        &mut self.inner
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::json::verify_json;
+
+    fn account() -> OwnAccount {
+        OwnAccount::new(UserId::parse("@alice:example.org").unwrap(), DeviceId::parse("ALICE").unwrap())
+    }
+
+    #[test]
+    fn device_keys_are_self_signed() {
+        let a = account();
+        let keys = a.device_keys();
+        verify_json(&keys, a.user_id(), "ed25519:ALICE", &a.ed25519_key()).unwrap();
+        assert_eq!(keys["keys"]["curve25519:ALICE"], a.curve25519_key().to_base64());
+    }
+
+    #[test]
+    fn upload_cycle_tops_up_and_marks_published() {
+        let mut a = account();
+        assert!(a.prepare_initial_upload(0));
+        let body = a.keys_upload_body().unwrap();
+        assert!(body.get("device_keys").is_some());
+        assert_eq!(body["one_time_keys"].as_object().unwrap().len(), 50);
+        assert_eq!(body["fallback_keys"].as_object().unwrap().len(), 1);
+        for (_, k) in body["one_time_keys"].as_object().unwrap() {
+            verify_json(k, a.user_id(), "ed25519:ALICE", &a.ed25519_key()).unwrap();
+        }
+        // Not published until the upload succeeds: the same body comes again.
+        assert_eq!(a.keys_upload_body().unwrap()["one_time_keys"], body["one_time_keys"]);
+        a.mark_keys_uploaded(Some(50));
+        assert!(a.keys_upload_body().is_none());
+        // 40 claimed: 40 new ones.
+        assert!(a.update_key_counts(Some(10), Some(&["signed_curve25519".into()]), 1));
+        let body = a.keys_upload_body().unwrap();
+        assert!(body.get("device_keys").is_none());
+        assert_eq!(body["one_time_keys"].as_object().unwrap().len(), 40);
+        assert!(body.get("fallback_keys").is_none());
+        a.mark_keys_uploaded(Some(50));
+        // Fallback used: rotate.
+        assert!(a.update_key_counts(Some(50), Some(&[]), 2));
+        assert_eq!(a.keys_upload_body().unwrap()["fallback_keys"].as_object().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn record_round_trip_keeps_keys() {
+        let mut a = account();
+        let keys = a.identity_keys();
+        let rec = a.to_record();
+        assert_eq!(rec.generation, 1);
+        let b = OwnAccount::from_record(rec);
+        assert_eq!(b.identity_keys(), keys);
+    }
+}

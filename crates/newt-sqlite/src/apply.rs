@@ -1,0 +1,210 @@
+//! [`Store::apply`](newt_store::Store::apply) for SQLite: every value is
+//! hashed and sealed first, outside any lock, then one `BEGIN IMMEDIATE`
+//! transaction checks the account generation and runs the prepared
+//! statements: removals first, then upserts in list order (a later entry for
+//! the same key wins), all or nothing.
+
+use rusqlite::types::Value;
+use rusqlite::{params_from_iter, Connection, TransactionBehavior};
+use serde::Serialize;
+
+use newt_proto::records::AccountRecord;
+use newt_store::{check_generation, Changes, StoreError};
+
+use crate::cipher::{Cipher, Kind};
+use crate::retry::TxError;
+use crate::schema::{
+    Table, DEVICES, INBOUND, KEY_REQUESTS, MESSAGE_INDICES, OLM_SESSIONS, OUTBOUND, SINGLETONS,
+    TRACKED_USERS, WITHHELD,
+};
+use crate::store::query;
+
+/// The `singletons` name of the account.
+pub(crate) const ACCOUNT: &str = "account";
+/// The `singletons` name of the sync token.
+pub(crate) const SYNC_TOKEN: &str = "sync_token";
+
+/// One prepared statement execution.
+struct Write {
+    sql: String,
+    params: Vec<Value>,
+}
+
+/// A [`Changes`] turned into sealed rows, ready to commit (and to commit
+/// again if the database was busy).
+pub(crate) struct Prepared {
+    account: Option<AccountRecord>,
+    writes: Vec<Write>,
+}
+
+/// Hashes and seals everything in `changes`.
+pub(crate) fn prepare(cipher: &Cipher, changes: Changes) -> Result<Prepared, StoreError> {
+    let mut writes = Vec::new();
+    let delete = |table: &Table, by: &[&str], params: Vec<Value>| Write {
+        sql: table.delete_sql(by),
+        params,
+    };
+
+    for room in &changes.removed_outbound_group_sessions {
+        writes.push(delete(
+            &OUTBOUND,
+            &["room_hash"],
+            vec![cipher.key(Kind::Room, room.as_str())],
+        ));
+    }
+    for (user, device) in &changes.removed_devices {
+        writes.push(delete(
+            &DEVICES,
+            &["user_hash", "device_hash"],
+            vec![
+                cipher.key(Kind::User, user.as_str()),
+                cipher.key(Kind::Device, device.as_str()),
+            ],
+        ));
+    }
+    for user in &changes.untracked_users {
+        writes.push(delete(
+            &TRACKED_USERS,
+            &["user_hash"],
+            vec![cipher.key(Kind::User, user.as_str())],
+        ));
+    }
+    for id in &changes.removed_key_requests {
+        writes.push(delete(
+            &KEY_REQUESTS,
+            &["request_hash"],
+            vec![cipher.key(Kind::Request, id)],
+        ));
+    }
+
+    if let Some(account) = &changes.account {
+        writes.push(upsert(
+            cipher,
+            &SINGLETONS,
+            vec![Value::Text(ACCOUNT.into())],
+            account,
+        )?);
+    }
+    for s in &changes.olm_sessions {
+        let keys = vec![
+            cipher.key(Kind::SenderKey, &s.sender_key),
+            cipher.key(Kind::OlmSession, &s.session_id),
+        ];
+        writes.push(upsert(cipher, &OLM_SESSIONS, keys, s)?);
+    }
+    for s in &changes.inbound_group_sessions {
+        let keys = vec![
+            cipher.key(Kind::Room, s.room_id.as_str()),
+            cipher.key(Kind::MegolmSession, &s.session_id),
+            Value::Integer(i64::from(s.backed_up)),
+        ];
+        writes.push(upsert(cipher, &INBOUND, keys, s)?);
+    }
+    for s in &changes.outbound_group_sessions {
+        writes.push(upsert(
+            cipher,
+            &OUTBOUND,
+            vec![cipher.key(Kind::Room, s.room_id.as_str())],
+            s,
+        )?);
+    }
+    for d in &changes.devices {
+        let keys = vec![
+            cipher.key(Kind::User, d.user_id.as_str()),
+            cipher.key(Kind::Device, d.device_id.as_str()),
+        ];
+        writes.push(upsert(cipher, &DEVICES, keys, d)?);
+    }
+    for t in &changes.tracked_users {
+        writes.push(upsert(
+            cipher,
+            &TRACKED_USERS,
+            vec![cipher.key(Kind::User, t.user_id.as_str())],
+            t,
+        )?);
+    }
+    for r in &changes.key_requests {
+        let keys = vec![
+            cipher.key(Kind::Request, &r.request_id),
+            cipher.key(Kind::Room, r.room_id.as_str()),
+            cipher.key(Kind::MegolmSession, &r.session_id),
+            Value::Integer(i64::from(r.sent)),
+        ];
+        writes.push(upsert(cipher, &KEY_REQUESTS, keys, r)?);
+    }
+    for w in &changes.withheld {
+        let keys = vec![
+            cipher.key(Kind::Room, w.room_id.as_str()),
+            cipher.key(Kind::MegolmSession, &w.session_id),
+        ];
+        writes.push(upsert(cipher, &WITHHELD, keys, w)?);
+    }
+    for m in &changes.message_indices {
+        let keys = vec![
+            cipher.key(Kind::Room, m.room_id.as_str()),
+            cipher.key(Kind::MegolmSession, &m.session_id),
+            Value::Integer(i64::from(m.index)),
+        ];
+        writes.push(upsert(cipher, &MESSAGE_INDICES, keys, m)?);
+    }
+    if let Some(token) = &changes.sync_token {
+        writes.push(upsert(
+            cipher,
+            &SINGLETONS,
+            vec![Value::Text(SYNC_TOKEN.into())],
+            token,
+        )?);
+    }
+    Ok(Prepared {
+        account: changes.account,
+        writes,
+    })
+}
+
+fn upsert<T: Serialize>(
+    cipher: &Cipher,
+    table: &Table,
+    keys: Vec<Value>,
+    record: &T,
+) -> Result<Write, StoreError> {
+    let sealed = cipher.seal_json(table.name, &keys, record)?;
+    let mut params = keys;
+    params.push(Value::Blob(sealed));
+    Ok(Write {
+        sql: table.upsert_sql(),
+        params,
+    })
+}
+
+/// Commits prepared changes in one immediate transaction. The account
+/// checks read the stored account inside that transaction, so no other
+/// process can change it between the check and the write.
+pub(crate) fn commit(
+    conn: &mut Connection,
+    cipher: &Cipher,
+    prepared: &Prepared,
+) -> Result<(), TxError> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    if let Some(incoming) = &prepared.account {
+        let stored: Option<AccountRecord> = query(
+            &tx,
+            cipher,
+            &SINGLETONS,
+            &SINGLETONS.select_sql("WHERE name = ?1"),
+            &[Value::Text(ACCOUNT.into())],
+        )?
+        .pop();
+        if let Some(stored) = &stored {
+            if stored.user_id != incoming.user_id || stored.device_id != incoming.device_id {
+                return Err(StoreError::AccountMismatch.into());
+            }
+        }
+        check_generation(stored.as_ref(), incoming)?;
+    }
+    for write in &prepared.writes {
+        tx.prepare_cached(&write.sql)?
+            .execute(params_from_iter(&write.params))?;
+    }
+    tx.commit()?;
+    Ok(())
+}

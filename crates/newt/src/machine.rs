@@ -1,0 +1,1011 @@
+//! [`Machine`]: the async driver around the sans-IO core.
+//!
+//! Each public method follows the same shape: take the state lock, load the
+//! records the core needs from the store, call the core, commit the returned
+//! `Changes` with one `Store::apply`, and only then hand results back
+//! (persist before acknowledge). If the commit fails, the in-memory account
+//! is reloaded from the store, so memory never runs ahead of disk.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use futures::lock::Mutex;
+use serde_json::{json, Map, Value};
+
+use newt_proto::account::{OwnAccount, SIGNED_CURVE25519};
+use newt_proto::changes::Changes;
+use newt_proto::devices::{handle_keys_query, keys_query_body, parse_device_keys, RejectedDevice};
+use newt_proto::export::{decrypt_export, encrypt_export, ExportedRoomKey};
+use newt_proto::ids::{DeviceId, RoomId, UserId};
+use newt_proto::key_requests::{accept_forwarded_key, answer_request, parse_request, request_content, KeyShareError};
+use newt_proto::megolm::{
+    decrypt_room_event, export_session, parse_room_event, parse_withheld, session_from_export,
+    session_from_room_key, should_replace, DecryptedRoomEvent, MegolmError, OutboundSession,
+    RotationSettings,
+};
+use newt_proto::olm::{self, handle_keys_claim, keys_claim_body, OlmError, OlmSession, KEY_CARRYING_TYPES};
+use newt_proto::records::{
+    DeviceRecord, InboundGroupSessionRecord, KeyRequestRecord, LocalTrust, SessionSource, ShareInfo,
+    TrackedUser,
+};
+use newt_proto::sharing::{audience_shrank, plan_share, withheld_content, SharingPolicy};
+use newt_proto::OLM_V1;
+use newt_store::{Store, StoreError};
+
+use crate::clock::now_ms;
+use crate::requests::{OutgoingRequest, RequestKind};
+use crate::Error;
+
+/// How long a device whose key claim failed is left alone (ms).
+const CLAIM_FAILURE_BACKOFF_MS: u64 = 15 * 60 * 1000;
+/// At most one new session per device per hour to unwedge a broken channel.
+const UNWEDGE_INTERVAL_MS: u64 = 3600 * 1000;
+/// To-device messages per request.
+const TO_DEVICE_CHUNK: usize = 250;
+/// Sessions written per store transaction during an import.
+const IMPORT_BATCH: usize = 1000;
+
+/// What a sync delivered that the crypto layer needs.
+#[derive(Debug, Clone, Default)]
+pub struct SyncChanges {
+    /// `to_device.events`.
+    pub to_device_events: Vec<Value>,
+    /// `device_lists.changed`.
+    pub changed_users: Vec<UserId>,
+    /// `device_lists.left`.
+    pub left_users: Vec<UserId>,
+    /// `device_one_time_keys_count.signed_curve25519` (absent means 0 when
+    /// the map is present; pass `None` when the map is absent).
+    pub one_time_key_count: Option<u64>,
+    /// `device_unused_fallback_key_types`, if the server sent it.
+    pub unused_fallback_key_types: Option<Vec<String>>,
+    /// `next_batch`: committed together with the to-device results.
+    pub next_batch: Option<String>,
+}
+
+/// Room settings for sharing and encrypting.
+#[derive(Debug, Clone, Default)]
+pub struct RoomSettings {
+    /// Rotation periods from `m.room.encryption`.
+    pub rotation: RotationSettings,
+    /// Who gets the room key.
+    pub policy: SharingPolicy,
+    /// `shared_history` for new keys (history visibility `shared`/`world_readable`).
+    pub shared_history: bool,
+}
+
+/// What happened to one to-device event.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProcessedToDevice {
+    /// The `sender` of the event.
+    pub sender: String,
+    /// The (inner, if it was encrypted) event type.
+    pub event_type: String,
+    /// The (decrypted) content; `Null` when the event was rejected.
+    pub content: Value,
+    /// Whether it arrived Olm-encrypted.
+    pub encrypted: bool,
+    /// The sending device, when known.
+    pub sender_device: Option<DeviceId>,
+    /// What newt did with it.
+    pub outcome: ToDeviceOutcome,
+}
+
+/// What newt did with a to-device event.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub enum ToDeviceOutcome {
+    /// Not a crypto event: for the application.
+    ForApp,
+    /// A room key was stored (room, session).
+    RoomKeyStored(RoomId, String),
+    /// A key request was answered with a forwarded key.
+    KeyRequestAnswered,
+    /// A withheld notice was stored.
+    WithheldStored,
+    /// Handled internally (dummy, cancellation, duplicate key, ...).
+    Handled,
+    /// Rejected: the event broke a rule or could not be decrypted.
+    Rejected(ToDeviceError),
+}
+
+/// Why a to-device event was rejected.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ToDeviceError {
+    /// A key-carrying event arrived without Olm encryption.
+    #[error("{0} must arrive Olm-encrypted")]
+    NotOverOlm(String),
+    /// Olm decryption or a plaintext check failed.
+    #[error(transparent)]
+    Olm(#[from] OlmError),
+    /// The room key was invalid.
+    #[error(transparent)]
+    Megolm(#[from] MegolmError),
+    /// A forwarded key or key request was refused.
+    #[error(transparent)]
+    KeyShare(#[from] KeyShareError),
+    /// The event itself is malformed.
+    #[error("malformed to-device event: {0}")]
+    Malformed(&'static str),
+}
+
+/// The result of [`Machine::receive_sync`].
+#[derive(Debug, Clone, Default)]
+pub struct SyncOutcome {
+    /// Every to-device event, in order, with what happened to it.
+    pub to_device: Vec<ProcessedToDevice>,
+}
+
+/// The result of [`Machine::handle_keys_query_response`] details.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct KeysQueryReport {
+    /// Devices refused (bad signature, mismatched IDs, changed key).
+    pub rejected: Vec<RejectedDevice>,
+}
+
+/// Summary of a key import.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ImportSummary {
+    /// Keys in the file.
+    pub total: usize,
+    /// Keys stored (new, or better than what we had).
+    pub imported: usize,
+    /// Keys skipped (not Megolm, invalid, or not better).
+    pub skipped: usize,
+}
+
+enum Pending {
+    KeysUpload,
+    KeysQuery(BTreeSet<UserId>),
+    KeysClaim(Vec<(UserId, DeviceId)>),
+    RoomKeyShare { room_id: RoomId, session_id: String, devices: Vec<(UserId, DeviceId, String, u32)>, withheld: Vec<(UserId, DeviceId, String)> },
+    KeyRequest,
+    Other,
+}
+
+struct State {
+    account: OwnAccount,
+    next_id: u64,
+    queued: Vec<OutgoingRequest>,
+    in_flight: BTreeMap<String, Pending>,
+    queries_in_flight: BTreeSet<UserId>,
+    changed_during_query: BTreeSet<UserId>,
+    claim_failures: BTreeMap<(UserId, DeviceId), u64>,
+    last_unwedge: BTreeMap<String, u64>,
+    wedged: BTreeSet<(UserId, DeviceId)>,
+}
+
+impl State {
+    fn next_id(&mut self) -> String {
+        self.next_id += 1;
+        format!("newt-{}-{}", now_ms(), self.next_id)
+    }
+}
+
+/// The end-to-end-encryption machine for one device.
+///
+/// Cheap to clone (shared state); all methods take `&self`.
+#[derive(Clone)]
+pub struct Machine {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    store: Arc<dyn Store>,
+    user_id: UserId,
+    device_id: DeviceId,
+    state: Mutex<State>,
+}
+
+impl std::fmt::Debug for Machine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Machine")
+            .field("user_id", &self.inner.user_id)
+            .field("device_id", &self.inner.device_id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Machine {
+    /// Opens the machine for `user_id`/`device_id` on `store`, creating the
+    /// account on first use.
+    pub async fn open(store: Arc<dyn Store>, user_id: UserId, device_id: DeviceId) -> Result<Self, Error> {
+        let account = match store.account().await? {
+            Some(record) => {
+                if record.user_id != user_id || record.device_id != device_id {
+                    return Err(Error::AccountMismatch {
+                        user_id: record.user_id.to_string(),
+                        device_id: record.device_id.to_string(),
+                    });
+                }
+                OwnAccount::from_record(record)
+            }
+            None => {
+                let mut account = OwnAccount::new(user_id.clone(), device_id.clone());
+                account.prepare_initial_upload(now_ms());
+                let mut changes = Changes { account: Some(account.initial_record()), ..Default::default() };
+                // Track ourselves so our other devices are known.
+                changes.tracked_users.push(TrackedUser { user_id: user_id.clone(), outdated: true });
+                store.apply(changes).await?;
+                account
+            }
+        };
+        Ok(Self {
+            inner: Arc::new(Inner {
+                store,
+                user_id,
+                device_id,
+                state: Mutex::new(State {
+                    account,
+                    next_id: 0,
+                    queued: Vec::new(),
+                    in_flight: BTreeMap::new(),
+                    queries_in_flight: BTreeSet::new(),
+                    changed_during_query: BTreeSet::new(),
+                    claim_failures: BTreeMap::new(),
+                    last_unwedge: BTreeMap::new(),
+                    wedged: BTreeSet::new(),
+                }),
+            }),
+        })
+    }
+
+    /// Our user ID.
+    pub fn user_id(&self) -> &UserId {
+        &self.inner.user_id
+    }
+
+    /// Our device ID.
+    pub fn device_id(&self) -> &DeviceId {
+        &self.inner.device_id
+    }
+
+    /// Our identity keys: (Curve25519, Ed25519), unpadded base64.
+    pub async fn identity_keys(&self) -> (String, String) {
+        let st = self.inner.state.lock().await;
+        let k = st.account.identity_keys();
+        (k.curve25519.to_base64(), k.ed25519.to_base64())
+    }
+
+    /// Our signed device keys, as uploaded.
+    pub async fn device_keys(&self) -> Value {
+        self.inner.state.lock().await.account.device_keys()
+    }
+
+    fn store(&self) -> &dyn Store {
+        self.inner.store.as_ref()
+    }
+
+    /// Commits `changes`, reloading the account from the store if the commit
+    /// fails so that memory never runs ahead of disk.
+    async fn commit(&self, st: &mut State, mut changes: Changes, account_changed: bool) -> Result<(), Error> {
+        if account_changed {
+            changes.account = Some(st.account.to_record());
+        }
+        if changes.is_empty() {
+            return Ok(());
+        }
+        match self.store().apply(changes).await {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                if let Ok(Some(record)) = self.store().account().await {
+                    st.account = OwnAccount::from_record(record);
+                }
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Starts tracking the device lists of `users` (e.g. the members of an
+    /// encrypted room). New users are queried on the next
+    /// [`outgoing_requests`](Self::outgoing_requests).
+    pub async fn update_tracked_users(&self, users: impl IntoIterator<Item = UserId>) -> Result<(), Error> {
+        let mut st = self.inner.state.lock().await;
+        let tracked: BTreeSet<UserId> = self.store().tracked_users().await?.into_iter().map(|t| t.user_id).collect();
+        let mut changes = Changes::default();
+        for u in users {
+            if !tracked.contains(&u) {
+                changes.tracked_users.push(TrackedUser { user_id: u, outdated: true });
+            }
+        }
+        self.commit(&mut st, changes, false).await
+    }
+
+    /// Processes the crypto parts of a sync response. Returns only after the
+    /// to-device results, the ratchets they advanced, the one-time keys they
+    /// consumed and `next_batch` are committed together.
+    pub async fn receive_sync(&self, sync: SyncChanges) -> Result<SyncOutcome, Error> {
+        let mut st = self.inner.state.lock().await;
+        let now = now_ms();
+        let mut changes = Changes::default();
+        let mut account_changed = false;
+
+        // Device lists.
+        let tracked: BTreeSet<UserId> = self.store().tracked_users().await?.into_iter().map(|t| t.user_id).collect();
+        for u in sync.changed_users {
+            if tracked.contains(&u) {
+                if st.queries_in_flight.contains(&u) {
+                    st.changed_during_query.insert(u.clone());
+                }
+                changes.tracked_users.push(TrackedUser { user_id: u, outdated: true });
+            }
+        }
+        for u in sync.left_users {
+            if u != self.inner.user_id && tracked.contains(&u) {
+                changes.untracked_users.push(u);
+            }
+        }
+
+        // One-time and fallback keys.
+        account_changed |= st.account.update_key_counts(
+            sync.one_time_key_count,
+            sync.unused_fallback_key_types.as_deref(),
+            now,
+        );
+
+        // To-device events.
+        let mut batch = Batch::default();
+        let mut outcome = SyncOutcome::default();
+        for event in &sync.to_device_events {
+            let processed = self.process_to_device(&mut st, &mut batch, &mut changes, event, now).await?;
+            account_changed |= batch.account_changed;
+            batch.account_changed = false;
+            outcome.to_device.push(processed);
+        }
+        for (_, sessions) in batch.olm_sessions {
+            for i in sessions.dirty {
+                if let Some(s) = sessions.live.get(i) {
+                    changes.olm_sessions.push(s.to_record());
+                }
+            }
+        }
+        changes.sync_token = sync.next_batch;
+        self.commit(&mut st, changes, account_changed).await?;
+        st.queued.extend(batch.requests);
+        Ok(outcome)
+    }
+
+    async fn sessions_for<'b>(&self, batch: &'b mut Batch, sender_key: &str) -> Result<&'b mut BatchSessions, Error> {
+        if !batch.olm_sessions.contains_key(sender_key) {
+            let live = self.store().olm_sessions(sender_key).await?.into_iter().map(OlmSession::from_record).collect();
+            batch.olm_sessions.insert(sender_key.to_owned(), BatchSessions { live, dirty: BTreeSet::new() });
+        }
+        batch.olm_sessions.get_mut(sender_key).ok_or(Error::BadResponse("internal: session cache"))
+    }
+
+    async fn process_to_device(
+        &self,
+        st: &mut State,
+        batch: &mut Batch,
+        changes: &mut Changes,
+        event: &Value,
+        now: u64,
+    ) -> Result<ProcessedToDevice, Error> {
+        let sender_str = event.get("sender").and_then(Value::as_str).unwrap_or_default().to_owned();
+        let event_type = event.get("type").and_then(Value::as_str).unwrap_or_default().to_owned();
+        let content = event.get("content").cloned().unwrap_or(Value::Null);
+        let reject = |t: String, e: ToDeviceError| ProcessedToDevice {
+            sender: sender_str.clone(),
+            event_type: t,
+            content: Value::Null,
+            encrypted: false,
+            sender_device: None,
+            outcome: ToDeviceOutcome::Rejected(e),
+        };
+        let Ok(sender) = UserId::parse(sender_str.as_str()) else {
+            return Ok(reject(event_type, ToDeviceError::Malformed("sender")));
+        };
+        if !content.is_object() {
+            return Ok(reject(event_type, ToDeviceError::Malformed("content")));
+        }
+
+        if event_type != "m.room.encrypted" {
+            if KEY_CARRYING_TYPES.contains(&event_type.as_str()) {
+                return Ok(reject(event_type.clone(), ToDeviceError::NotOverOlm(event_type)));
+            }
+            let outcome = match event_type.as_str() {
+                "m.room_key.withheld" => match parse_withheld(&sender, &content) {
+                    Some(w) => {
+                        changes.withheld.push(w);
+                        ToDeviceOutcome::WithheldStored
+                    }
+                    None => ToDeviceOutcome::Handled,
+                },
+                "m.room_key_request" => self.handle_key_request(st, batch, &sender, &content, now).await?,
+                _ => ToDeviceOutcome::ForApp,
+            };
+            return Ok(ProcessedToDevice {
+                sender: sender_str,
+                event_type,
+                content,
+                encrypted: false,
+                sender_device: None,
+                outcome,
+            });
+        }
+
+        if content.get("algorithm").and_then(Value::as_str) != Some(OLM_V1) {
+            return Ok(reject(event_type, ToDeviceError::Malformed("algorithm")));
+        }
+        let sender_key = match content.get("sender_key").and_then(Value::as_str) {
+            Some(k) => k.trim_end_matches('=').to_owned(),
+            None => return Ok(reject(event_type, ToDeviceError::Malformed("sender_key"))),
+        };
+        let sender_devices = self.store().devices(&sender).await?;
+        let sessions = self.sessions_for(batch, &sender_key).await?;
+        let result = olm::decrypt(&mut st.account, &sender, &content, &mut sessions.live, &sender_devices, now);
+        let decrypted = match result {
+            Ok(d) => {
+                sessions.dirty.insert(d.session_index);
+                batch.account_changed |= d.account_changed;
+                d.event
+            }
+            Err(e) => {
+                if let OlmError::Wedged { sender_key } = &e {
+                    self.note_wedged(st, &sender_devices, sender_key, now);
+                }
+                return Ok(reject(event_type, e.into()));
+            }
+        };
+        let sender_device = decrypted.sender_device.as_ref().map(|d| d.device_id.clone());
+        let inner_type = decrypted.event_type.clone();
+        let outcome = match inner_type.as_str() {
+            "m.room_key" => match session_from_room_key(&decrypted) {
+                Ok(record) => self.store_inbound(batch, changes, record).await?,
+                Err(e) => ToDeviceOutcome::Rejected(e.into()),
+            },
+            "m.forwarded_room_key" => {
+                let room = decrypted.content.get("room_id").and_then(Value::as_str).and_then(|r| RoomId::parse(r).ok());
+                let session_id = decrypted.content.get("session_id").and_then(Value::as_str).unwrap_or_default();
+                let pending = match &room {
+                    Some(room) => self.store().key_request_for_session(room, session_id).await?,
+                    None => None,
+                };
+                let own_curve = st.account.curve25519_key().to_base64();
+                match accept_forwarded_key(&self.inner.user_id, &own_curve, &decrypted, pending.as_ref()) {
+                    Ok(record) => {
+                        if let Some(p) = pending {
+                            changes.removed_key_requests.push(p.request_id.clone());
+                            // Tell our other devices to stop looking.
+                            let cancel = request_content(&self.inner.device_id, &p, None, true);
+                            let id = st.next_id();
+                            batch.requests.push(to_device_request(id, "m.room_key_request", [(self.inner.user_id.clone(), "*".to_owned(), cancel)]));
+                        }
+                        self.store_inbound(batch, changes, record).await?
+                    }
+                    Err(e) => ToDeviceOutcome::Rejected(e.into()),
+                }
+            }
+            "m.room_key_request" => self.handle_key_request(st, batch, &sender, &decrypted.content, now).await?,
+            "m.dummy" => ToDeviceOutcome::Handled,
+            _ => ToDeviceOutcome::ForApp,
+        };
+        Ok(ProcessedToDevice {
+            sender: sender_str,
+            event_type: inner_type,
+            content: decrypted.content,
+            encrypted: true,
+            sender_device,
+            outcome,
+        })
+    }
+
+    fn note_wedged(&self, st: &mut State, sender_devices: &[DeviceRecord], sender_key: &str, now: u64) {
+        let recent = st.last_unwedge.get(sender_key).is_some_and(|t| now.saturating_sub(*t) < UNWEDGE_INTERVAL_MS);
+        if recent {
+            return;
+        }
+        if let Some(d) = sender_devices.iter().find(|d| d.curve25519 == sender_key && !d.deleted) {
+            st.wedged.insert((d.user_id.clone(), d.device_id.clone()));
+        }
+    }
+
+    async fn store_inbound(
+        &self,
+        batch: &mut Batch,
+        changes: &mut Changes,
+        record: InboundGroupSessionRecord,
+    ) -> Result<ToDeviceOutcome, Error> {
+        let key = (record.room_id.clone(), record.session_id.clone());
+        let existing = match batch.inbound.get(&key) {
+            Some(i) => changes.inbound_group_sessions.get(*i).map(|r| clone_record(r)).transpose()?,
+            None => self.store().inbound_group_session(&key.0, &key.1).await?,
+        };
+        if let Some(existing) = existing {
+            match should_replace(&existing, &record) {
+                Ok(true) => {}
+                Ok(false) => return Ok(ToDeviceOutcome::Handled),
+                Err(e) => return Ok(ToDeviceOutcome::Rejected(e.into())),
+            }
+        }
+        batch.inbound.insert(key.clone(), changes.inbound_group_sessions.len());
+        changes.inbound_group_sessions.push(record);
+        Ok(ToDeviceOutcome::RoomKeyStored(key.0, key.1))
+    }
+
+    async fn handle_key_request(
+        &self,
+        st: &mut State,
+        batch: &mut Batch,
+        sender: &UserId,
+        content: &Value,
+        now: u64,
+    ) -> Result<ToDeviceOutcome, Error> {
+        let request = match parse_request(sender, content) {
+            Ok(r) => r,
+            Err(e) => return Ok(ToDeviceOutcome::Rejected(e.into())),
+        };
+        if request.cancellation {
+            return Ok(ToDeviceOutcome::Handled);
+        }
+        let own_devices = if sender == &self.inner.user_id { self.store().devices(sender).await? } else { Vec::new() };
+        let requester = own_devices.iter().find(|d| d.device_id == request.device_id);
+        let session = match (&request.room_id, &request.session_id) {
+            (Some(r), Some(s)) => self.store().inbound_group_session(r, s).await?,
+            _ => None,
+        };
+        let own_curve = st.account.curve25519_key().to_base64();
+        let forwarded = match answer_request(&self.inner.user_id, &own_curve, &request, requester, session.as_ref()) {
+            Ok(c) => c,
+            Err(e) => return Ok(ToDeviceOutcome::Rejected(e.into())),
+        };
+        let Some(device) = requester else { return Ok(ToDeviceOutcome::Handled) };
+        let sessions = self.sessions_for(batch, &device.curve25519).await?;
+        let Some(i) = olm::preferred_session(&sessions.live) else {
+            // No channel to the device yet; it will ask again.
+            return Ok(ToDeviceOutcome::Handled);
+        };
+        let encrypted = match olm::encrypt(&st.account, &mut sessions.live[i], device, "m.forwarded_room_key", forwarded) {
+            Ok(c) => c,
+            Err(e) => return Ok(ToDeviceOutcome::Rejected(e.into())),
+        };
+        sessions.dirty.insert(i);
+        let _ = now;
+        let id = st.next_id();
+        batch.requests.push(to_device_request(id, "m.room.encrypted", [(device.user_id.clone(), device.device_id.to_string(), encrypted)]));
+        Ok(ToDeviceOutcome::KeyRequestAnswered)
+    }
+
+    /// The requests to send now: key upload, device queries, queued
+    /// to-device messages and key requests. Each must be reported with
+    /// [`mark_request_sent`](Self::mark_request_sent).
+    pub async fn outgoing_requests(&self) -> Result<Vec<OutgoingRequest>, Error> {
+        let mut st = self.inner.state.lock().await;
+        let mut out = Vec::new();
+        let upload_in_flight = st.in_flight.values().any(|p| matches!(p, Pending::KeysUpload));
+        if !upload_in_flight {
+            if let Some(body) = st.account.keys_upload_body() {
+                let id = st.next_id();
+                st.in_flight.insert(id.clone(), Pending::KeysUpload);
+                out.push(OutgoingRequest { id, kind: RequestKind::KeysUpload { body } });
+            }
+        }
+        let outdated: BTreeSet<UserId> = self
+            .store()
+            .tracked_users()
+            .await?
+            .into_iter()
+            .filter(|t| t.outdated && !st.queries_in_flight.contains(&t.user_id))
+            .map(|t| t.user_id)
+            .collect();
+        if !outdated.is_empty() {
+            let id = st.next_id();
+            st.queries_in_flight.extend(outdated.iter().cloned());
+            out.push(OutgoingRequest { id: id.clone(), kind: RequestKind::KeysQuery { body: keys_query_body(&outdated) } });
+            st.in_flight.insert(id, Pending::KeysQuery(outdated));
+        }
+        // Key requests not yet sent, to all our own devices.
+        let mut changes = Changes::default();
+        for mut request in self.store().unsent_key_requests().await? {
+            let content = request_content(&self.inner.device_id, &request, None, false);
+            let id = st.next_id();
+            st.in_flight.insert(id.clone(), Pending::KeyRequest);
+            out.push(to_device_request(id, "m.room_key_request", [(self.inner.user_id.clone(), "*".to_owned(), content)]));
+            request.sent = true;
+            changes.key_requests.push(request);
+        }
+        self.commit(&mut st, changes, false).await?;
+        for r in std::mem::take(&mut st.queued) {
+            if !st.in_flight.contains_key(&r.id) {
+                st.in_flight.insert(r.id.clone(), Pending::Other);
+            }
+            out.push(r);
+        }
+        Ok(out)
+    }
+
+    /// Reports that request `id` was sent and the server answered `response`.
+    pub async fn mark_request_sent(&self, id: &str, response: &Value) -> Result<(), Error> {
+        let mut st = self.inner.state.lock().await;
+        let pending = st.in_flight.remove(id).ok_or_else(|| Error::UnknownRequest(id.to_owned()))?;
+        match pending {
+            Pending::KeysUpload => {
+                let count = response.get("one_time_key_counts").and_then(|c| c.get(SIGNED_CURVE25519)).and_then(Value::as_u64);
+                if response.get("one_time_key_counts").is_none() {
+                    return Err(Error::BadResponse("keys/upload: one_time_key_counts"));
+                }
+                st.account.mark_keys_uploaded(Some(count.unwrap_or(0)));
+                self.commit(&mut st, Changes::default(), true).await
+            }
+            Pending::KeysQuery(users) => {
+                for u in &users {
+                    st.queries_in_flight.remove(u);
+                }
+                let mut known = BTreeMap::new();
+                for u in &users {
+                    known.insert(u.clone(), self.store().devices(u).await?);
+                }
+                let outcome = handle_keys_query(&st.account, &users, &known, response)?;
+                let mut changes = outcome.changes;
+                // A change notice that arrived while the query was in flight
+                // makes this answer stale: keep the user outdated.
+                for t in &mut changes.tracked_users {
+                    if st.changed_during_query.remove(&t.user_id) {
+                        t.outdated = true;
+                    }
+                }
+                for (u, d) in &outcome.new_devices {
+                    st.claim_failures.remove(&(u.clone(), d.clone()));
+                }
+                self.commit(&mut st, changes, false).await
+            }
+            Pending::KeysClaim(requested) => self.handle_claim_response(&mut st, &requested, response).await,
+            Pending::RoomKeyShare { room_id, session_id, devices, withheld } => {
+                let Some(record) = self.store().outbound_group_session(&room_id).await? else { return Ok(()) };
+                if record.session_id != session_id {
+                    return Ok(()); // rotated meanwhile
+                }
+                let mut session = OutboundSession::from_record(record);
+                for (u, d, sender_key, message_index) in devices {
+                    session.meta.shared_with.entry(u).or_default().insert(d, ShareInfo { sender_key, message_index });
+                }
+                for (u, d, code) in withheld {
+                    session.meta.withheld_to.entry(u).or_default().insert(d, code);
+                }
+                let changes = Changes { outbound_group_sessions: vec![session.to_record()], ..Default::default() };
+                self.commit(&mut st, changes, false).await
+            }
+            Pending::KeyRequest | Pending::Other => Ok(()),
+        }
+    }
+
+    /// The `/keys/claim` request for devices of `users` that have no Olm
+    /// session yet (and for wedged channels), or `None` if there are none.
+    /// Devices whose last claim failed are skipped for 15 minutes.
+    pub async fn get_missing_sessions(&self, users: impl IntoIterator<Item = UserId>) -> Result<Option<OutgoingRequest>, Error> {
+        let mut st = self.inner.state.lock().await;
+        let now = now_ms();
+        let own_curve = st.account.curve25519_key().to_base64();
+        let mut missing: Vec<(UserId, DeviceId)> = st.wedged.iter().cloned().collect();
+        let users: BTreeSet<UserId> = users.into_iter().collect();
+        for u in &users {
+            for d in self.store().devices(u).await? {
+                if d.deleted || d.curve25519 == own_curve {
+                    continue;
+                }
+                let key = (d.user_id.clone(), d.device_id.clone());
+                if st.claim_failures.get(&key).is_some_and(|until| *until > now) {
+                    continue;
+                }
+                if self.store().olm_sessions(&d.curve25519).await?.is_empty() && !missing.contains(&key) {
+                    missing.push(key);
+                }
+            }
+        }
+        if missing.is_empty() {
+            return Ok(None);
+        }
+        let claimed_in_flight = st.in_flight.values().any(|p| matches!(p, Pending::KeysClaim(_)));
+        if claimed_in_flight {
+            return Ok(None);
+        }
+        let id = st.next_id();
+        let body = keys_claim_body(&missing);
+        st.in_flight.insert(id.clone(), Pending::KeysClaim(missing));
+        Ok(Some(OutgoingRequest { id, kind: RequestKind::KeysClaim { body } }))
+    }
+
+    async fn handle_claim_response(&self, st: &mut State, requested: &[(UserId, DeviceId)], response: &Value) -> Result<(), Error> {
+        if !response.is_object() {
+            return Err(Error::BadResponse("keys/claim: not an object"));
+        }
+        let now = now_ms();
+        let mut devices = BTreeMap::new();
+        let users: BTreeSet<&UserId> = requested.iter().map(|(u, _)| u).collect();
+        for u in users {
+            for d in self.store().devices(u).await? {
+                devices.insert((d.user_id.clone(), d.device_id.clone()), d);
+            }
+        }
+        let outcome = handle_keys_claim(&st.account, requested, &devices, response, now);
+        let mut changes = Changes::default();
+        for (u, d, _) in &outcome.failures {
+            st.claim_failures.insert((u.clone(), d.clone()), now + CLAIM_FAILURE_BACKOFF_MS);
+        }
+        let mut dummies = Vec::new();
+        for (u, d, record) in outcome.sessions {
+            let key = (u, d);
+            st.claim_failures.remove(&key);
+            if st.wedged.remove(&key) {
+                // A fresh session to unwedge the channel: announce it with m.dummy.
+                if let Some(device) = devices.get(&key) {
+                    let mut live = OlmSession::from_record(record);
+                    st.last_unwedge.insert(device.curve25519.clone(), now);
+                    if let Ok(c) = olm::encrypt(&st.account, &mut live, device, "m.dummy", json!({})) {
+                        dummies.push((key.0.clone(), key.1.to_string(), c));
+                    }
+                    changes.olm_sessions.push(live.to_record());
+                    continue;
+                }
+            }
+            changes.olm_sessions.push(record);
+        }
+        self.commit(st, changes, false).await?;
+        if !dummies.is_empty() {
+            let id = st.next_id();
+            st.queued.push(to_device_request(id, "m.room.encrypted", dummies));
+        }
+        Ok(())
+    }
+
+    /// Shares the room key of `room_id` with every device of `members`,
+    /// rotating the outbound session first if it expired or a member or
+    /// device left. Returns the to-device requests to send (they are also
+    /// handed out by [`outgoing_requests`](Self::outgoing_requests) if not
+    /// marked sent). Call after the members' device lists were queried and
+    /// [`get_missing_sessions`](Self::get_missing_sessions) answered.
+    pub async fn share_room_key(&self, room_id: &RoomId, members: impl IntoIterator<Item = UserId>, settings: &RoomSettings) -> Result<Vec<OutgoingRequest>, Error> {
+        let mut st = self.inner.state.lock().await;
+        let now = now_ms();
+        let members: BTreeSet<UserId> = members.into_iter().collect();
+        let mut devices_by_user = BTreeMap::new();
+        for u in &members {
+            devices_by_user.insert(u.clone(), self.store().devices(u).await?);
+        }
+        let mut changes = Changes::default();
+        let mut outbound = match self.store().outbound_group_session(room_id).await? {
+            Some(r) => {
+                let s = OutboundSession::from_record(r);
+                if s.expired(&settings.rotation, now) || audience_shrank(&s, &members, &devices_by_user) {
+                    None
+                } else {
+                    Some(s)
+                }
+            }
+            None => None,
+        };
+        if outbound.is_none() {
+            let s = OutboundSession::new(room_id.clone(), settings.rotation.clone(), now);
+            changes.inbound_group_sessions.push(s.own_inbound(&st.account));
+            outbound = Some(s);
+        }
+        let Some(outbound) = outbound else { return Err(Error::NoOutboundSession(room_id.clone())) };
+
+        let all: Vec<DeviceRecord> = devices_by_user.into_values().flatten().collect();
+        let mut sessions: BTreeMap<String, Vec<OlmSession>> = BTreeMap::new();
+        for d in &all {
+            if !sessions.contains_key(&d.curve25519) {
+                let live = self.store().olm_sessions(&d.curve25519).await?.into_iter().map(OlmSession::from_record).collect();
+                sessions.insert(d.curve25519.clone(), live);
+            }
+        }
+        let plan = plan_share(&st.account, &outbound, &all, |d| sessions.get(&d.curve25519).is_some_and(|s| !s.is_empty()), settings.policy);
+        let room_key = outbound.room_key_content(settings.shared_history);
+        let index = outbound.session.message_index();
+        let mut messages = Vec::new();
+        let mut shared = Vec::new();
+        for d in &plan.share {
+            let Some(live) = sessions.get_mut(&d.curve25519) else { continue };
+            let Some(i) = olm::preferred_session(live) else { continue };
+            let content = olm::encrypt(&st.account, &mut live[i], d, "m.room_key", room_key.clone())
+                .map_err(|_| Error::BadResponse("olm encryption failed"))?;
+            changes.olm_sessions.push(live[i].to_record());
+            messages.push((d.user_id.clone(), d.device_id.to_string(), content));
+            shared.push((d.user_id.clone(), d.device_id.clone(), d.curve25519.clone(), index));
+        }
+        let mut withheld_messages = Vec::new();
+        let mut withheld = Vec::new();
+        for (d, code) in &plan.withhold {
+            withheld_messages.push((d.user_id.clone(), d.device_id.to_string(), withheld_content(&st.account, &outbound, *code)));
+            withheld.push((d.user_id.clone(), d.device_id.clone(), code.as_str().to_owned()));
+        }
+        let session_id = outbound.session_id();
+        changes.outbound_group_sessions.push(outbound.to_record());
+        self.commit(&mut st, changes, false).await?;
+
+        let mut out = Vec::new();
+        let mut chunks = messages.chunks(TO_DEVICE_CHUNK).peekable();
+        let mut shared_iter = shared.into_iter();
+        while let Some(chunk) = chunks.next() {
+            let id = st.next_id();
+            let devices: Vec<_> = shared_iter.by_ref().take(chunk.len()).collect();
+            let w = if chunks.peek().is_none() { std::mem::take(&mut withheld) } else { Vec::new() };
+            st.in_flight.insert(id.clone(), Pending::RoomKeyShare { room_id: room_id.clone(), session_id: session_id.clone(), devices, withheld: w });
+            out.push(to_device_request(id, "m.room.encrypted", chunk.to_vec()));
+        }
+        for chunk in withheld_messages.chunks(TO_DEVICE_CHUNK) {
+            let id = st.next_id();
+            let w = std::mem::take(&mut withheld);
+            st.in_flight.insert(id.clone(), Pending::RoomKeyShare { room_id: room_id.clone(), session_id: session_id.clone(), devices: Vec::new(), withheld: w });
+            out.push(to_device_request(id, "m.room_key.withheld", chunk.to_vec()));
+        }
+        Ok(out)
+    }
+
+    /// Encrypts a room event with the room's outbound session. The advanced
+    /// ratchet is committed before the ciphertext is returned.
+    pub async fn encrypt_room_event(&self, room_id: &RoomId, event_type: &str, content: Value) -> Result<Value, Error> {
+        let mut st = self.inner.state.lock().await;
+        let record = self.store().outbound_group_session(room_id).await?.ok_or_else(|| Error::NoOutboundSession(room_id.clone()))?;
+        let mut session = OutboundSession::from_record(record);
+        let settings = session.meta.settings.clone();
+        if session.expired(&settings, now_ms()) {
+            return Err(Error::NoOutboundSession(room_id.clone()));
+        }
+        let encrypted = session.encrypt(&st.account, event_type, content);
+        let changes = Changes { outbound_group_sessions: vec![session.to_record()], ..Default::default() };
+        self.commit(&mut st, changes, false).await?;
+        Ok(encrypted)
+    }
+
+    /// Decrypts an `m.room.encrypted` room event (the whole event JSON).
+    ///
+    /// When the key is missing the error is [`MegolmError::MissingSession`],
+    /// carrying the withheld notice if the sender told us why.
+    pub async fn decrypt_room_event(&self, room_id: &RoomId, event: &Value) -> Result<DecryptedRoomEvent, Error> {
+        let parsed = parse_room_event(event)?;
+        let Some(session) = self.store().inbound_group_session(room_id, &parsed.session_id).await? else {
+            let withheld = self.store().withheld(room_id, &parsed.session_id).await?;
+            return Err(MegolmError::MissingSession { room_id: room_id.clone(), session_id: parsed.session_id, withheld }.into());
+        };
+        let mut sender_devices = self.store().devices(&parsed.sender).await?;
+        // The replay check reads then writes: hold the lock so two decrypts
+        // of different events at one index cannot both pass.
+        let mut st = self.inner.state.lock().await;
+        if parsed.sender == self.inner.user_id {
+            // Our own device is not stored among the devices; it is trusted by definition.
+            if let Ok(mut own) = parse_device_keys(&self.inner.user_id, self.inner.device_id.as_str(), &st.account.device_keys()) {
+                own.local_trust = LocalTrust::Verified;
+                sender_devices.push(own);
+            }
+        }
+        let index = parsed.message.message_index();
+        let seen = self.store().message_index(room_id, &parsed.session_id, index).await?;
+        let (decrypted, record) = decrypt_room_event(room_id, &parsed, &session, &sender_devices, seen.as_ref())?;
+        if let Some(record) = record {
+            let changes = Changes { message_indices: vec![record], ..Default::default() };
+            self.commit(&mut st, changes, false).await?;
+        }
+        Ok(decrypted)
+    }
+
+    /// Asks our other devices for the key of an undecryptable event. The
+    /// request goes out with the next [`outgoing_requests`](Self::outgoing_requests).
+    pub async fn request_room_key(&self, room_id: &RoomId, event: &Value) -> Result<(), Error> {
+        let parsed = parse_room_event(event)?;
+        let mut st = self.inner.state.lock().await;
+        if self.store().key_request_for_session(room_id, &parsed.session_id).await?.is_some() {
+            return Ok(());
+        }
+        let request_id = st.next_id();
+        let record = KeyRequestRecord { request_id, room_id: room_id.clone(), session_id: parsed.session_id, sent: false };
+        let changes = Changes { key_requests: vec![record], ..Default::default() };
+        self.commit(&mut st, changes, false).await
+    }
+
+    /// The stored devices of `user_id`.
+    pub async fn devices(&self, user_id: &UserId) -> Result<Vec<DeviceRecord>, Error> {
+        Ok(self.store().devices(user_id).await?.into_iter().filter(|d| !d.deleted).collect())
+    }
+
+    /// Sets the user's decision about a device (verify or blacklist).
+    pub async fn set_local_trust(&self, user_id: &UserId, device_id: &DeviceId, trust: LocalTrust) -> Result<(), Error> {
+        let mut st = self.inner.state.lock().await;
+        let Some(mut device) = self.store().devices(user_id).await?.into_iter().find(|d| &d.device_id == device_id) else {
+            return Err(Error::BadResponse("unknown device"));
+        };
+        device.local_trust = trust;
+        let changes = Changes { devices: vec![device], ..Default::default() };
+        self.commit(&mut st, changes, false).await
+    }
+
+    /// Discards the outbound session of a room, so the next share rotates.
+    pub async fn discard_room_key(&self, room_id: &RoomId) -> Result<(), Error> {
+        let mut st = self.inner.state.lock().await;
+        let changes = Changes { removed_outbound_group_sessions: vec![room_id.clone()], ..Default::default() };
+        self.commit(&mut st, changes, false).await
+    }
+
+    /// Exports every inbound session to a key export file protected by
+    /// `passphrase` (PBKDF2 with `rounds` iterations; use ≥ 100,000).
+    /// Sessions are read from the store page by page.
+    pub async fn export_room_keys(&self, passphrase: &str, rounds: u32) -> Result<String, Error> {
+        let mut keys: Vec<ExportedRoomKey> = Vec::new();
+        let mut cursor = None;
+        loop {
+            let page = self.store().inbound_group_sessions_page(cursor.clone(), 1000).await?;
+            let Some(last) = page.last() else { break };
+            cursor = Some((last.room_id.clone(), last.session_id.clone()));
+            for r in &page {
+                keys.push(export_session(r)?);
+            }
+        }
+        Ok(encrypt_export(&keys, passphrase, rounds)?)
+    }
+
+    /// Imports a key export file. `progress(done, total)` is called as keys
+    /// are processed. Existing sessions are only replaced by ones that start
+    /// at a lower index.
+    pub async fn import_room_keys(&self, file: &str, passphrase: &str, mut progress: impl FnMut(usize, usize)) -> Result<ImportSummary, Error> {
+        let keys = decrypt_export(file, passphrase)?;
+        let total = keys.len();
+        let mut summary = ImportSummary { total, ..Default::default() };
+        let mut st = self.inner.state.lock().await;
+        let mut changes = Changes::default();
+        let mut seen: BTreeMap<(RoomId, String), usize> = BTreeMap::new();
+        for (i, key) in keys.iter().enumerate() {
+            match session_from_export(key, SessionSource::Imported) {
+                Ok(record) => {
+                    let k = (record.room_id.clone(), record.session_id.clone());
+                    let existing = match seen.get(&k) {
+                        Some(j) => changes.inbound_group_sessions.get(*j).map(clone_record).transpose()?,
+                        None => self.store().inbound_group_session(&k.0, &k.1).await?,
+                    };
+                    let better = match &existing {
+                        None => true,
+                        Some(e) => should_replace(e, &record).unwrap_or(false),
+                    };
+                    if better {
+                        seen.insert(k, changes.inbound_group_sessions.len());
+                        changes.inbound_group_sessions.push(record);
+                        summary.imported += 1;
+                    } else {
+                        summary.skipped += 1;
+                    }
+                }
+                Err(_) => summary.skipped += 1,
+            }
+            if changes.inbound_group_sessions.len() >= IMPORT_BATCH {
+                seen.clear();
+                self.commit(&mut st, std::mem::take(&mut changes), false).await?;
+            }
+            progress(i + 1, total);
+        }
+        self.commit(&mut st, changes, false).await?;
+        Ok(summary)
+    }
+}
+
+#[derive(Default)]
+struct Batch {
+    olm_sessions: BTreeMap<String, BatchSessions>,
+    inbound: BTreeMap<(RoomId, String), usize>,
+    requests: Vec<OutgoingRequest>,
+    account_changed: bool,
+}
+
+struct BatchSessions {
+    live: Vec<OlmSession>,
+    dirty: BTreeSet<usize>,
+}
+
+fn clone_record(r: &InboundGroupSessionRecord) -> Result<InboundGroupSessionRecord, Error> {
+    serde_json::to_value(r)
+        .and_then(serde_json::from_value)
+        .map_err(|_| Error::Store(StoreError::Corrupt("session record".into())))
+}
+
+fn to_device_request(id: String, event_type: &str, messages: impl IntoIterator<Item = (UserId, String, Value)>) -> OutgoingRequest {
+    let mut map: Map<String, Value> = Map::new();
+    for (u, d, c) in messages {
+        let user = map.entry(u.to_string()).or_insert_with(|| Value::Object(Map::new()));
+        if let Value::Object(user) = user {
+            user.insert(d, c);
+        }
+    }
+    OutgoingRequest {
+        id: id.clone(),
+        kind: RequestKind::ToDevice { event_type: event_type.to_owned(), txn_id: id, body: json!({ "messages": map }) },
+    }
+}

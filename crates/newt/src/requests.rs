@@ -1,0 +1,70 @@
+//! Outgoing requests: what the caller must send to the homeserver.
+//!
+//! newt never does HTTP. It hands out [`OutgoingRequest`]s, each with an ID;
+//! the caller sends it and reports the response with
+//! [`Machine::mark_request_sent`](crate::Machine::mark_request_sent).
+
+use serde_json::Value;
+
+/// One request to send to the homeserver.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutgoingRequest {
+    /// The ID to pass back to `mark_request_sent`.
+    pub id: String,
+    /// What to send.
+    pub kind: RequestKind,
+}
+
+/// The request kinds, with their JSON bodies.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub enum RequestKind {
+    /// `POST /_matrix/client/v3/keys/upload`.
+    KeysUpload {
+        /// Request body.
+        body: Value,
+    },
+    /// `POST /_matrix/client/v3/keys/query`.
+    KeysQuery {
+        /// Request body.
+        body: Value,
+    },
+    /// `POST /_matrix/client/v3/keys/claim`.
+    KeysClaim {
+        /// Request body.
+        body: Value,
+    },
+    /// `PUT /_matrix/client/v3/sendToDevice/{event_type}/{txn_id}`.
+    ToDevice {
+        /// The event type in the URL.
+        event_type: String,
+        /// The transaction ID in the URL (use the request `id`).
+        txn_id: String,
+        /// Request body: `{"messages": {user: {device: content}}}`.
+        body: Value,
+    },
+}
+
+impl RequestKind {
+    /// The HTTP method and path (below `/_matrix/client/v3`).
+    pub fn method_and_path(&self) -> (&'static str, String) {
+        match self {
+            Self::KeysUpload { .. } => ("POST", "/keys/upload".into()),
+            Self::KeysQuery { .. } => ("POST", "/keys/query".into()),
+            Self::KeysClaim { .. } => ("POST", "/keys/claim".into()),
+            Self::ToDevice { event_type, txn_id, .. } => {
+                ("PUT", format!("/sendToDevice/{event_type}/{txn_id}"))
+            }
+        }
+    }
+
+    /// The JSON body.
+    pub fn body(&self) -> &Value {
+        match self {
+            Self::KeysUpload { body }
+            | Self::KeysQuery { body }
+            | Self::KeysClaim { body }
+            | Self::ToDevice { body, .. } => body,
+        }
+    }
+}
