@@ -536,7 +536,9 @@ impl Machine {
             Ok(r) => r,
             Err(e) => return Ok(ToDeviceOutcome::Rejected(e.into())),
         };
-        if request.cancellation {
+        let from_self = sender == &self.inner.user_id && request.device_id == self.inner.device_id;
+        if request.cancellation || from_self {
+            // Our own request echoed back by a `*` fan-out, or a cancellation.
             return Ok(ToDeviceOutcome::Handled);
         }
         let own_devices = if sender == &self.inner.user_id { self.store().devices(sender).await? } else { Vec::new() };

@@ -1,0 +1,523 @@
+//! End-to-end behaviour of the driver, and the security rules, through the
+//! in-process router. Malicious inputs come from a `RawDevice`: an attacker
+//! built from newt-proto primitives that can Olm-encrypt anything.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use newt::{
+    Error, LocalTrust, MegolmError, RoomId, RoomSettings, RotationSettings, SenderTrust, SharingPolicy,
+    ToDeviceError, ToDeviceOutcome, UserId,
+};
+use newt_cli::{SimDevice, SimError};
+use newt_proto::account::OwnAccount;
+use newt_proto::devices::parse_device_keys;
+use newt_proto::ids::{DeviceId, RoomId as ProtoRoomId};
+use newt_proto::key_requests::KeyShareError;
+use newt_proto::olm::{self, OlmError, OlmSession};
+use newt_proto::records::*;
+use newt_router::Router;
+use newt_store::{Changes, MemoryStore, SessionCursor, Store, StoreError};
+use serde_json::{json, Value};
+
+fn room() -> RoomId {
+    RoomId::parse("!room:hs").unwrap()
+}
+
+fn uid(s: &str) -> UserId {
+    UserId::parse(s).unwrap()
+}
+
+async fn dev(router: &Arc<Router>, user: &str, device: &str) -> SimDevice {
+    let d = SimDevice::open(router.clone(), user, device, Arc::new(MemoryStore::new())).await.unwrap();
+    d.flush().await.unwrap();
+    d
+}
+
+/// Everyone syncs and tracks everyone.
+async fn settle(devices: &[&SimDevice], users: &[UserId]) {
+    for d in devices {
+        d.sync().await.unwrap();
+        d.machine.update_tracked_users(users.iter().cloned()).await.unwrap();
+        d.flush().await.unwrap();
+    }
+}
+
+/// An attacker device: a real account and real Olm, arbitrary plaintext.
+struct RawDevice {
+    account: OwnAccount,
+    record: DeviceRecord,
+    router: Arc<Router>,
+}
+
+impl RawDevice {
+    fn new(router: &Arc<Router>, user: &str, device: &str) -> Self {
+        let mut account = OwnAccount::new(uid(user), DeviceId::parse(device).unwrap());
+        account.prepare_initial_upload(0);
+        let body = account.keys_upload_body().unwrap();
+        router.handle(user, device, "POST", "/keys/upload", &body).unwrap();
+        account.mark_keys_uploaded(Some(50));
+        let record = parse_device_keys(account.user_id(), device, &account.device_keys()).unwrap();
+        Self { account, record, router: router.clone() }
+    }
+
+    /// Claims a one-time key of `target` and sends it an Olm event with an
+    /// arbitrary inner type and content.
+    fn send_olm(&self, target: &SimDevice, target_keys: &DeviceRecord, event_type: &str, content: Value) {
+        self.send_olm_as(target, target_keys, target_keys, event_type, content)
+    }
+
+    /// Like `send_olm`, but the plaintext names `recipient` as the recipient.
+    fn send_olm_as(&self, target: &SimDevice, target_keys: &DeviceRecord, recipient: &DeviceRecord, event_type: &str, content: Value) {
+        let claim = json!({"one_time_keys": {target.user.as_str(): {target.device.as_str(): "signed_curve25519"}}});
+        let resp = self.router.handle(self.account.user_id().as_str(), self.record.device_id.as_str(), "POST", "/keys/claim", &claim).unwrap();
+        let devices = BTreeMap::from([((target_keys.user_id.clone(), target_keys.device_id.clone()), target_keys.clone())]);
+        let mut out = olm::handle_keys_claim(&self.account, &[(target_keys.user_id.clone(), target_keys.device_id.clone())], &devices, &resp, 0);
+        let mut session = OlmSession::from_record(out.sessions.remove(0).2);
+        let mut encrypted = olm::encrypt(&self.account, &mut session, recipient, event_type, content).unwrap();
+        if recipient.curve25519 != target_keys.curve25519 {
+            let ct = encrypted["ciphertext"].as_object_mut().unwrap();
+            let v = ct.remove(&recipient.curve25519).unwrap();
+            ct.insert(target_keys.curve25519.clone(), v);
+        }
+        self.send_raw(target, "m.room.encrypted", encrypted);
+    }
+
+    fn send_raw(&self, target: &SimDevice, event_type: &str, content: Value) {
+        let body = json!({"messages": {target.user.as_str(): {target.device.as_str(): content}}});
+        self.router
+            .handle(self.account.user_id().as_str(), self.record.device_id.as_str(), "PUT", &format!("/sendToDevice/{event_type}/x"), &body)
+            .unwrap();
+    }
+}
+
+async fn own_record(d: &SimDevice) -> DeviceRecord {
+    parse_device_keys(&d.user, d.device.as_str(), &d.machine.device_keys().await).unwrap()
+}
+
+fn rejected(outcome: &ToDeviceOutcome) -> &ToDeviceError {
+    match outcome {
+        ToDeviceOutcome::Rejected(e) => e,
+        other => panic!("expected a rejection, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn messages_flow_and_late_device_gets_only_new_keys() {
+    let router = Arc::new(Router::new());
+    let (a1, a2, b1) = (dev(&router, "@alice:hs", "A1").await, dev(&router, "@alice:hs", "A2").await, dev(&router, "@bob:hs", "B1").await);
+    let users = [uid("@alice:hs"), uid("@bob:hs")];
+    settle(&[&a1, &a2, &b1], &users).await;
+    a1.share_room_key(&room(), &users, &RoomSettings::default()).await.unwrap();
+    for d in [&a2, &b1] {
+        let out = d.sync().await.unwrap();
+        assert!(out.to_device.iter().any(|t| matches!(t.outcome, ToDeviceOutcome::RoomKeyStored(..))), "{out:?}");
+    }
+    let first = a1.send_text(&room(), "one").await.unwrap();
+    for d in [&a1, &a2, &b1] {
+        assert_eq!(d.decrypt(&room(), &first).await.unwrap().content["body"], "one");
+    }
+    // Alice's own device sees her message as from a verified (own) device;
+    // Bob knows Alice's device but has not verified it.
+    assert_eq!(a1.decrypt(&room(), &first).await.unwrap().trust, SenderTrust::Verified);
+    assert_eq!(b1.decrypt(&room(), &first).await.unwrap().trust, SenderTrust::Unverified);
+
+    let b2 = dev(&router, "@bob:hs", "B2").await;
+    a1.sync().await.unwrap();
+    // Same session (no one left): B2 gets the key at the current index only.
+    a1.share_room_key(&room(), &users, &RoomSettings::default()).await.unwrap();
+    b2.sync().await.unwrap();
+    let second = a1.send_text(&room(), "two").await.unwrap();
+    assert_eq!(b2.decrypt(&room(), &second).await.unwrap().content["body"], "two");
+    match b2.decrypt(&room(), &first).await {
+        Err(SimError::Newt(Error::Megolm(MegolmError::UnknownIndex { index: 0, first_known: 1 }))) => {}
+        other => panic!("B2 must not read the message from before it joined: {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn rotation_by_count_and_when_a_member_leaves() {
+    let router = Arc::new(Router::new());
+    let (a, b, c) = (dev(&router, "@alice:hs", "A").await, dev(&router, "@bob:hs", "B").await, dev(&router, "@carol:hs", "C").await);
+    let all = [uid("@alice:hs"), uid("@bob:hs"), uid("@carol:hs")];
+    settle(&[&a, &b, &c], &all).await;
+    let settings = RoomSettings { rotation: RotationSettings { rotation_period_msgs: 2, ..Default::default() }, ..Default::default() };
+    a.share_room_key(&room(), &all, &settings).await.unwrap();
+    let e1 = a.send_text(&room(), "1").await.unwrap();
+    let e2 = a.send_text(&room(), "2").await.unwrap();
+    assert_eq!(e1["content"]["session_id"], e2["content"]["session_id"]);
+    // Worn out after two messages: encrypting needs a new share.
+    assert!(matches!(a.send_text(&room(), "3").await, Err(SimError::Newt(Error::NoOutboundSession(_)))));
+    a.share_room_key(&room(), &all, &settings).await.unwrap();
+    let e3 = a.send_text(&room(), "3").await.unwrap();
+    assert_ne!(e3["content"]["session_id"], e2["content"]["session_id"]);
+    // Carol leaves: the next share rotates, and she cannot read what follows.
+    let remaining = [uid("@alice:hs"), uid("@bob:hs")];
+    a.share_room_key(&room(), &remaining, &settings).await.unwrap();
+    let e4 = a.send_text(&room(), "4").await.unwrap();
+    assert_ne!(e4["content"]["session_id"], e3["content"]["session_id"]);
+    b.sync().await.unwrap();
+    c.sync().await.unwrap();
+    assert_eq!(b.decrypt(&room(), &e4).await.unwrap().content["body"], "4");
+    assert!(matches!(c.decrypt(&room(), &e4).await, Err(SimError::Newt(Error::Megolm(MegolmError::MissingSession { .. })))));
+    assert_eq!(c.decrypt(&room(), &e3).await.unwrap().content["body"], "3");
+}
+
+#[tokio::test]
+async fn blacklisted_device_gets_withheld_and_learns_why() {
+    let router = Arc::new(Router::new());
+    let (a, b) = (dev(&router, "@alice:hs", "A").await, dev(&router, "@bob:hs", "B").await);
+    let users = [uid("@alice:hs"), uid("@bob:hs")];
+    settle(&[&a, &b], &users).await;
+    a.machine.set_local_trust(&uid("@bob:hs"), &DeviceId::parse("B").unwrap(), LocalTrust::Blacklisted).await.unwrap();
+    a.share_room_key(&room(), &users, &RoomSettings::default()).await.unwrap();
+    let out = b.sync().await.unwrap();
+    assert!(out.to_device.iter().any(|t| t.outcome == ToDeviceOutcome::WithheldStored));
+    let e = a.send_text(&room(), "secret").await.unwrap();
+    match b.decrypt(&room(), &e).await {
+        Err(SimError::Newt(Error::Megolm(MegolmError::MissingSession { withheld: Some(w), .. }))) => {
+            assert_eq!(w.code, "m.blacklisted");
+            assert_eq!(w.sender.as_str(), "@alice:hs");
+        }
+        other => panic!("expected a withheld explanation, got {other:?}"),
+    }
+    // With the AllDevices policy on a fresh session, Bob does get the key.
+    a.machine.discard_room_key(&room()).await.unwrap();
+    a.share_room_key(&room(), &users, &RoomSettings { policy: SharingPolicy::AllDevices, ..Default::default() }).await.unwrap();
+    b.sync().await.unwrap();
+    let e = a.send_text(&room(), "now you can").await.unwrap();
+    assert_eq!(b.decrypt(&room(), &e).await.unwrap().content["body"], "now you can");
+}
+
+#[tokio::test]
+async fn device_without_keys_gets_no_olm_and_is_not_claimed_again() {
+    let router = Arc::new(Router::new());
+    let a = dev(&router, "@alice:hs", "A").await;
+    // A device that uploaded device keys but no one-time or fallback keys.
+    let mut bare = OwnAccount::new(uid("@bob:hs"), DeviceId::parse("BARE").unwrap());
+    router.handle("@bob:hs", "BARE", "POST", "/keys/upload", &json!({"device_keys": bare.device_keys()})).unwrap();
+    let _ = &mut bare;
+    let users = [uid("@alice:hs"), uid("@bob:hs")];
+    settle(&[&a], &users).await;
+    let claim = a.machine.get_missing_sessions(users.iter().cloned()).await.unwrap().expect("a claim for BARE");
+    let (m, p) = claim.kind.method_and_path();
+    let resp = router.handle("@alice:hs", "A", m, &p, claim.kind.body()).unwrap();
+    a.machine.mark_request_sent(&claim.id, &resp).await.unwrap();
+    // The failure is remembered: no claim on the next send.
+    assert!(a.machine.get_missing_sessions(users.iter().cloned()).await.unwrap().is_none());
+    let reqs = a.machine.share_room_key(&room(), users.iter().cloned(), &RoomSettings::default()).await.unwrap();
+    let withheld: Vec<_> = reqs.iter().filter(|r| matches!(&r.kind, newt::RequestKind::ToDevice { event_type, .. } if event_type == "m.room_key.withheld")).collect();
+    assert_eq!(withheld.len(), 1);
+    assert_eq!(withheld[0].kind.body()["messages"]["@bob:hs"]["BARE"]["code"], "m.no_olm");
+}
+
+#[tokio::test]
+async fn replayed_megolm_event_is_rejected() {
+    let router = Arc::new(Router::new());
+    let (a, b) = (dev(&router, "@alice:hs", "A").await, dev(&router, "@bob:hs", "B").await);
+    let users = [uid("@alice:hs"), uid("@bob:hs")];
+    settle(&[&a, &b], &users).await;
+    a.share_room_key(&room(), &users, &RoomSettings::default()).await.unwrap();
+    b.sync().await.unwrap();
+    let e = a.send_text(&room(), "pay Bob 10").await.unwrap();
+    assert_eq!(b.decrypt(&room(), &e).await.unwrap().content["body"], "pay Bob 10");
+    // Decrypting the same event again is normal.
+    assert!(b.decrypt(&room(), &e).await.is_ok());
+    let mut replay = e.clone();
+    replay["event_id"] = json!("$replayed");
+    assert!(matches!(b.decrypt(&room(), &replay).await, Err(SimError::Newt(Error::Megolm(MegolmError::Replay { index: 0 })))));
+}
+
+#[tokio::test]
+async fn room_key_without_olm_is_rejected() {
+    let router = Arc::new(Router::new());
+    let (a, b) = (dev(&router, "@alice:hs", "A").await, dev(&router, "@bob:hs", "B").await);
+    let users = [uid("@alice:hs"), uid("@bob:hs")];
+    settle(&[&a, &b], &users).await;
+    // Alice's real key content, sent in the clear by the server or anyone.
+    let outbound = newt_proto::megolm::OutboundSession::new(ProtoRoomId::parse("!room:hs").unwrap(), Default::default(), 0);
+    let content = outbound.room_key_content(false);
+    for t in ["m.room_key", "m.forwarded_room_key", "m.secret.send"] {
+        router.handle("@alice:hs", "A", "PUT", &format!("/sendToDevice/{t}/1"), &json!({"messages": {"@bob:hs": {"B": content}}})).unwrap();
+    }
+    let out = b.sync().await.unwrap();
+    assert_eq!(out.to_device.len(), 3);
+    for t in &out.to_device {
+        assert!(matches!(rejected(&t.outcome), ToDeviceError::NotOverOlm(_)), "{t:?}");
+    }
+    assert!(b.machine.decrypt_room_event(&room(), &json!({
+        "event_id": "$x", "sender": "@alice:hs", "origin_server_ts": 1,
+        "content": outbound.clone_for_test_encrypt(),
+    })).await.is_err());
+}
+
+trait CloneForTest {
+    fn clone_for_test_encrypt(&self) -> Value;
+}
+
+impl CloneForTest for newt_proto::megolm::OutboundSession {
+    fn clone_for_test_encrypt(&self) -> Value {
+        json!({"algorithm": "m.megolm.v1.aes-sha2", "session_id": self.session_id(), "ciphertext": "AwgAEhA"})
+    }
+}
+
+/// Sets up Alice's device A (the victim), with an outstanding key request
+/// for a session of Bob's, and returns (router, A, Bob's event, Bob's session key content).
+async fn forwarding_setup() -> (Arc<Router>, SimDevice, SimDevice, Value) {
+    let router = Arc::new(Router::new());
+    let (a, b) = (dev(&router, "@alice:hs", "A").await, dev(&router, "@bob:hs", "B").await);
+    let users = [uid("@alice:hs"), uid("@bob:hs")];
+    settle(&[&a, &b], &users).await;
+    // Bob sends to a room key Alice never got.
+    let b_only = [uid("@bob:hs")];
+    b.share_room_key(&room(), &b_only, &RoomSettings::default()).await.unwrap();
+    let e = b.send_text(&room(), "for Alice's eyes, via a forward").await.unwrap();
+    (router, a, b, e)
+}
+
+fn forwarded_content(b_export: &newt_proto::export::ExportedRoomKey) -> Value {
+    json!({
+        "algorithm": "m.megolm.v1.aes-sha2",
+        "room_id": b_export.room_id,
+        "session_id": b_export.session_id,
+        "session_key": b_export.session_key,
+        "sender_key": b_export.sender_key,
+        "sender_claimed_ed25519_key": b_export.sender_claimed_keys.get("ed25519").cloned().unwrap_or_default(),
+        "forwarding_curve25519_key_chain": [],
+    })
+}
+
+async fn bob_key(b: &SimDevice) -> newt_proto::export::ExportedRoomKey {
+    let file = b.machine.export_room_keys("pw", 1).await.unwrap();
+    newt_proto::export::decrypt_export(&file, "pw").unwrap().remove(0)
+}
+
+#[tokio::test]
+async fn forwarded_key_rules() {
+    let (router, a, b, e) = forwarding_setup().await;
+    let key = bob_key(&b).await;
+    let a_rec = own_record(&a).await;
+    // Alice's other device, which Alice verified.
+    let a2 = RawDevice::new(&router, "@alice:hs", "A2");
+    a.sync().await.unwrap();
+    a.machine.update_tracked_users([uid("@alice:hs")]).await.unwrap();
+    a.flush().await.unwrap();
+    a.machine.set_local_trust(&uid("@alice:hs"), &DeviceId::parse("A2").unwrap(), LocalTrust::Verified).await.unwrap();
+
+    // 1. Unrequested: rejected.
+    a2.send_olm(&a, &a_rec, "m.forwarded_room_key", forwarded_content(&key));
+    let out = a.sync().await.unwrap();
+    assert_eq!(rejected(&out.to_device[0].outcome), &ToDeviceError::KeyShare(KeyShareError::Unrequested));
+    assert!(a.decrypt(&room(), &e).await.is_err());
+
+    // Alice asks for the key.
+    a.machine.request_room_key(&room(), &e).await.unwrap();
+    let sent = a.flush().await.unwrap();
+    assert_eq!(sent, 1);
+
+    // 2. From another user's device (Mallory), even though requested: rejected.
+    let mallory = RawDevice::new(&router, "@mallory:hs", "M");
+    mallory.send_olm(&a, &a_rec, "m.forwarded_room_key", forwarded_content(&key));
+    let out = a.sync().await.unwrap();
+    assert_eq!(out.to_device[0].event_type, "m.room_key_request");
+    assert_eq!(out.to_device[0].outcome, ToDeviceOutcome::Handled, "our own request, echoed");
+    assert!(matches!(rejected(&out.to_device[1].outcome), ToDeviceError::KeyShare(KeyShareError::NotOwnUser(_))), "{out:?}");
+
+    // 3. From our own but unverified device: rejected.
+    let a3 = RawDevice::new(&router, "@alice:hs", "A3");
+    a.sync().await.unwrap();
+    a.flush().await.unwrap();
+    assert!(a.machine.devices(&uid("@alice:hs")).await.unwrap().iter().any(|d| d.device_id.as_str() == "A3"));
+    a3.send_olm(&a, &a_rec, "m.forwarded_room_key", forwarded_content(&key));
+    let out = a.sync().await.unwrap();
+    assert_eq!(rejected(&out.to_device[0].outcome), &ToDeviceError::KeyShare(KeyShareError::UntrustedDevice));
+    assert!(a.decrypt(&room(), &e).await.is_err());
+
+    // 4. Requested, from our verified device: accepted, and the request is cancelled.
+    a2.send_olm(&a, &a_rec, "m.forwarded_room_key", forwarded_content(&key));
+    let out = a.sync().await.unwrap();
+    assert!(matches!(out.to_device[0].outcome, ToDeviceOutcome::RoomKeyStored(..)), "{out:?}");
+    let d = a.decrypt(&room(), &e).await.unwrap();
+    assert_eq!(d.content["body"], "for Alice's eyes, via a forward");
+    assert_eq!(d.trust, SenderTrust::Unauthenticated);
+}
+
+#[tokio::test]
+async fn key_requests_answered_only_for_verified_own_devices() {
+    let router = Arc::new(Router::new());
+    let (a1, a2, b) = (dev(&router, "@alice:hs", "A1").await, dev(&router, "@alice:hs", "A2").await, dev(&router, "@bob:hs", "B").await);
+    let users = [uid("@alice:hs"), uid("@bob:hs")];
+    settle(&[&a1, &a2, &b], &users).await;
+    // Only A1 gets the key (Bob shares before A2 is... simulate by blacklisting A2 at Bob).
+    b.machine.set_local_trust(&uid("@alice:hs"), &DeviceId::parse("A2").unwrap(), LocalTrust::Blacklisted).await.unwrap();
+    b.share_room_key(&room(), &users, &RoomSettings::default()).await.unwrap();
+    a1.sync().await.unwrap();
+    a2.sync().await.unwrap();
+    let e = b.send_text(&room(), "hello alice").await.unwrap();
+    assert!(a2.decrypt(&room(), &e).await.is_err());
+    // A1 needs an Olm session to A2 to answer; A1 shares its own room key with A2 for that.
+    a1.share_room_key(&RoomId::parse("!other:hs").unwrap(), &[uid("@alice:hs")], &RoomSettings::default()).await.unwrap();
+    a2.sync().await.unwrap();
+
+    // A2 asks; A1 has not verified A2: refused.
+    a2.machine.request_room_key(&room(), &e).await.unwrap();
+    a2.flush().await.unwrap();
+    let out = a1.sync().await.unwrap();
+    let req = out.to_device.iter().find(|t| t.event_type == "m.room_key_request").unwrap();
+    assert_eq!(rejected(&req.outcome), &ToDeviceError::KeyShare(KeyShareError::UntrustedDevice));
+
+    // Bob asks A1 for the same key: refused (not our user).
+    let b_req = json!({"action": "request", "requesting_device_id": "B", "request_id": "r1",
+        "body": {"algorithm": "m.megolm.v1.aes-sha2", "room_id": "!room:hs", "session_id": e["content"]["session_id"]}});
+    router.handle("@bob:hs", "B", "PUT", "/sendToDevice/m.room_key_request/1", &json!({"messages": {"@alice:hs": {"A1": b_req}}})).unwrap();
+    let out = a1.sync().await.unwrap();
+    assert!(matches!(rejected(&out.to_device[0].outcome), ToDeviceError::KeyShare(KeyShareError::NotOwnUser(_))));
+
+    // After A1 verifies A2, A2's retry is answered and A2 decrypts.
+    a1.machine.set_local_trust(&uid("@alice:hs"), &DeviceId::parse("A2").unwrap(), LocalTrust::Verified).await.unwrap();
+    a2.machine.set_local_trust(&uid("@alice:hs"), &DeviceId::parse("A1").unwrap(), LocalTrust::Verified).await.unwrap();
+    let retry = json!({"action": "request", "requesting_device_id": "A2", "request_id": "again",
+        "body": {"algorithm": "m.megolm.v1.aes-sha2", "room_id": "!room:hs", "session_id": e["content"]["session_id"]}});
+    router.handle("@alice:hs", "A2", "PUT", "/sendToDevice/m.room_key_request/2", &json!({"messages": {"@alice:hs": {"A1": retry}}})).unwrap();
+    let out = a1.sync().await.unwrap();
+    assert_eq!(out.to_device[0].outcome, ToDeviceOutcome::KeyRequestAnswered);
+    let out = a2.sync().await.unwrap();
+    assert!(out.to_device.iter().any(|t| matches!(t.outcome, ToDeviceOutcome::RoomKeyStored(..))), "{out:?}");
+    assert_eq!(a2.decrypt(&room(), &e).await.unwrap().content["body"], "hello alice");
+}
+
+#[tokio::test]
+async fn olm_plaintext_forgeries_rejected_end_to_end() {
+    let router = Arc::new(Router::new());
+    let b = dev(&router, "@bob:hs", "B").await;
+    let b_rec = own_record(&b).await;
+    let mallory = RawDevice::new(&router, "@mallory:hs", "M");
+    b.machine.update_tracked_users([uid("@mallory:hs")]).await.unwrap();
+    b.flush().await.unwrap();
+    // Mallory's ciphertext claims to be from Alice in the plaintext.
+    let mut forged_record = b_rec.clone();
+    forged_record.user_id = uid("@carol:hs"); // recipient = Carol, not Bob
+    mallory.send_olm_as(&b, &b_rec, &forged_record, "m.room_key", json!({}));
+    let out = b.sync().await.unwrap();
+    assert!(matches!(rejected(&out.to_device[0].outcome), ToDeviceError::Olm(OlmError::Check(_))));
+}
+
+#[tokio::test]
+async fn wedged_session_is_replaced_once_per_hour() {
+    let router = Arc::new(Router::new());
+    let (a, b) = (dev(&router, "@alice:hs", "A").await, dev(&router, "@bob:hs", "B").await);
+    let users = [uid("@alice:hs"), uid("@bob:hs")];
+    settle(&[&a, &b], &users).await;
+    a.share_room_key(&room(), &users, &RoomSettings::default()).await.unwrap();
+    b.sync().await.unwrap();
+    // Bob replies so both sides have a two-way session (Alice's next messages are type 1).
+    b.share_room_key(&room(), &users, &RoomSettings::default()).await.unwrap();
+    a.sync().await.unwrap();
+    a.machine.discard_room_key(&room()).await.unwrap();
+    let reqs = a.machine.share_room_key(&room(), users.iter().cloned(), &RoomSettings::default()).await.unwrap();
+    // Corrupt the Olm message in transit.
+    let mut body = reqs[0].kind.body().clone();
+    let ct = body["messages"]["@bob:hs"]["B"]["ciphertext"].as_object_mut().unwrap();
+    let entry = ct.values_mut().next().unwrap();
+    assert_eq!(entry["type"], 1);
+    let mut bytes = newt_proto::json::b64_decode(entry["body"].as_str().unwrap()).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xff;
+    entry["body"] = json!(newt_proto::json::b64_encode(&bytes));
+    router.handle("@alice:hs", "A", "PUT", "/sendToDevice/m.room.encrypted/1", &body).unwrap();
+    let sync = b.next_sync().unwrap();
+    let out = b.machine.receive_sync(sync).await.unwrap();
+    assert!(matches!(rejected(&out.to_device[0].outcome), ToDeviceError::Olm(OlmError::Wedged { .. })));
+    // Bob claims a new key for Alice's device even though a session exists, and sends m.dummy.
+    let claim = b.machine.get_missing_sessions([uid("@alice:hs")]).await.unwrap().expect("unwedging claim");
+    let (m, p) = claim.kind.method_and_path();
+    let resp = router.handle("@bob:hs", "B", m, &p, claim.kind.body()).unwrap();
+    b.machine.mark_request_sent(&claim.id, &resp).await.unwrap();
+    b.flush().await.unwrap();
+    let out = a.sync().await.unwrap();
+    assert!(out.to_device.iter().any(|t| t.event_type == "m.dummy" && t.encrypted && t.outcome == ToDeviceOutcome::Handled), "{out:?}");
+    // A second failure within the hour does not start yet another session.
+    router.handle("@alice:hs", "A", "PUT", "/sendToDevice/m.room.encrypted/2", &body).unwrap();
+    b.sync().await.unwrap();
+    assert!(b.machine.get_missing_sessions([uid("@alice:hs")]).await.unwrap().is_none());
+}
+
+/// A store that fails `apply` while `fail` is set.
+struct FlakyStore {
+    inner: MemoryStore,
+    fail: AtomicBool,
+}
+
+#[async_trait::async_trait]
+impl Store for FlakyStore {
+    async fn account(&self) -> Result<Option<AccountRecord>, StoreError> { self.inner.account().await }
+    async fn olm_sessions(&self, k: &str) -> Result<Vec<OlmSessionRecord>, StoreError> { self.inner.olm_sessions(k).await }
+    async fn inbound_group_session(&self, r: &ProtoRoomId, s: &str) -> Result<Option<InboundGroupSessionRecord>, StoreError> { self.inner.inbound_group_session(r, s).await }
+    async fn inbound_group_sessions_page(&self, a: SessionCursor, l: usize) -> Result<Vec<InboundGroupSessionRecord>, StoreError> { self.inner.inbound_group_sessions_page(a, l).await }
+    async fn outbound_group_session(&self, r: &ProtoRoomId) -> Result<Option<OutboundGroupSessionRecord>, StoreError> { self.inner.outbound_group_session(r).await }
+    async fn devices(&self, u: &newt_proto::ids::UserId) -> Result<Vec<DeviceRecord>, StoreError> { self.inner.devices(u).await }
+    async fn tracked_users(&self) -> Result<Vec<TrackedUser>, StoreError> { self.inner.tracked_users().await }
+    async fn key_request(&self, id: &str) -> Result<Option<KeyRequestRecord>, StoreError> { self.inner.key_request(id).await }
+    async fn key_request_for_session(&self, r: &ProtoRoomId, s: &str) -> Result<Option<KeyRequestRecord>, StoreError> { self.inner.key_request_for_session(r, s).await }
+    async fn unsent_key_requests(&self) -> Result<Vec<KeyRequestRecord>, StoreError> { self.inner.unsent_key_requests().await }
+    async fn withheld(&self, r: &ProtoRoomId, s: &str) -> Result<Option<WithheldRecord>, StoreError> { self.inner.withheld(r, s).await }
+    async fn message_index(&self, r: &ProtoRoomId, s: &str, i: u32) -> Result<Option<MessageIndexRecord>, StoreError> { self.inner.message_index(r, s, i).await }
+    async fn sync_token(&self) -> Result<Option<String>, StoreError> { self.inner.sync_token().await }
+    async fn apply(&self, c: Changes) -> Result<(), StoreError> {
+        if self.fail.load(Ordering::SeqCst) {
+            return Err(StoreError::Backend("disk full".into()));
+        }
+        self.inner.apply(c).await
+    }
+}
+
+#[tokio::test]
+async fn nothing_is_acknowledged_before_it_is_persisted() {
+    let router = Arc::new(Router::new());
+    let a = dev(&router, "@alice:hs", "A").await;
+    let flaky = Arc::new(FlakyStore { inner: MemoryStore::new(), fail: AtomicBool::new(false) });
+    let b = SimDevice::open(router.clone(), "@bob:hs", "B", flaky.clone()).await.unwrap();
+    b.flush().await.unwrap();
+    let users = [uid("@alice:hs"), uid("@bob:hs")];
+    settle(&[&a, &b], &users).await;
+    a.share_room_key(&room(), &users, &RoomSettings::default()).await.unwrap();
+    let sync = b.next_sync().unwrap();
+    assert_eq!(sync.to_device_events.len(), 1);
+    let token_before = flaky.sync_token().await.unwrap();
+    flaky.fail.store(true, Ordering::SeqCst);
+    // The commit fails: no plaintext is handed out, nothing is half-written,
+    // and the consumed one-time key is still in the stored account.
+    assert!(matches!(b.machine.receive_sync(sync.clone()).await, Err(Error::Store(_))));
+    assert_eq!(flaky.sync_token().await.unwrap(), token_before);
+    assert!(flaky.inner.inbound_group_sessions_page(None, 10).await.unwrap().is_empty());
+    // The server re-delivers the same batch (the token did not advance): it works now.
+    flaky.fail.store(false, Ordering::SeqCst);
+    let out = b.machine.receive_sync(sync.clone()).await.unwrap();
+    assert!(matches!(out.to_device[0].outcome, ToDeviceOutcome::RoomKeyStored(..)), "{out:?}");
+    assert_eq!(flaky.sync_token().await.unwrap(), sync.next_batch);
+    let e = a.send_text(&room(), "after the retry").await.unwrap();
+    assert_eq!(b.decrypt(&room(), &e).await.unwrap().content["body"], "after the retry");
+}
+
+#[tokio::test]
+async fn export_import_round_trip_and_bad_passphrase() {
+    let router = Arc::new(Router::new());
+    let (a, b) = (dev(&router, "@alice:hs", "A").await, dev(&router, "@bob:hs", "B").await);
+    let users = [uid("@alice:hs"), uid("@bob:hs")];
+    settle(&[&a, &b], &users).await;
+    a.share_room_key(&room(), &users, &RoomSettings::default()).await.unwrap();
+    b.sync().await.unwrap();
+    let e = a.send_text(&room(), "history").await.unwrap();
+    let file = b.machine.export_room_keys("pass", 1000).await.unwrap();
+    let fresh = dev(&router, "@bob:hs", "B9").await;
+    assert!(matches!(fresh.machine.import_room_keys(&file, "wrong", |_, _| {}).await, Err(Error::Export(_))));
+    let mut calls = Vec::new();
+    let s = fresh.machine.import_room_keys(&file, "pass", |d, t| calls.push((d, t))).await.unwrap();
+    assert_eq!((s.total, s.imported, s.skipped), (1, 1, 0));
+    assert_eq!(calls, vec![(1, 1)]);
+    assert_eq!(fresh.decrypt(&room(), &e).await.unwrap().content["body"], "history");
+    // Importing again changes nothing.
+    let s = fresh.machine.import_room_keys(&file, "pass", |_, _| {}).await.unwrap();
+    assert_eq!((s.imported, s.skipped), (0, 1));
+}
