@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# newt's test command: what the README promises and CI runs.
+#   scripts/test.sh          everything: format, lints, all tests including the
+#                            interop tests against matrix-sdk-crypto, wasm32 check
+#   scripts/test.sh --quick  the default crates' tests only (no reference build)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh
+
+if [ "${1:-}" = "--quick" ]; then
+    exec cargo test
+fi
+
+step() { printf '\n==> %s\n' "$*"; }
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+step "cargo clippy (workspace, all targets, -D warnings)"
+cargo clippy --workspace --all-targets -- -D warnings
+step "cargo test (workspace, including interop with matrix-sdk-crypto)"
+cargo test --workspace
+step "wasm32 build check of the core crates"
+cargo check --target wasm32-unknown-unknown -p newt-proto -p newt-store -p newt
+step "demo"
+cargo run -q -p newt-cli -- demo >/dev/null
+echo "all checks passed"
