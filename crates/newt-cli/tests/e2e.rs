@@ -521,3 +521,49 @@ async fn export_import_round_trip_and_bad_passphrase() {
     let s = fresh.machine.import_room_keys(&file, "pass", |_, _| {}).await.unwrap();
     assert_eq!((s.imported, s.skipped), (0, 1));
 }
+
+#[tokio::test]
+async fn garbage_from_the_network_is_a_typed_error_not_a_panic() {
+    let router = Arc::new(Router::new());
+    let (a, b) = (dev(&router, "@alice:hs", "A").await, dev(&router, "@bob:hs", "B").await);
+    let users = [uid("@alice:hs"), uid("@bob:hs")];
+    settle(&[&a, &b], &users).await;
+    let (curve, _) = b.machine.identity_keys().await;
+    let garbage = vec![
+        json!(null),
+        json!([]),
+        json!({"type": "m.room.encrypted"}),
+        json!({"type": "m.room.encrypted", "sender": "not a user", "content": {}}),
+        json!({"type": "m.room.encrypted", "sender": "@alice:hs", "content": []}),
+        json!({"type": "m.room.encrypted", "sender": "@alice:hs", "content": {"algorithm": "m.olm.v1.curve25519-aes-sha2"}}),
+        json!({"type": "m.room.encrypted", "sender": "@alice:hs", "content": {"algorithm": "m.olm.v1.curve25519-aes-sha2", "sender_key": "AAAA", "ciphertext": {curve.clone(): {"type": 0, "body": "AwoA"}}}}),
+        json!({"type": "m.room.encrypted", "sender": "@alice:hs", "content": {"algorithm": "m.olm.v1.curve25519-aes-sha2", "sender_key": curve.clone(), "ciphertext": {curve.clone(): {"type": 7, "body": 3}}}}),
+        json!({"type": "m.room_key.withheld", "sender": "@alice:hs", "content": {"code": 5}}),
+        json!({"type": "m.room_key_request", "sender": "@alice:hs", "content": {"action": "request"}}),
+    ];
+    let n = garbage.len();
+    let out = b
+        .machine
+        .receive_sync(newt::SyncChanges { to_device_events: garbage, next_batch: Some("t1".into()), ..Default::default() })
+        .await
+        .unwrap();
+    assert_eq!(out.to_device.len(), n);
+    let rejected_count = out.to_device.iter().filter(|t| matches!(t.outcome, ToDeviceOutcome::Rejected(_))).count();
+    assert!(rejected_count >= 7, "{out:?}");
+
+    // Malformed HTTP responses: typed errors.
+    b.machine.update_tracked_users([uid("@carol:hs")]).await.unwrap();
+    let reqs = b.machine.outgoing_requests().await.unwrap();
+    let query = reqs.iter().find(|r| matches!(r.kind, newt::RequestKind::KeysQuery { .. })).unwrap();
+    assert!(matches!(b.machine.mark_request_sent(&query.id, &json!({"device_keys": "x"})).await, Err(Error::KeysQuery(_))));
+    assert!(matches!(b.machine.mark_request_sent("never-issued", &json!({})).await, Err(Error::UnknownRequest(_))));
+    // Room events that are not Megolm.
+    for e in [json!({}), json!({"content": {"algorithm": "m.megolm.v1.aes-sha2", "ciphertext": "!!"}, "sender": "@a:hs", "event_id": "$1"})] {
+        assert!(matches!(b.decrypt(&room(), &e).await, Err(SimError::Newt(Error::Megolm(MegolmError::Malformed(_))))));
+    }
+    // The machine still works afterwards.
+    a.share_room_key(&room(), &users, &RoomSettings::default()).await.unwrap();
+    b.sync().await.unwrap();
+    let e = a.send_text(&room(), "still fine").await.unwrap();
+    assert_eq!(b.decrypt(&room(), &e).await.unwrap().content["body"], "still fine");
+}
