@@ -22,6 +22,9 @@ pub enum SimError {
     /// A bad identifier.
     #[error(transparent)]
     Id(#[from] newt::IdError),
+    /// A file-system error (creating a store directory).
+    #[error("I/O error: {0}")]
+    Io(String),
 }
 
 /// One simulated device: a newt machine talking to the router.

@@ -2,24 +2,39 @@
 //!
 //! Alice has two devices, Bob one; they talk through an in-process router
 //! that stands in for a homeserver. Run with `cargo run -p newt-cli -- demo`.
+//!
+//! Each device keeps its state in an encrypted SQLite database (in a fresh
+//! temporary directory, or under `--store DIR`); `--memory` uses the
+//! in-memory store instead.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
 use newt::{RoomId, RoomSettings, UserId};
 use newt_cli::{SimDevice, SimError};
 use newt_router::Router;
+use newt_sqlite::{SqliteStore, StoreKey};
 use newt_store::{MemoryStore, Store};
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    match args.first().map(String::as_str) {
-        Some("demo") => {}
-        _ => {
-            eprintln!("usage: newt-cli demo");
-            return ExitCode::from(2);
-        }
+    let usage = || {
+        eprintln!("usage: newt-cli demo [--store DIR | --memory]");
+        ExitCode::from(2)
+    };
+    if args.first().map(String::as_str) != Some("demo") {
+        return usage();
     }
+    let stores = match args.get(1).map(String::as_str) {
+        None => Stores::Sqlite { dir: temp_dir(), keep: false },
+        Some("--memory") => Stores::Memory,
+        Some("--store") => match args.get(2) {
+            Some(dir) => Stores::Sqlite { dir: PathBuf::from(dir), keep: true },
+            None => return usage(),
+        },
+        Some(_) => return usage(),
+    };
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => {
@@ -27,7 +42,11 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(demo()) {
+    let result = runtime.block_on(demo(&stores));
+    if let Stores::Sqlite { dir, keep: false } = &stores {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("demo failed: {e}");
@@ -36,27 +55,61 @@ fn main() -> ExitCode {
     }
 }
 
-fn store() -> Arc<dyn Store> {
-    Arc::new(MemoryStore::new())
+/// Where the devices keep their state.
+enum Stores {
+    Memory,
+    Sqlite { dir: PathBuf, keep: bool },
+}
+
+impl Stores {
+    fn describe(&self) -> String {
+        match self {
+            Stores::Memory => "in-memory".to_owned(),
+            Stores::Sqlite { dir, .. } => format!("encrypted SQLite under {}", dir.display()),
+        }
+    }
+
+    /// Opens the store of one device. The demo uses a raw 32-byte key (as a
+    /// platform keychain would hold); `StoreKey::Passphrase` works the same.
+    fn open(&self, device: &str) -> Result<Arc<dyn Store>, SimError> {
+        match self {
+            Stores::Memory => Ok(Arc::new(MemoryStore::new())),
+            Stores::Sqlite { dir, .. } => {
+                std::fs::create_dir_all(dir).map_err(|e| SimError::Io(e.to_string()))?;
+                let key = StoreKey::Raw([7u8; 32]);
+                let store = SqliteStore::open(dir.join(format!("{device}.sqlite")), key)
+                    .map_err(|e| SimError::Newt(e.into()))?;
+                Ok(Arc::new(store))
+            }
+        }
+    }
+}
+
+fn temp_dir() -> PathBuf {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    std::env::temp_dir().join(format!("newt-demo-{}-{nanos}", std::process::id()))
 }
 
 fn step(text: &str) {
     println!("\n== {text}");
 }
 
-async fn demo() -> Result<(), SimError> {
+async fn demo(stores: &Stores) -> Result<(), SimError> {
     let router = Arc::new(Router::new());
     let room = RoomId::parse("!demo:example.org")?;
     let alice_id = UserId::parse("@alice:example.org")?;
     let bob_id = UserId::parse("@bob:example.org")?;
     let members = [alice_id.clone(), bob_id.clone()];
     let settings = RoomSettings::default();
-    println!("newt demo: store = in-memory");
+    println!("newt demo: store = {}", stores.describe());
 
     step("Devices come online and upload their keys");
-    let alice1 = SimDevice::open(router.clone(), "@alice:example.org", "ALICE1", store()).await?;
-    let alice2 = SimDevice::open(router.clone(), "@alice:example.org", "ALICE2", store()).await?;
-    let bob = SimDevice::open(router.clone(), "@bob:example.org", "BOB1", store()).await?;
+    let alice1 = SimDevice::open(router.clone(), "@alice:example.org", "ALICE1", stores.open("ALICE1")?).await?;
+    let alice2 = SimDevice::open(router.clone(), "@alice:example.org", "ALICE2", stores.open("ALICE2")?).await?;
+    let bob = SimDevice::open(router.clone(), "@bob:example.org", "BOB1", stores.open("BOB1")?).await?;
     for d in [&alice1, &alice2, &bob] {
         let n = d.flush().await?;
         let (curve, ed) = d.machine.identity_keys().await;
@@ -89,7 +142,7 @@ async fn demo() -> Result<(), SimError> {
     }
 
     step("Bob adds a new device later: it gets the next key, not the old one");
-    let bob2 = SimDevice::open(router.clone(), "@bob:example.org", "BOB2", store()).await?;
+    let bob2 = SimDevice::open(router.clone(), "@bob:example.org", "BOB2", stores.open("BOB2")?).await?;
     bob2.flush().await?;
     alice1.sync().await?; // learns about BOB2 from device_lists.changed
     alice1.machine.discard_room_key(&room).await?; // a new device: start a fresh session
