@@ -4,7 +4,9 @@
 
 use std::sync::Arc;
 
-use newt::{DecryptedRoomEvent, DeviceId, Machine, RoomId, RoomSettings, SyncChanges, SyncOutcome, UserId};
+use newt::{
+    DecryptedRoomEvent, DeviceId, Machine, RoomId, RoomSettings, SyncChanges, SyncOutcome, UserId,
+};
 use newt_router::Router;
 use newt_store::Store;
 use serde_json::Value;
@@ -41,7 +43,12 @@ pub struct SimDevice {
 
 impl SimDevice {
     /// Opens a device on `store`.
-    pub async fn open(router: Arc<Router>, user: &str, device: &str, store: Arc<dyn Store>) -> Result<Self, SimError> {
+    pub async fn open(
+        router: Arc<Router>,
+        user: &str,
+        device: &str,
+        store: Arc<dyn Store>,
+    ) -> Result<Self, SimError> {
         let user = UserId::parse(user)?;
         let device = DeviceId::parse(device)?;
         let machine = Machine::open(store, user.clone(), device.clone()).await?;
@@ -59,7 +66,13 @@ impl SimDevice {
             }
             for r in requests {
                 let (method, path) = r.kind.method_and_path();
-                let response = self.router.handle(self.user.as_str(), self.device.as_str(), method, &path, r.kind.body())?;
+                let response = self.router.handle(
+                    self.user.as_str(),
+                    self.device.as_str(),
+                    method,
+                    &path,
+                    r.kind.body(),
+                )?;
                 self.machine.mark_request_sent(&r.id, &response).await?;
                 sent += 1;
             }
@@ -71,7 +84,11 @@ impl SimDevice {
         let batch = self.router.sync(self.user.as_str(), self.device.as_str())?;
         Ok(SyncChanges {
             to_device_events: batch.to_device,
-            changed_users: batch.changed.iter().filter_map(|u| UserId::parse(u.as_str()).ok()).collect(),
+            changed_users: batch
+                .changed
+                .iter()
+                .filter_map(|u| UserId::parse(u.as_str()).ok())
+                .collect(),
             left_users: batch.left.iter().filter_map(|u| UserId::parse(u.as_str()).ok()).collect(),
             one_time_key_count: Some(batch.one_time_key_count),
             unused_fallback_key_types: Some(batch.unused_fallback_key_types),
@@ -90,19 +107,36 @@ impl SimDevice {
     /// Makes sure every device of `members` has the room key: track and
     /// query them, claim missing Olm sessions, share. Returns the number of
     /// to-device requests sent for the share.
-    pub async fn share_room_key(&self, room: &RoomId, members: &[UserId], settings: &RoomSettings) -> Result<usize, SimError> {
+    pub async fn share_room_key(
+        &self,
+        room: &RoomId,
+        members: &[UserId],
+        settings: &RoomSettings,
+    ) -> Result<usize, SimError> {
         self.machine.update_tracked_users(members.iter().cloned()).await?;
         self.flush().await?;
         if let Some(claim) = self.machine.get_missing_sessions(members.iter().cloned()).await? {
             let (method, path) = claim.kind.method_and_path();
-            let response = self.router.handle(self.user.as_str(), self.device.as_str(), method, &path, claim.kind.body())?;
+            let response = self.router.handle(
+                self.user.as_str(),
+                self.device.as_str(),
+                method,
+                &path,
+                claim.kind.body(),
+            )?;
             self.machine.mark_request_sent(&claim.id, &response).await?;
         }
         let requests = self.machine.share_room_key(room, members.iter().cloned(), settings).await?;
         let n = requests.len();
         for r in requests {
             let (method, path) = r.kind.method_and_path();
-            let response = self.router.handle(self.user.as_str(), self.device.as_str(), method, &path, r.kind.body())?;
+            let response = self.router.handle(
+                self.user.as_str(),
+                self.device.as_str(),
+                method,
+                &path,
+                r.kind.body(),
+            )?;
             self.machine.mark_request_sent(&r.id, &response).await?;
         }
         self.flush().await?;
@@ -113,11 +147,20 @@ impl SimDevice {
     pub async fn send_text(&self, room: &RoomId, body: &str) -> Result<Value, SimError> {
         let content = serde_json::json!({ "msgtype": "m.text", "body": body });
         let encrypted = self.machine.encrypt_room_event(room, "m.room.message", content).await?;
-        Ok(self.router.send_room_event(room.as_str(), self.user.as_str(), "m.room.encrypted", encrypted)?)
+        Ok(self.router.send_room_event(
+            room.as_str(),
+            self.user.as_str(),
+            "m.room.encrypted",
+            encrypted,
+        )?)
     }
 
     /// Decrypts a room event.
-    pub async fn decrypt(&self, room: &RoomId, event: &Value) -> Result<DecryptedRoomEvent, SimError> {
+    pub async fn decrypt(
+        &self,
+        room: &RoomId,
+        event: &Value,
+    ) -> Result<DecryptedRoomEvent, SimError> {
         Ok(self.machine.decrypt_room_event(room, event).await?)
     }
 

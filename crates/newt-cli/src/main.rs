@@ -107,13 +107,24 @@ async fn demo(stores: &Stores) -> Result<(), SimError> {
     println!("newt demo: store = {}", stores.describe());
 
     step("Devices come online and upload their keys");
-    let alice1 = SimDevice::open(router.clone(), "@alice:example.org", "ALICE1", stores.open("ALICE1")?).await?;
-    let alice2 = SimDevice::open(router.clone(), "@alice:example.org", "ALICE2", stores.open("ALICE2")?).await?;
-    let bob = SimDevice::open(router.clone(), "@bob:example.org", "BOB1", stores.open("BOB1")?).await?;
+    let alice1 =
+        SimDevice::open(router.clone(), "@alice:example.org", "ALICE1", stores.open("ALICE1")?)
+            .await?;
+    let alice2 =
+        SimDevice::open(router.clone(), "@alice:example.org", "ALICE2", stores.open("ALICE2")?)
+            .await?;
+    let bob =
+        SimDevice::open(router.clone(), "@bob:example.org", "BOB1", stores.open("BOB1")?).await?;
     for d in [&alice1, &alice2, &bob] {
         let n = d.flush().await?;
         let (curve, ed) = d.machine.identity_keys().await;
-        println!("  {} {}: {n} requests sent; curve25519 {}…, ed25519 {}…", d.user, d.device, &curve[..8], &ed[..8]);
+        println!(
+            "  {} {}: {n} requests sent; curve25519 {}…, ed25519 {}…",
+            d.user,
+            d.device,
+            &curve[..8],
+            &ed[..8]
+        );
     }
 
     step("Everyone joins the room and tracks its members' devices");
@@ -135,14 +146,26 @@ async fn demo(stores: &Stores) -> Result<(), SimError> {
 
     step("Alice sends an encrypted message; every device decrypts it");
     let event = alice1.send_text(&room, "Hello from newt!").await?;
-    println!("  ciphertext: {}…", &event["content"]["ciphertext"].as_str().unwrap_or_default().chars().take(40).collect::<String>());
+    println!(
+        "  ciphertext: {}…",
+        &event["content"]["ciphertext"]
+            .as_str()
+            .unwrap_or_default()
+            .chars()
+            .take(40)
+            .collect::<String>()
+    );
     for d in [&alice1, &alice2, &bob] {
         let plain = d.decrypt(&room, &event).await?;
-        println!("  {} {} reads {:?} (sender trust: {:?})", d.user, d.device, plain.content["body"], plain.trust);
+        println!(
+            "  {} {} reads {:?} (sender trust: {:?})",
+            d.user, d.device, plain.content["body"], plain.trust
+        );
     }
 
     step("Bob adds a new device later: it gets the next key, not the old one");
-    let bob2 = SimDevice::open(router.clone(), "@bob:example.org", "BOB2", stores.open("BOB2")?).await?;
+    let bob2 =
+        SimDevice::open(router.clone(), "@bob:example.org", "BOB2", stores.open("BOB2")?).await?;
     bob2.flush().await?;
     alice1.sync().await?; // learns about BOB2 from device_lists.changed
     alice1.machine.discard_room_key(&room).await?; // a new device: start a fresh session
@@ -158,7 +181,11 @@ async fn demo(stores: &Stores) -> Result<(), SimError> {
 
     step("Bob exports his room keys; BOB2 imports them and reads the history");
     let file = bob.machine.export_room_keys("correct horse battery staple", 10_000).await?;
-    println!("  export file: {} bytes, starts {:?}", file.len(), file.lines().next().unwrap_or_default());
+    println!(
+        "  export file: {} bytes, starts {:?}",
+        file.len(),
+        file.lines().next().unwrap_or_default()
+    );
     let summary = bob2
         .machine
         .import_room_keys(&file, "correct horse battery staple", |done, total| {
@@ -167,9 +194,15 @@ async fn demo(stores: &Stores) -> Result<(), SimError> {
             }
         })
         .await?;
-    println!("  imported {} of {} keys ({} skipped)", summary.imported, summary.total, summary.skipped);
+    println!(
+        "  imported {} of {} keys ({} skipped)",
+        summary.imported, summary.total, summary.skipped
+    );
     let plain = bob2.decrypt(&room, &event).await?;
-    println!("  BOB2 now reads the old message: {:?} (trust: {:?})", plain.content["body"], plain.trust);
+    println!(
+        "  BOB2 now reads the old message: {:?} (trust: {:?})",
+        plain.content["body"], plain.trust
+    );
 
     println!("\nDemo finished: all devices exchanged end-to-end encrypted messages.");
     Ok(())

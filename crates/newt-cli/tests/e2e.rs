@@ -2,13 +2,15 @@
 //! in-process router. Malicious inputs come from a `RawDevice`: an attacker
 //! built from newt-proto primitives that can Olm-encrypt anything.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use newt::{
-    Error, LocalTrust, MegolmError, RoomId, RoomSettings, RotationSettings, SenderTrust, SharingPolicy,
-    ToDeviceError, ToDeviceOutcome, UserId,
+    Error, LocalTrust, MegolmError, RoomId, RoomSettings, RotationSettings, SenderTrust,
+    SharingPolicy, ToDeviceError, ToDeviceOutcome, UserId,
 };
 use newt_cli::{SimDevice, SimError};
 use newt_proto::account::OwnAccount;
@@ -30,7 +32,8 @@ fn uid(s: &str) -> UserId {
 }
 
 async fn dev(router: &Arc<Router>, user: &str, device: &str) -> SimDevice {
-    let d = SimDevice::open(router.clone(), user, device, Arc::new(MemoryStore::new())).await.unwrap();
+    let d =
+        SimDevice::open(router.clone(), user, device, Arc::new(MemoryStore::new())).await.unwrap();
     d.flush().await.unwrap();
     d
 }
@@ -64,18 +67,50 @@ impl RawDevice {
 
     /// Claims a one-time key of `target` and sends it an Olm event with an
     /// arbitrary inner type and content.
-    fn send_olm(&self, target: &SimDevice, target_keys: &DeviceRecord, event_type: &str, content: Value) {
+    fn send_olm(
+        &self,
+        target: &SimDevice,
+        target_keys: &DeviceRecord,
+        event_type: &str,
+        content: Value,
+    ) {
         self.send_olm_as(target, target_keys, target_keys, event_type, content)
     }
 
     /// Like `send_olm`, but the plaintext names `recipient` as the recipient.
-    fn send_olm_as(&self, target: &SimDevice, target_keys: &DeviceRecord, recipient: &DeviceRecord, event_type: &str, content: Value) {
+    fn send_olm_as(
+        &self,
+        target: &SimDevice,
+        target_keys: &DeviceRecord,
+        recipient: &DeviceRecord,
+        event_type: &str,
+        content: Value,
+    ) {
         let claim = json!({"one_time_keys": {target.user.as_str(): {target.device.as_str(): "signed_curve25519"}}});
-        let resp = self.router.handle(self.account.user_id().as_str(), self.record.device_id.as_str(), "POST", "/keys/claim", &claim).unwrap();
-        let devices = BTreeMap::from([((target_keys.user_id.clone(), target_keys.device_id.clone()), target_keys.clone())]);
-        let mut out = olm::handle_keys_claim(&self.account, &[(target_keys.user_id.clone(), target_keys.device_id.clone())], &devices, &resp, 0);
+        let resp = self
+            .router
+            .handle(
+                self.account.user_id().as_str(),
+                self.record.device_id.as_str(),
+                "POST",
+                "/keys/claim",
+                &claim,
+            )
+            .unwrap();
+        let devices = BTreeMap::from([(
+            (target_keys.user_id.clone(), target_keys.device_id.clone()),
+            target_keys.clone(),
+        )]);
+        let mut out = olm::handle_keys_claim(
+            &self.account,
+            &[(target_keys.user_id.clone(), target_keys.device_id.clone())],
+            &devices,
+            &resp,
+            0,
+        );
         let mut session = OlmSession::from_record(out.sessions.remove(0).2);
-        let mut encrypted = olm::encrypt(&self.account, &mut session, recipient, event_type, content).unwrap();
+        let mut encrypted =
+            olm::encrypt(&self.account, &mut session, recipient, event_type, content).unwrap();
         if recipient.curve25519 != target_keys.curve25519 {
             let ct = encrypted["ciphertext"].as_object_mut().unwrap();
             let v = ct.remove(&recipient.curve25519).unwrap();
@@ -87,7 +122,13 @@ impl RawDevice {
     fn send_raw(&self, target: &SimDevice, event_type: &str, content: Value) {
         let body = json!({"messages": {target.user.as_str(): {target.device.as_str(): content}}});
         self.router
-            .handle(self.account.user_id().as_str(), self.record.device_id.as_str(), "PUT", &format!("/sendToDevice/{event_type}/x"), &body)
+            .handle(
+                self.account.user_id().as_str(),
+                self.record.device_id.as_str(),
+                "PUT",
+                &format!("/sendToDevice/{event_type}/x"),
+                &body,
+            )
             .unwrap();
     }
 }
@@ -106,13 +147,20 @@ fn rejected(outcome: &ToDeviceOutcome) -> &ToDeviceError {
 #[tokio::test]
 async fn messages_flow_and_late_device_gets_only_new_keys() {
     let router = Arc::new(Router::new());
-    let (a1, a2, b1) = (dev(&router, "@alice:hs", "A1").await, dev(&router, "@alice:hs", "A2").await, dev(&router, "@bob:hs", "B1").await);
+    let (a1, a2, b1) = (
+        dev(&router, "@alice:hs", "A1").await,
+        dev(&router, "@alice:hs", "A2").await,
+        dev(&router, "@bob:hs", "B1").await,
+    );
     let users = [uid("@alice:hs"), uid("@bob:hs")];
     settle(&[&a1, &a2, &b1], &users).await;
     a1.share_room_key(&room(), &users, &RoomSettings::default()).await.unwrap();
     for d in [&a2, &b1] {
         let out = d.sync().await.unwrap();
-        assert!(out.to_device.iter().any(|t| matches!(t.outcome, ToDeviceOutcome::RoomKeyStored(..))), "{out:?}");
+        assert!(
+            out.to_device.iter().any(|t| matches!(t.outcome, ToDeviceOutcome::RoomKeyStored(..))),
+            "{out:?}"
+        );
     }
     let first = a1.send_text(&room(), "one").await.unwrap();
     for d in [&a1, &a2, &b1] {
@@ -131,7 +179,10 @@ async fn messages_flow_and_late_device_gets_only_new_keys() {
     let second = a1.send_text(&room(), "two").await.unwrap();
     assert_eq!(b2.decrypt(&room(), &second).await.unwrap().content["body"], "two");
     match b2.decrypt(&room(), &first).await {
-        Err(SimError::Newt(Error::Megolm(MegolmError::UnknownIndex { index: 0, first_known: 1 }))) => {}
+        Err(SimError::Newt(Error::Megolm(MegolmError::UnknownIndex {
+            index: 0,
+            first_known: 1,
+        }))) => {}
         other => panic!("B2 must not read the message from before it joined: {other:?}"),
     }
 }
@@ -139,16 +190,26 @@ async fn messages_flow_and_late_device_gets_only_new_keys() {
 #[tokio::test]
 async fn rotation_by_count_and_when_a_member_leaves() {
     let router = Arc::new(Router::new());
-    let (a, b, c) = (dev(&router, "@alice:hs", "A").await, dev(&router, "@bob:hs", "B").await, dev(&router, "@carol:hs", "C").await);
+    let (a, b, c) = (
+        dev(&router, "@alice:hs", "A").await,
+        dev(&router, "@bob:hs", "B").await,
+        dev(&router, "@carol:hs", "C").await,
+    );
     let all = [uid("@alice:hs"), uid("@bob:hs"), uid("@carol:hs")];
     settle(&[&a, &b, &c], &all).await;
-    let settings = RoomSettings { rotation: RotationSettings { rotation_period_msgs: 2, ..Default::default() }, ..Default::default() };
+    let settings = RoomSettings {
+        rotation: RotationSettings { rotation_period_msgs: 2, ..Default::default() },
+        ..Default::default()
+    };
     a.share_room_key(&room(), &all, &settings).await.unwrap();
     let e1 = a.send_text(&room(), "1").await.unwrap();
     let e2 = a.send_text(&room(), "2").await.unwrap();
     assert_eq!(e1["content"]["session_id"], e2["content"]["session_id"]);
     // Worn out after two messages: encrypting needs a new share.
-    assert!(matches!(a.send_text(&room(), "3").await, Err(SimError::Newt(Error::NoOutboundSession(_)))));
+    assert!(matches!(
+        a.send_text(&room(), "3").await,
+        Err(SimError::Newt(Error::NoOutboundSession(_)))
+    ));
     a.share_room_key(&room(), &all, &settings).await.unwrap();
     let e3 = a.send_text(&room(), "3").await.unwrap();
     assert_ne!(e3["content"]["session_id"], e2["content"]["session_id"]);
@@ -160,7 +221,10 @@ async fn rotation_by_count_and_when_a_member_leaves() {
     b.sync().await.unwrap();
     c.sync().await.unwrap();
     assert_eq!(b.decrypt(&room(), &e4).await.unwrap().content["body"], "4");
-    assert!(matches!(c.decrypt(&room(), &e4).await, Err(SimError::Newt(Error::Megolm(MegolmError::MissingSession { .. })))));
+    assert!(matches!(
+        c.decrypt(&room(), &e4).await,
+        Err(SimError::Newt(Error::Megolm(MegolmError::MissingSession { .. })))
+    ));
     assert_eq!(c.decrypt(&room(), &e3).await.unwrap().content["body"], "3");
 }
 
@@ -170,13 +234,19 @@ async fn blacklisted_device_gets_withheld_and_learns_why() {
     let (a, b) = (dev(&router, "@alice:hs", "A").await, dev(&router, "@bob:hs", "B").await);
     let users = [uid("@alice:hs"), uid("@bob:hs")];
     settle(&[&a, &b], &users).await;
-    a.machine.set_local_trust(&uid("@bob:hs"), &DeviceId::parse("B").unwrap(), LocalTrust::Blacklisted).await.unwrap();
+    a.machine
+        .set_local_trust(&uid("@bob:hs"), &DeviceId::parse("B").unwrap(), LocalTrust::Blacklisted)
+        .await
+        .unwrap();
     a.share_room_key(&room(), &users, &RoomSettings::default()).await.unwrap();
     let out = b.sync().await.unwrap();
     assert!(out.to_device.iter().any(|t| t.outcome == ToDeviceOutcome::WithheldStored));
     let e = a.send_text(&room(), "secret").await.unwrap();
     match b.decrypt(&room(), &e).await {
-        Err(SimError::Newt(Error::Megolm(MegolmError::MissingSession { withheld: Some(w), .. }))) => {
+        Err(SimError::Newt(Error::Megolm(MegolmError::MissingSession {
+            withheld: Some(w),
+            ..
+        }))) => {
             assert_eq!(w.code, "m.blacklisted");
             assert_eq!(w.sender.as_str(), "@alice:hs");
         }
@@ -184,7 +254,13 @@ async fn blacklisted_device_gets_withheld_and_learns_why() {
     }
     // With the AllDevices policy on a fresh session, Bob does get the key.
     a.machine.discard_room_key(&room()).await.unwrap();
-    a.share_room_key(&room(), &users, &RoomSettings { policy: SharingPolicy::AllDevices, ..Default::default() }).await.unwrap();
+    a.share_room_key(
+        &room(),
+        &users,
+        &RoomSettings { policy: SharingPolicy::AllDevices, ..Default::default() },
+    )
+    .await
+    .unwrap();
     b.sync().await.unwrap();
     let e = a.send_text(&room(), "now you can").await.unwrap();
     assert_eq!(b.decrypt(&room(), &e).await.unwrap().content["body"], "now you can");
@@ -196,17 +272,34 @@ async fn device_without_keys_gets_no_olm_and_is_not_claimed_again() {
     let a = dev(&router, "@alice:hs", "A").await;
     // A device that uploaded device keys but no one-time or fallback keys.
     let mut bare = OwnAccount::new(uid("@bob:hs"), DeviceId::parse("BARE").unwrap());
-    router.handle("@bob:hs", "BARE", "POST", "/keys/upload", &json!({"device_keys": bare.device_keys()})).unwrap();
+    router
+        .handle(
+            "@bob:hs",
+            "BARE",
+            "POST",
+            "/keys/upload",
+            &json!({"device_keys": bare.device_keys()}),
+        )
+        .unwrap();
     let _ = &mut bare;
     let users = [uid("@alice:hs"), uid("@bob:hs")];
     settle(&[&a], &users).await;
-    let claim = a.machine.get_missing_sessions(users.iter().cloned()).await.unwrap().expect("a claim for BARE");
+    let claim = a
+        .machine
+        .get_missing_sessions(users.iter().cloned())
+        .await
+        .unwrap()
+        .expect("a claim for BARE");
     let (m, p) = claim.kind.method_and_path();
     let resp = router.handle("@alice:hs", "A", m, &p, claim.kind.body()).unwrap();
     a.machine.mark_request_sent(&claim.id, &resp).await.unwrap();
     // The failure is remembered: no claim on the next send.
     assert!(a.machine.get_missing_sessions(users.iter().cloned()).await.unwrap().is_none());
-    let reqs = a.machine.share_room_key(&room(), users.iter().cloned(), &RoomSettings::default()).await.unwrap();
+    let reqs = a
+        .machine
+        .share_room_key(&room(), users.iter().cloned(), &RoomSettings::default())
+        .await
+        .unwrap();
     let withheld: Vec<_> = reqs.iter().filter(|r| matches!(&r.kind, newt::RequestKind::ToDevice { event_type, .. } if event_type == "m.room_key.withheld")).collect();
     assert_eq!(withheld.len(), 1);
     assert_eq!(withheld[0].kind.body()["messages"]["@bob:hs"]["BARE"]["code"], "m.no_olm");
@@ -226,7 +319,10 @@ async fn replayed_megolm_event_is_rejected() {
     assert!(b.decrypt(&room(), &e).await.is_ok());
     let mut replay = e.clone();
     replay["event_id"] = json!("$replayed");
-    assert!(matches!(b.decrypt(&room(), &replay).await, Err(SimError::Newt(Error::Megolm(MegolmError::Replay { index: 0 })))));
+    assert!(matches!(
+        b.decrypt(&room(), &replay).await,
+        Err(SimError::Newt(Error::Megolm(MegolmError::Replay { index: 0 })))
+    ));
 }
 
 #[tokio::test]
@@ -236,20 +332,39 @@ async fn room_key_without_olm_is_rejected() {
     let users = [uid("@alice:hs"), uid("@bob:hs")];
     settle(&[&a, &b], &users).await;
     // Alice's real key content, sent in the clear by the server or anyone.
-    let outbound = newt_proto::megolm::OutboundSession::new(ProtoRoomId::parse("!room:hs").unwrap(), Default::default(), 0);
+    let outbound = newt_proto::megolm::OutboundSession::new(
+        ProtoRoomId::parse("!room:hs").unwrap(),
+        Default::default(),
+        0,
+    );
     let content = outbound.room_key_content(false);
     for t in ["m.room_key", "m.forwarded_room_key", "m.secret.send"] {
-        router.handle("@alice:hs", "A", "PUT", &format!("/sendToDevice/{t}/1"), &json!({"messages": {"@bob:hs": {"B": content}}})).unwrap();
+        router
+            .handle(
+                "@alice:hs",
+                "A",
+                "PUT",
+                &format!("/sendToDevice/{t}/1"),
+                &json!({"messages": {"@bob:hs": {"B": content}}}),
+            )
+            .unwrap();
     }
     let out = b.sync().await.unwrap();
     assert_eq!(out.to_device.len(), 3);
     for t in &out.to_device {
         assert!(matches!(rejected(&t.outcome), ToDeviceError::NotOverOlm(_)), "{t:?}");
     }
-    assert!(b.machine.decrypt_room_event(&room(), &json!({
-        "event_id": "$x", "sender": "@alice:hs", "origin_server_ts": 1,
-        "content": outbound.clone_for_test_encrypt(),
-    })).await.is_err());
+    assert!(b
+        .machine
+        .decrypt_room_event(
+            &room(),
+            &json!({
+                "event_id": "$x", "sender": "@alice:hs", "origin_server_ts": 1,
+                "content": outbound.clone_for_test_encrypt(),
+            })
+        )
+        .await
+        .is_err());
 }
 
 trait CloneForTest {
@@ -303,12 +418,18 @@ async fn forwarded_key_rules() {
     a.sync().await.unwrap();
     a.machine.update_tracked_users([uid("@alice:hs")]).await.unwrap();
     a.flush().await.unwrap();
-    a.machine.set_local_trust(&uid("@alice:hs"), &DeviceId::parse("A2").unwrap(), LocalTrust::Verified).await.unwrap();
+    a.machine
+        .set_local_trust(&uid("@alice:hs"), &DeviceId::parse("A2").unwrap(), LocalTrust::Verified)
+        .await
+        .unwrap();
 
     // 1. Unrequested: rejected.
     a2.send_olm(&a, &a_rec, "m.forwarded_room_key", forwarded_content(&key));
     let out = a.sync().await.unwrap();
-    assert_eq!(rejected(&out.to_device[0].outcome), &ToDeviceError::KeyShare(KeyShareError::Unrequested));
+    assert_eq!(
+        rejected(&out.to_device[0].outcome),
+        &ToDeviceError::KeyShare(KeyShareError::Unrequested)
+    );
     assert!(a.decrypt(&room(), &e).await.is_err());
 
     // Alice asks for the key.
@@ -322,16 +443,31 @@ async fn forwarded_key_rules() {
     let out = a.sync().await.unwrap();
     assert_eq!(out.to_device[0].event_type, "m.room_key_request");
     assert_eq!(out.to_device[0].outcome, ToDeviceOutcome::Handled, "our own request, echoed");
-    assert!(matches!(rejected(&out.to_device[1].outcome), ToDeviceError::KeyShare(KeyShareError::NotOwnUser(_))), "{out:?}");
+    assert!(
+        matches!(
+            rejected(&out.to_device[1].outcome),
+            ToDeviceError::KeyShare(KeyShareError::NotOwnUser(_))
+        ),
+        "{out:?}"
+    );
 
     // 3. From our own but unverified device: rejected.
     let a3 = RawDevice::new(&router, "@alice:hs", "A3");
     a.sync().await.unwrap();
     a.flush().await.unwrap();
-    assert!(a.machine.devices(&uid("@alice:hs")).await.unwrap().iter().any(|d| d.device_id.as_str() == "A3"));
+    assert!(a
+        .machine
+        .devices(&uid("@alice:hs"))
+        .await
+        .unwrap()
+        .iter()
+        .any(|d| d.device_id.as_str() == "A3"));
     a3.send_olm(&a, &a_rec, "m.forwarded_room_key", forwarded_content(&key));
     let out = a.sync().await.unwrap();
-    assert_eq!(rejected(&out.to_device[0].outcome), &ToDeviceError::KeyShare(KeyShareError::UntrustedDevice));
+    assert_eq!(
+        rejected(&out.to_device[0].outcome),
+        &ToDeviceError::KeyShare(KeyShareError::UntrustedDevice)
+    );
     assert!(a.decrypt(&room(), &e).await.is_err());
 
     // 4. Requested, from our verified device: accepted, and the request is cancelled.
@@ -346,18 +482,35 @@ async fn forwarded_key_rules() {
 #[tokio::test]
 async fn key_requests_answered_only_for_verified_own_devices() {
     let router = Arc::new(Router::new());
-    let (a1, a2, b) = (dev(&router, "@alice:hs", "A1").await, dev(&router, "@alice:hs", "A2").await, dev(&router, "@bob:hs", "B").await);
+    let (a1, a2, b) = (
+        dev(&router, "@alice:hs", "A1").await,
+        dev(&router, "@alice:hs", "A2").await,
+        dev(&router, "@bob:hs", "B").await,
+    );
     let users = [uid("@alice:hs"), uid("@bob:hs")];
     settle(&[&a1, &a2, &b], &users).await;
     // Only A1 gets the key (Bob shares before A2 is... simulate by blacklisting A2 at Bob).
-    b.machine.set_local_trust(&uid("@alice:hs"), &DeviceId::parse("A2").unwrap(), LocalTrust::Blacklisted).await.unwrap();
+    b.machine
+        .set_local_trust(
+            &uid("@alice:hs"),
+            &DeviceId::parse("A2").unwrap(),
+            LocalTrust::Blacklisted,
+        )
+        .await
+        .unwrap();
     b.share_room_key(&room(), &users, &RoomSettings::default()).await.unwrap();
     a1.sync().await.unwrap();
     a2.sync().await.unwrap();
     let e = b.send_text(&room(), "hello alice").await.unwrap();
     assert!(a2.decrypt(&room(), &e).await.is_err());
     // A1 needs an Olm session to A2 to answer; A1 shares its own room key with A2 for that.
-    a1.share_room_key(&RoomId::parse("!other:hs").unwrap(), &[uid("@alice:hs")], &RoomSettings::default()).await.unwrap();
+    a1.share_room_key(
+        &RoomId::parse("!other:hs").unwrap(),
+        &[uid("@alice:hs")],
+        &RoomSettings::default(),
+    )
+    .await
+    .unwrap();
     a2.sync().await.unwrap();
 
     // A2 asks; A1 has not verified A2: refused.
@@ -370,20 +523,48 @@ async fn key_requests_answered_only_for_verified_own_devices() {
     // Bob asks A1 for the same key: refused (not our user).
     let b_req = json!({"action": "request", "requesting_device_id": "B", "request_id": "r1",
         "body": {"algorithm": "m.megolm.v1.aes-sha2", "room_id": "!room:hs", "session_id": e["content"]["session_id"]}});
-    router.handle("@bob:hs", "B", "PUT", "/sendToDevice/m.room_key_request/1", &json!({"messages": {"@alice:hs": {"A1": b_req}}})).unwrap();
+    router
+        .handle(
+            "@bob:hs",
+            "B",
+            "PUT",
+            "/sendToDevice/m.room_key_request/1",
+            &json!({"messages": {"@alice:hs": {"A1": b_req}}}),
+        )
+        .unwrap();
     let out = a1.sync().await.unwrap();
-    assert!(matches!(rejected(&out.to_device[0].outcome), ToDeviceError::KeyShare(KeyShareError::NotOwnUser(_))));
+    assert!(matches!(
+        rejected(&out.to_device[0].outcome),
+        ToDeviceError::KeyShare(KeyShareError::NotOwnUser(_))
+    ));
 
     // After A1 verifies A2, A2's retry is answered and A2 decrypts.
-    a1.machine.set_local_trust(&uid("@alice:hs"), &DeviceId::parse("A2").unwrap(), LocalTrust::Verified).await.unwrap();
-    a2.machine.set_local_trust(&uid("@alice:hs"), &DeviceId::parse("A1").unwrap(), LocalTrust::Verified).await.unwrap();
+    a1.machine
+        .set_local_trust(&uid("@alice:hs"), &DeviceId::parse("A2").unwrap(), LocalTrust::Verified)
+        .await
+        .unwrap();
+    a2.machine
+        .set_local_trust(&uid("@alice:hs"), &DeviceId::parse("A1").unwrap(), LocalTrust::Verified)
+        .await
+        .unwrap();
     let retry = json!({"action": "request", "requesting_device_id": "A2", "request_id": "again",
         "body": {"algorithm": "m.megolm.v1.aes-sha2", "room_id": "!room:hs", "session_id": e["content"]["session_id"]}});
-    router.handle("@alice:hs", "A2", "PUT", "/sendToDevice/m.room_key_request/2", &json!({"messages": {"@alice:hs": {"A1": retry}}})).unwrap();
+    router
+        .handle(
+            "@alice:hs",
+            "A2",
+            "PUT",
+            "/sendToDevice/m.room_key_request/2",
+            &json!({"messages": {"@alice:hs": {"A1": retry}}}),
+        )
+        .unwrap();
     let out = a1.sync().await.unwrap();
     assert_eq!(out.to_device[0].outcome, ToDeviceOutcome::KeyRequestAnswered);
     let out = a2.sync().await.unwrap();
-    assert!(out.to_device.iter().any(|t| matches!(t.outcome, ToDeviceOutcome::RoomKeyStored(..))), "{out:?}");
+    assert!(
+        out.to_device.iter().any(|t| matches!(t.outcome, ToDeviceOutcome::RoomKeyStored(..))),
+        "{out:?}"
+    );
     assert_eq!(a2.decrypt(&room(), &e).await.unwrap().content["body"], "hello alice");
 }
 
@@ -415,7 +596,11 @@ async fn wedged_session_is_replaced_once_per_hour() {
     b.share_room_key(&room(), &users, &RoomSettings::default()).await.unwrap();
     a.sync().await.unwrap();
     a.machine.discard_room_key(&room()).await.unwrap();
-    let reqs = a.machine.share_room_key(&room(), users.iter().cloned(), &RoomSettings::default()).await.unwrap();
+    let reqs = a
+        .machine
+        .share_room_key(&room(), users.iter().cloned(), &RoomSettings::default())
+        .await
+        .unwrap();
     // Corrupt the Olm message in transit.
     let mut body = reqs[0].kind.body().clone();
     let ct = body["messages"]["@bob:hs"]["B"]["ciphertext"].as_object_mut().unwrap();
@@ -428,15 +613,24 @@ async fn wedged_session_is_replaced_once_per_hour() {
     router.handle("@alice:hs", "A", "PUT", "/sendToDevice/m.room.encrypted/1", &body).unwrap();
     let sync = b.next_sync().unwrap();
     let out = b.machine.receive_sync(sync).await.unwrap();
-    assert!(matches!(rejected(&out.to_device[0].outcome), ToDeviceError::Olm(OlmError::Wedged { .. })));
+    assert!(matches!(
+        rejected(&out.to_device[0].outcome),
+        ToDeviceError::Olm(OlmError::Wedged { .. })
+    ));
     // Bob claims a new key for Alice's device even though a session exists, and sends m.dummy.
-    let claim = b.machine.get_missing_sessions([uid("@alice:hs")]).await.unwrap().expect("unwedging claim");
+    let claim =
+        b.machine.get_missing_sessions([uid("@alice:hs")]).await.unwrap().expect("unwedging claim");
     let (m, p) = claim.kind.method_and_path();
     let resp = router.handle("@bob:hs", "B", m, &p, claim.kind.body()).unwrap();
     b.machine.mark_request_sent(&claim.id, &resp).await.unwrap();
     b.flush().await.unwrap();
     let out = a.sync().await.unwrap();
-    assert!(out.to_device.iter().any(|t| t.event_type == "m.dummy" && t.encrypted && t.outcome == ToDeviceOutcome::Handled), "{out:?}");
+    assert!(
+        out.to_device.iter().any(|t| t.event_type == "m.dummy"
+            && t.encrypted
+            && t.outcome == ToDeviceOutcome::Handled),
+        "{out:?}"
+    );
     // A second failure within the hour does not start yet another session.
     router.handle("@alice:hs", "A", "PUT", "/sendToDevice/m.room.encrypted/2", &body).unwrap();
     b.sync().await.unwrap();
@@ -451,19 +645,69 @@ struct FlakyStore {
 
 #[async_trait::async_trait]
 impl Store for FlakyStore {
-    async fn account(&self) -> Result<Option<AccountRecord>, StoreError> { self.inner.account().await }
-    async fn olm_sessions(&self, k: &str) -> Result<Vec<OlmSessionRecord>, StoreError> { self.inner.olm_sessions(k).await }
-    async fn inbound_group_session(&self, r: &ProtoRoomId, s: &str) -> Result<Option<InboundGroupSessionRecord>, StoreError> { self.inner.inbound_group_session(r, s).await }
-    async fn inbound_group_sessions_page(&self, a: SessionCursor, l: usize) -> Result<Vec<InboundGroupSessionRecord>, StoreError> { self.inner.inbound_group_sessions_page(a, l).await }
-    async fn outbound_group_session(&self, r: &ProtoRoomId) -> Result<Option<OutboundGroupSessionRecord>, StoreError> { self.inner.outbound_group_session(r).await }
-    async fn devices(&self, u: &newt_proto::ids::UserId) -> Result<Vec<DeviceRecord>, StoreError> { self.inner.devices(u).await }
-    async fn tracked_users(&self) -> Result<Vec<TrackedUser>, StoreError> { self.inner.tracked_users().await }
-    async fn key_request(&self, id: &str) -> Result<Option<KeyRequestRecord>, StoreError> { self.inner.key_request(id).await }
-    async fn key_request_for_session(&self, r: &ProtoRoomId, s: &str) -> Result<Option<KeyRequestRecord>, StoreError> { self.inner.key_request_for_session(r, s).await }
-    async fn unsent_key_requests(&self) -> Result<Vec<KeyRequestRecord>, StoreError> { self.inner.unsent_key_requests().await }
-    async fn withheld(&self, r: &ProtoRoomId, s: &str) -> Result<Option<WithheldRecord>, StoreError> { self.inner.withheld(r, s).await }
-    async fn message_index(&self, r: &ProtoRoomId, s: &str, i: u32) -> Result<Option<MessageIndexRecord>, StoreError> { self.inner.message_index(r, s, i).await }
-    async fn sync_token(&self) -> Result<Option<String>, StoreError> { self.inner.sync_token().await }
+    async fn account(&self) -> Result<Option<AccountRecord>, StoreError> {
+        self.inner.account().await
+    }
+    async fn olm_sessions(&self, k: &str) -> Result<Vec<OlmSessionRecord>, StoreError> {
+        self.inner.olm_sessions(k).await
+    }
+    async fn inbound_group_session(
+        &self,
+        r: &ProtoRoomId,
+        s: &str,
+    ) -> Result<Option<InboundGroupSessionRecord>, StoreError> {
+        self.inner.inbound_group_session(r, s).await
+    }
+    async fn inbound_group_sessions_page(
+        &self,
+        a: SessionCursor,
+        l: usize,
+    ) -> Result<Vec<InboundGroupSessionRecord>, StoreError> {
+        self.inner.inbound_group_sessions_page(a, l).await
+    }
+    async fn outbound_group_session(
+        &self,
+        r: &ProtoRoomId,
+    ) -> Result<Option<OutboundGroupSessionRecord>, StoreError> {
+        self.inner.outbound_group_session(r).await
+    }
+    async fn devices(&self, u: &newt_proto::ids::UserId) -> Result<Vec<DeviceRecord>, StoreError> {
+        self.inner.devices(u).await
+    }
+    async fn tracked_users(&self) -> Result<Vec<TrackedUser>, StoreError> {
+        self.inner.tracked_users().await
+    }
+    async fn key_request(&self, id: &str) -> Result<Option<KeyRequestRecord>, StoreError> {
+        self.inner.key_request(id).await
+    }
+    async fn key_request_for_session(
+        &self,
+        r: &ProtoRoomId,
+        s: &str,
+    ) -> Result<Option<KeyRequestRecord>, StoreError> {
+        self.inner.key_request_for_session(r, s).await
+    }
+    async fn unsent_key_requests(&self) -> Result<Vec<KeyRequestRecord>, StoreError> {
+        self.inner.unsent_key_requests().await
+    }
+    async fn withheld(
+        &self,
+        r: &ProtoRoomId,
+        s: &str,
+    ) -> Result<Option<WithheldRecord>, StoreError> {
+        self.inner.withheld(r, s).await
+    }
+    async fn message_index(
+        &self,
+        r: &ProtoRoomId,
+        s: &str,
+        i: u32,
+    ) -> Result<Option<MessageIndexRecord>, StoreError> {
+        self.inner.message_index(r, s, i).await
+    }
+    async fn sync_token(&self) -> Result<Option<String>, StoreError> {
+        self.inner.sync_token().await
+    }
     async fn apply(&self, c: Changes) -> Result<(), StoreError> {
         if self.fail.load(Ordering::SeqCst) {
             return Err(StoreError::Backend("disk full".into()));
@@ -511,7 +755,10 @@ async fn export_import_round_trip_and_bad_passphrase() {
     let e = a.send_text(&room(), "history").await.unwrap();
     let file = b.machine.export_room_keys("pass", 1000).await.unwrap();
     let fresh = dev(&router, "@bob:hs", "B9").await;
-    assert!(matches!(fresh.machine.import_room_keys(&file, "wrong", |_, _| {}).await, Err(Error::Export(_))));
+    assert!(matches!(
+        fresh.machine.import_room_keys(&file, "wrong", |_, _| {}).await,
+        Err(Error::Export(_))
+    ));
     let mut calls = Vec::new();
     let s = fresh.machine.import_room_keys(&file, "pass", |d, t| calls.push((d, t))).await.unwrap();
     assert_eq!((s.total, s.imported, s.skipped), (1, 1, 0));
@@ -544,22 +791,40 @@ async fn garbage_from_the_network_is_a_typed_error_not_a_panic() {
     let n = garbage.len();
     let out = b
         .machine
-        .receive_sync(newt::SyncChanges { to_device_events: garbage, next_batch: Some("t1".into()), ..Default::default() })
+        .receive_sync(newt::SyncChanges {
+            to_device_events: garbage,
+            next_batch: Some("t1".into()),
+            ..Default::default()
+        })
         .await
         .unwrap();
     assert_eq!(out.to_device.len(), n);
-    let rejected_count = out.to_device.iter().filter(|t| matches!(t.outcome, ToDeviceOutcome::Rejected(_))).count();
+    let rejected_count =
+        out.to_device.iter().filter(|t| matches!(t.outcome, ToDeviceOutcome::Rejected(_))).count();
     assert!(rejected_count >= 7, "{out:?}");
 
     // Malformed HTTP responses: typed errors.
     b.machine.update_tracked_users([uid("@carol:hs")]).await.unwrap();
     let reqs = b.machine.outgoing_requests().await.unwrap();
-    let query = reqs.iter().find(|r| matches!(r.kind, newt::RequestKind::KeysQuery { .. })).unwrap();
-    assert!(matches!(b.machine.mark_request_sent(&query.id, &json!({"device_keys": "x"})).await, Err(Error::KeysQuery(_))));
-    assert!(matches!(b.machine.mark_request_sent("never-issued", &json!({})).await, Err(Error::UnknownRequest(_))));
+    let query =
+        reqs.iter().find(|r| matches!(r.kind, newt::RequestKind::KeysQuery { .. })).unwrap();
+    assert!(matches!(
+        b.machine.mark_request_sent(&query.id, &json!({"device_keys": "x"})).await,
+        Err(Error::KeysQuery(_))
+    ));
+    assert!(matches!(
+        b.machine.mark_request_sent("never-issued", &json!({})).await,
+        Err(Error::UnknownRequest(_))
+    ));
     // Room events that are not Megolm.
-    for e in [json!({}), json!({"content": {"algorithm": "m.megolm.v1.aes-sha2", "ciphertext": "!!"}, "sender": "@a:hs", "event_id": "$1"})] {
-        assert!(matches!(b.decrypt(&room(), &e).await, Err(SimError::Newt(Error::Megolm(MegolmError::Malformed(_))))));
+    for e in [
+        json!({}),
+        json!({"content": {"algorithm": "m.megolm.v1.aes-sha2", "ciphertext": "!!"}, "sender": "@a:hs", "event_id": "$1"}),
+    ] {
+        assert!(matches!(
+            b.decrypt(&room(), &e).await,
+            Err(SimError::Newt(Error::Megolm(MegolmError::Malformed(_))))
+        ));
     }
     // The machine still works afterwards.
     a.share_room_key(&room(), &users, &RoomSettings::default()).await.unwrap();

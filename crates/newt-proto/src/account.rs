@@ -278,7 +278,10 @@ mod tests {
     use crate::json::verify_json;
 
     fn account() -> OwnAccount {
-        OwnAccount::new(UserId::parse("@alice:example.org").unwrap(), DeviceId::parse("ALICE").unwrap())
+        OwnAccount::new(
+            UserId::parse("@alice:example.org").unwrap(),
+            DeviceId::parse("ALICE").unwrap(),
+        )
     }
 
     #[test]

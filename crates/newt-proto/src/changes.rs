@@ -6,8 +6,8 @@
 
 use crate::ids::{DeviceId, RoomId, UserId};
 use crate::records::{
-    AccountRecord, DeviceRecord, InboundGroupSessionRecord, KeyRequestRecord,
-    MessageIndexRecord, OlmSessionRecord, OutboundGroupSessionRecord, TrackedUser, WithheldRecord,
+    AccountRecord, DeviceRecord, InboundGroupSessionRecord, KeyRequestRecord, MessageIndexRecord,
+    OlmSessionRecord, OutboundGroupSessionRecord, TrackedUser, WithheldRecord,
 };
 
 /// State to persist atomically. Records are upserts keyed by their natural key;

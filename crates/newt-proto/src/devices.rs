@@ -61,9 +61,12 @@ pub fn parse_device_keys(
     value: &Value,
 ) -> Result<DeviceRecord, DeviceKeysError> {
     let obj = value.as_object().ok_or(DeviceKeysError::Malformed("not an object"))?;
-    let inner_user = obj.get("user_id").and_then(Value::as_str).ok_or(DeviceKeysError::Malformed("user_id"))?;
-    let inner_device =
-        obj.get("device_id").and_then(Value::as_str).ok_or(DeviceKeysError::Malformed("device_id"))?;
+    let inner_user =
+        obj.get("user_id").and_then(Value::as_str).ok_or(DeviceKeysError::Malformed("user_id"))?;
+    let inner_device = obj
+        .get("device_id")
+        .and_then(Value::as_str)
+        .ok_or(DeviceKeysError::Malformed("device_id"))?;
     if inner_user != user_id.as_str() || inner_device != device_id {
         return Err(DeviceKeysError::MismatchedIds {
             user: user_id.to_string(),
@@ -72,7 +75,8 @@ pub fn parse_device_keys(
             inner_device: inner_device.to_owned(),
         });
     }
-    let device_id = DeviceId::parse(device_id).map_err(|_| DeviceKeysError::Malformed("device_id"))?;
+    let device_id =
+        DeviceId::parse(device_id).map_err(|_| DeviceKeysError::Malformed("device_id"))?;
     let algorithms = obj
         .get("algorithms")
         .and_then(Value::as_array)
@@ -80,7 +84,8 @@ pub fn parse_device_keys(
         .iter()
         .filter_map(|a| a.as_str().map(str::to_owned))
         .collect();
-    let keys = obj.get("keys").and_then(Value::as_object).ok_or(DeviceKeysError::Malformed("keys"))?;
+    let keys =
+        obj.get("keys").and_then(Value::as_object).ok_or(DeviceKeysError::Malformed("keys"))?;
     let curve = keys
         .get(&format!("curve25519:{device_id}"))
         .and_then(Value::as_str)
@@ -91,8 +96,8 @@ pub fn parse_device_keys(
         .ok_or(DeviceKeysError::Malformed("ed25519 key"))?;
     let curve = Curve25519PublicKey::from_base64(strip_padding(curve))
         .map_err(|_| DeviceKeysError::InvalidKey("curve25519"))?;
-    let ed_key =
-        Ed25519PublicKey::from_base64(strip_padding(ed)).map_err(|_| DeviceKeysError::InvalidKey("ed25519"))?;
+    let ed_key = Ed25519PublicKey::from_base64(strip_padding(ed))
+        .map_err(|_| DeviceKeysError::InvalidKey("ed25519"))?;
     verify_json(value, user_id, &format!("ed25519:{device_id}"), &ed_key)?;
     let display_name = value
         .get("unsigned")
@@ -268,15 +273,20 @@ mod tests {
         let (_, mut forged) = other("@bob:hs", "B2");
         forged["keys"]["curve25519:B2"] = json!(me.curve25519_key().to_base64());
         let (_, wrong_place) = other("@bob:hs", "B3");
-        let resp = response(&[("@bob:hs", "B1", good), ("@bob:hs", "B2", forged), ("@bob:hs", "B4", wrong_place)]);
+        let resp = response(&[
+            ("@bob:hs", "B1", good),
+            ("@bob:hs", "B2", forged),
+            ("@bob:hs", "B4", wrong_place),
+        ]);
         let out = handle_keys_query(&me, &[bob.clone()].into(), &BTreeMap::new(), &resp).unwrap();
         assert_eq!(out.changes.devices.len(), 1);
         assert_eq!(out.changes.devices[0].device_id.as_str(), "B1");
         assert_eq!(out.rejected.len(), 2);
         assert!(out.rejected.iter().any(|r| r.device_id == "B2"
             && matches!(r.error, DeviceKeysError::Signature(JsonError::BadSignature { .. }))));
-        assert!(out.rejected.iter().any(|r| r.device_id == "B4"
-            && matches!(r.error, DeviceKeysError::MismatchedIds { .. })));
+        assert!(out.rejected.iter().any(
+            |r| r.device_id == "B4" && matches!(r.error, DeviceKeysError::MismatchedIds { .. })
+        ));
         assert_eq!(out.changes.tracked_users, vec![TrackedUser { user_id: bob, outdated: false }]);
     }
 
@@ -287,13 +297,19 @@ mod tests {
         let (_, first) = other("@bob:hs", "B1");
         let (_, second) = other("@bob:hs", "B2");
         let queried: BTreeSet<_> = [bob.clone()].into();
-        let out =
-            handle_keys_query(&me, &queried, &BTreeMap::new(), &response(&[("@bob:hs", "B1", first.clone()), ("@bob:hs", "B2", second)]))
-                .unwrap();
+        let out = handle_keys_query(
+            &me,
+            &queried,
+            &BTreeMap::new(),
+            &response(&[("@bob:hs", "B1", first.clone()), ("@bob:hs", "B2", second)]),
+        )
+        .unwrap();
         let known = BTreeMap::from([(bob.clone(), out.changes.devices.clone())]);
         // B1 comes back with new keys (a new account reusing the device ID); B2 is gone.
         let (_, replaced) = other("@bob:hs", "B1");
-        let out = handle_keys_query(&me, &queried, &known, &response(&[("@bob:hs", "B1", replaced)])).unwrap();
+        let out =
+            handle_keys_query(&me, &queried, &known, &response(&[("@bob:hs", "B1", replaced)]))
+                .unwrap();
         assert!(matches!(out.rejected[0].error, DeviceKeysError::SigningKeyChanged { .. }));
         assert_eq!(out.deleted_devices, vec![(bob.clone(), DeviceId::parse("B2").unwrap())]);
         assert!(out.changes.devices.iter().all(|d| d.device_id.as_str() == "B2" && d.deleted));
@@ -303,8 +319,20 @@ mod tests {
     fn unrequested_users_and_bad_shapes_ignored() {
         let me = own();
         let (_, eve) = other("@eve:hs", "E1");
-        let out = handle_keys_query(&me, &BTreeSet::new(), &BTreeMap::new(), &response(&[("@eve:hs", "E1", eve)])).unwrap();
+        let out = handle_keys_query(
+            &me,
+            &BTreeSet::new(),
+            &BTreeMap::new(),
+            &response(&[("@eve:hs", "E1", eve)]),
+        )
+        .unwrap();
         assert!(out.changes.devices.is_empty());
-        assert!(handle_keys_query(&me, &BTreeSet::new(), &BTreeMap::new(), &json!({"device_keys": 3})).is_err());
+        assert!(handle_keys_query(
+            &me,
+            &BTreeSet::new(),
+            &BTreeMap::new(),
+            &json!({"device_keys": 3})
+        )
+        .is_err());
     }
 }

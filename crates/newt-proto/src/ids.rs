@@ -132,7 +132,10 @@ mod tests {
     #[test]
     fn parses_and_rejects() {
         assert!(UserId::parse("@alice:example.org").is_ok());
-        assert_eq!(UserId::parse("@alice:example.org").map(|u| u.server_name().to_owned()), Ok("example.org".into()));
+        assert_eq!(
+            UserId::parse("@alice:example.org").map(|u| u.server_name().to_owned()),
+            Ok("example.org".into())
+        );
         for bad in ["alice:example.org", "@alice", "@:x", "@a:", "", "@a\n:b"] {
             assert!(UserId::parse(bad).is_err(), "{bad:?}");
         }

@@ -150,9 +150,8 @@ pub fn sign_json(
         *sigs = Value::Object(Map::new());
     }
     if let Value::Object(sigs) = sigs {
-        let user = sigs
-            .entry(user_id.as_str().to_owned())
-            .or_insert_with(|| Value::Object(Map::new()));
+        let user =
+            sigs.entry(user_id.as_str().to_owned()).or_insert_with(|| Value::Object(Map::new()));
         if !user.is_object() {
             *user = Value::Object(Map::new());
         }

@@ -43,7 +43,12 @@ pub enum KeyShareError {
 }
 
 /// The `m.room_key_request` content (request or cancellation).
-pub fn request_content(own_device: &DeviceId, request: &KeyRequestRecord, sender_key: Option<&str>, cancel: bool) -> Value {
+pub fn request_content(
+    own_device: &DeviceId,
+    request: &KeyRequestRecord,
+    sender_key: Option<&str>,
+    cancel: bool,
+) -> Value {
     if cancel {
         return json!({
             "action": "request_cancellation",
@@ -85,26 +90,44 @@ pub struct IncomingKeyRequest {
 }
 
 /// Parses an `m.room_key_request` content.
-pub fn parse_request(sender: &UserId, content: &Value) -> Result<IncomingKeyRequest, KeyShareError> {
-    let action = content.get("action").and_then(Value::as_str).ok_or(KeyShareError::Malformed("action"))?;
+pub fn parse_request(
+    sender: &UserId,
+    content: &Value,
+) -> Result<IncomingKeyRequest, KeyShareError> {
+    let action =
+        content.get("action").and_then(Value::as_str).ok_or(KeyShareError::Malformed("action"))?;
     let device_id = content
         .get("requesting_device_id")
         .and_then(Value::as_str)
         .and_then(|d| DeviceId::parse(d).ok())
         .ok_or(KeyShareError::Malformed("requesting_device_id"))?;
-    let request_id = content.get("request_id").and_then(Value::as_str).ok_or(KeyShareError::Malformed("request_id"))?;
+    let request_id = content
+        .get("request_id")
+        .and_then(Value::as_str)
+        .ok_or(KeyShareError::Malformed("request_id"))?;
     let cancellation = match action {
         "request" => false,
         "request_cancellation" => true,
         _ => return Err(KeyShareError::Malformed("action")),
     };
     let body = content.get("body");
-    let room_id = body.and_then(|b| b.get("room_id")).and_then(Value::as_str).and_then(|r| RoomId::parse(r).ok());
-    let session_id = body.and_then(|b| b.get("session_id")).and_then(Value::as_str).map(str::to_owned);
+    let room_id = body
+        .and_then(|b| b.get("room_id"))
+        .and_then(Value::as_str)
+        .and_then(|r| RoomId::parse(r).ok());
+    let session_id =
+        body.and_then(|b| b.get("session_id")).and_then(Value::as_str).map(str::to_owned);
     if !cancellation && (room_id.is_none() || session_id.is_none()) {
         return Err(KeyShareError::Malformed("body"));
     }
-    Ok(IncomingKeyRequest { sender: sender.clone(), device_id, request_id: request_id.to_owned(), room_id, session_id, cancellation })
+    Ok(IncomingKeyRequest {
+        sender: sender.clone(),
+        device_id,
+        request_id: request_id.to_owned(),
+        room_id,
+        session_id,
+        cancellation,
+    })
 }
 
 /// Decides whether to answer `request`, and with what `m.forwarded_room_key`
@@ -157,11 +180,15 @@ pub fn accept_forwarded_key(
     }
     let device = event.sender_device.as_ref().ok_or(KeyShareError::UntrustedDevice)?;
     // The device must be the one behind the Olm channel and be trusted.
-    if device.curve25519 != event.sender_key || !is_trusted_own_device(own_user, own_curve25519, device) {
+    if device.curve25519 != event.sender_key
+        || !is_trusted_own_device(own_user, own_curve25519, device)
+    {
         return Err(KeyShareError::UntrustedDevice);
     }
     let c = &event.content;
-    let text = |k: &'static str| c.get(k).and_then(Value::as_str).map(str::to_owned).ok_or(KeyShareError::Malformed(k));
+    let text = |k: &'static str| {
+        c.get(k).and_then(Value::as_str).map(str::to_owned).ok_or(KeyShareError::Malformed(k))
+    };
     let room_id = text("room_id")?;
     let session_id = text("session_id")?;
     let pending = pending.ok_or(KeyShareError::Unrequested)?;
@@ -180,7 +207,10 @@ pub fn accept_forwarded_key(
         sender_key: text("sender_key")?,
         session_id,
         session_key: text("session_key")?,
-        sender_claimed_keys: BTreeMap::from([("ed25519".to_owned(), text("sender_claimed_ed25519_key")?)]),
+        sender_claimed_keys: BTreeMap::from([(
+            "ed25519".to_owned(),
+            text("sender_claimed_ed25519_key")?,
+        )]),
         forwarding_curve25519_key_chain: chain,
         shared_history: c.get("shared_history").and_then(Value::as_bool).unwrap_or(false),
     };

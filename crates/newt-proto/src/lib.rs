@@ -23,6 +23,8 @@
 //! [`export`] (the key export file format), with [`json`] (canonical JSON
 //! and signatures), [`ids`], [`records`] and [`changes`] underneath.
 
+#![cfg_attr(test, allow(clippy::type_complexity, clippy::cloned_ref_to_slice_refs))]
+
 pub mod account;
 pub mod changes;
 pub mod devices;

@@ -43,7 +43,10 @@ pub struct RotationSettings {
 
 impl Default for RotationSettings {
     fn default() -> Self {
-        Self { rotation_period_msgs: DEFAULT_ROTATION_PERIOD_MSGS, rotation_period_ms: DEFAULT_ROTATION_PERIOD_MS }
+        Self {
+            rotation_period_msgs: DEFAULT_ROTATION_PERIOD_MSGS,
+            rotation_period_ms: DEFAULT_ROTATION_PERIOD_MS,
+        }
     }
 }
 
@@ -82,7 +85,7 @@ pub enum MegolmError {
         /// Session.
         session_id: String,
         /// A withheld notice for the session, if one arrived: says why.
-        withheld: Option<WithheldRecord>,
+        withheld: Option<Box<WithheldRecord>>,
     },
     /// The message index is below the first index we have.
     #[error("message index {index} is before the first known index {first_known}")]
@@ -228,7 +231,8 @@ impl OutboundSession {
 
     /// The inbound copy of our own session, so we can read our own messages.
     pub fn own_inbound(&self, own: &OwnAccount) -> InboundGroupSessionRecord {
-        let inbound = InboundGroupSession::new(&self.session.session_key(), SessionConfig::version_1());
+        let inbound =
+            InboundGroupSession::new(&self.session.session_key(), SessionConfig::version_1());
         InboundGroupSessionRecord {
             room_id: self.meta.room_id.clone(),
             session_id: self.session.session_id(),
@@ -248,7 +252,8 @@ impl OutboundSession {
     /// `m.relates_to` is copied to the cleartext, as the spec requires.
     pub fn encrypt(&mut self, own: &OwnAccount, event_type: &str, content: Value) -> Value {
         let relates_to = content.get("m.relates_to").cloned();
-        let payload = json!({ "type": event_type, "content": content, "room_id": self.meta.room_id });
+        let payload =
+            json!({ "type": event_type, "content": content, "room_id": self.meta.room_id });
         let message = self.session.encrypt(payload.to_string());
         self.meta.message_count += 1;
         let mut out = json!({
@@ -266,7 +271,9 @@ impl OutboundSession {
 }
 
 /// Parses an `m.room_key` that arrived over Olm into a session record.
-pub fn session_from_room_key(event: &DecryptedToDevice) -> Result<InboundGroupSessionRecord, MegolmError> {
+pub fn session_from_room_key(
+    event: &DecryptedToDevice,
+) -> Result<InboundGroupSessionRecord, MegolmError> {
     let c = &event.content;
     if c.get("algorithm").and_then(Value::as_str) != Some(MEGOLM_V1) {
         return Err(MegolmError::Malformed("algorithm"));
@@ -276,10 +283,15 @@ pub fn session_from_room_key(event: &DecryptedToDevice) -> Result<InboundGroupSe
         .and_then(Value::as_str)
         .and_then(|r| RoomId::parse(r).ok())
         .ok_or(MegolmError::Malformed("room_id"))?;
-    let session_id = c.get("session_id").and_then(Value::as_str).ok_or(MegolmError::Malformed("session_id"))?;
-    let key = c.get("session_key").and_then(Value::as_str).ok_or(MegolmError::Malformed("session_key"))?;
+    let session_id =
+        c.get("session_id").and_then(Value::as_str).ok_or(MegolmError::Malformed("session_id"))?;
+    let key = c
+        .get("session_key")
+        .and_then(Value::as_str)
+        .ok_or(MegolmError::Malformed("session_key"))?;
     // Parsing checks the key's signature.
-    let key = SessionKey::from_base64(strip_padding(key)).map_err(|_| MegolmError::Malformed("session_key"))?;
+    let key = SessionKey::from_base64(strip_padding(key))
+        .map_err(|_| MegolmError::Malformed("session_key"))?;
     let session = InboundGroupSession::new(&key, SessionConfig::version_1());
     if session.session_id() != strip_padding(session_id) {
         return Err(MegolmError::SessionIdMismatch);
@@ -301,11 +313,15 @@ pub fn session_from_room_key(event: &DecryptedToDevice) -> Result<InboundGroupSe
 
 /// Builds a session record from an exported key (file import, backup, or a
 /// forwarded key), with the given source.
-pub fn session_from_export(key: &ExportedRoomKey, source: SessionSource) -> Result<InboundGroupSessionRecord, MegolmError> {
+pub fn session_from_export(
+    key: &ExportedRoomKey,
+    source: SessionSource,
+) -> Result<InboundGroupSessionRecord, MegolmError> {
     if key.algorithm != MEGOLM_V1 {
         return Err(MegolmError::Malformed("algorithm"));
     }
-    let room_id = RoomId::parse(key.room_id.as_str()).map_err(|_| MegolmError::Malformed("room_id"))?;
+    let room_id =
+        RoomId::parse(key.room_id.as_str()).map_err(|_| MegolmError::Malformed("room_id"))?;
     let exported = ExportedSessionKey::from_base64(strip_padding(&key.session_key))
         .map_err(|_| MegolmError::Malformed("session_key"))?;
     let session = InboundGroupSession::import(&exported, SessionConfig::version_1());
@@ -316,7 +332,11 @@ pub fn session_from_export(key: &ExportedRoomKey, source: SessionSource) -> Resu
         room_id,
         session_id: session.session_id(),
         sender_key: strip_padding(&key.sender_key).to_owned(),
-        sender_claimed_ed25519: key.sender_claimed_keys.get("ed25519").map(|k| strip_padding(k).to_owned()).unwrap_or_default(),
+        sender_claimed_ed25519: key
+            .sender_claimed_keys
+            .get("ed25519")
+            .map(|k| strip_padding(k).to_owned())
+            .unwrap_or_default(),
         sender_user_id: None,
         source,
         forwarding_chain: key.forwarding_curve25519_key_chain.clone(),
@@ -336,13 +356,18 @@ pub fn export_session(r: &InboundGroupSessionRecord) -> Result<ExportedRoomKey, 
         sender_key: r.sender_key.clone(),
         session_id: r.session_id.clone(),
         session_key: session.export_at_first_known_index().to_base64(),
-        sender_claimed_keys: BTreeMap::from([("ed25519".to_owned(), r.sender_claimed_ed25519.clone())]),
+        sender_claimed_keys: BTreeMap::from([(
+            "ed25519".to_owned(),
+            r.sender_claimed_ed25519.clone(),
+        )]),
         forwarding_curve25519_key_chain: r.forwarding_chain.clone(),
         shared_history: r.shared_history,
     })
 }
 
-fn clone_pickle(r: &InboundGroupSessionRecord) -> Result<vodozemac::megolm::InboundGroupSessionPickle, MegolmError> {
+fn clone_pickle(
+    r: &InboundGroupSessionRecord,
+) -> Result<vodozemac::megolm::InboundGroupSessionPickle, MegolmError> {
     // Pickles are not Clone; a serde round trip is the supported copy.
     serde_json::to_value(&r.pickle)
         .and_then(serde_json::from_value)
@@ -351,7 +376,10 @@ fn clone_pickle(r: &InboundGroupSessionRecord) -> Result<vodozemac::megolm::Inbo
 
 /// Decides whether `new` should replace `existing`: only a copy of the same
 /// ratchet (same sender key, connected) that starts at a lower index.
-pub fn should_replace(existing: &InboundGroupSessionRecord, new: &InboundGroupSessionRecord) -> Result<bool, MegolmError> {
+pub fn should_replace(
+    existing: &InboundGroupSessionRecord,
+    new: &InboundGroupSessionRecord,
+) -> Result<bool, MegolmError> {
     if existing.sender_key != new.sender_key {
         return Err(MegolmError::SenderKeyMismatch);
     }
@@ -383,17 +411,31 @@ pub fn parse_room_event(event: &Value) -> Result<EncryptedRoomEvent, MegolmError
     if content.get("algorithm").and_then(Value::as_str) != Some(MEGOLM_V1) {
         return Err(MegolmError::Malformed("algorithm"));
     }
-    let ciphertext = content.get("ciphertext").and_then(Value::as_str).ok_or(MegolmError::Malformed("ciphertext"))?;
-    let message = MegolmMessage::from_base64(strip_padding(ciphertext)).map_err(|_| MegolmError::Malformed("ciphertext"))?;
+    let ciphertext = content
+        .get("ciphertext")
+        .and_then(Value::as_str)
+        .ok_or(MegolmError::Malformed("ciphertext"))?;
+    let message = MegolmMessage::from_base64(strip_padding(ciphertext))
+        .map_err(|_| MegolmError::Malformed("ciphertext"))?;
     Ok(EncryptedRoomEvent {
-        event_id: event.get("event_id").and_then(Value::as_str).ok_or(MegolmError::Malformed("event_id"))?.to_owned(),
+        event_id: event
+            .get("event_id")
+            .and_then(Value::as_str)
+            .ok_or(MegolmError::Malformed("event_id"))?
+            .to_owned(),
         sender: event
             .get("sender")
             .and_then(Value::as_str)
             .and_then(|s| UserId::parse(s).ok())
             .ok_or(MegolmError::Malformed("sender"))?,
         origin_server_ts: event.get("origin_server_ts").and_then(Value::as_u64).unwrap_or(0),
-        session_id: strip_padding(content.get("session_id").and_then(Value::as_str).ok_or(MegolmError::Malformed("session_id"))?).to_owned(),
+        session_id: strip_padding(
+            content
+                .get("session_id")
+                .and_then(Value::as_str)
+                .ok_or(MegolmError::Malformed("session_id"))?,
+        )
+        .to_owned(),
         message,
         relates_to: content.get("m.relates_to").cloned(),
     })
@@ -430,7 +472,10 @@ pub fn decrypt_room_event(
     seen: Option<&MessageIndexRecord>,
 ) -> Result<(DecryptedRoomEvent, Option<MessageIndexRecord>), MegolmError> {
     if &session.room_id != room_id {
-        return Err(MegolmError::RoomMismatch { event_room: room_id.to_string(), other: session.room_id.to_string() });
+        return Err(MegolmError::RoomMismatch {
+            event_room: room_id.to_string(),
+            other: session.room_id.to_string(),
+        });
     }
     let mut inbound = InboundGroupSession::from_pickle(clone_pickle(session)?);
     let decrypted = inbound.decrypt(&event.message).map_err(|e| match e {
@@ -439,14 +484,24 @@ pub fn decrypt_room_event(
         }
         other => MegolmError::Decryption(other.to_string()),
     })?;
-    let payload: Value = serde_json::from_slice(&decrypted.plaintext).map_err(|_| MegolmError::Malformed("payload JSON"))?;
-    let payload_room = payload.get("room_id").and_then(Value::as_str).ok_or(MegolmError::Malformed("payload room_id"))?;
+    let payload: Value = serde_json::from_slice(&decrypted.plaintext)
+        .map_err(|_| MegolmError::Malformed("payload JSON"))?;
+    let payload_room = payload
+        .get("room_id")
+        .and_then(Value::as_str)
+        .ok_or(MegolmError::Malformed("payload room_id"))?;
     if payload_room != room_id.as_str() {
-        return Err(MegolmError::RoomMismatch { event_room: room_id.to_string(), other: payload_room.to_owned() });
+        return Err(MegolmError::RoomMismatch {
+            event_room: room_id.to_string(),
+            other: payload_room.to_owned(),
+        });
     }
     if let Some(owner) = &session.sender_user_id {
         if owner != &event.sender {
-            return Err(MegolmError::SenderMismatch { sender: event.sender.to_string(), owner: owner.to_string() });
+            return Err(MegolmError::SenderMismatch {
+                sender: event.sender.to_string(),
+                owner: owner.to_string(),
+            });
         }
     }
     let index = decrypted.message_index;
@@ -463,8 +518,16 @@ pub fn decrypt_room_event(
             origin_server_ts: event.origin_server_ts,
         }),
     };
-    let event_type = payload.get("type").and_then(Value::as_str).ok_or(MegolmError::Malformed("payload type"))?.to_owned();
-    let mut content = payload.get("content").filter(|c| c.is_object()).cloned().ok_or(MegolmError::Malformed("payload content"))?;
+    let event_type = payload
+        .get("type")
+        .and_then(Value::as_str)
+        .ok_or(MegolmError::Malformed("payload type"))?
+        .to_owned();
+    let mut content = payload
+        .get("content")
+        .filter(|c| c.is_object())
+        .cloned()
+        .ok_or(MegolmError::Malformed("payload content"))?;
     if let Some(obj) = content.as_object_mut() {
         obj.remove("m.relates_to");
         if let Some(rel) = &event.relates_to {
@@ -523,7 +586,11 @@ mod tests {
         let a = own();
         let mut out = OutboundSession::new(room(), RotationSettings::default(), 0);
         let inbound = out.own_inbound(&a);
-        let c = out.encrypt(&a, "m.room.message", json!({"body": "hi", "m.relates_to": {"rel_type": "m.thread", "event_id": "$t"}}));
+        let c = out.encrypt(
+            &a,
+            "m.room.message",
+            json!({"body": "hi", "m.relates_to": {"rel_type": "m.thread", "event_id": "$t"}}),
+        );
         assert_eq!(c["m.relates_to"]["event_id"], "$t");
         let ev = parse_room_event(&event(c.clone(), "$1", 10)).unwrap();
         let (d, rec) = decrypt_room_event(&room(), &ev, &inbound, &[], None).unwrap();
@@ -535,15 +602,24 @@ mod tests {
         assert!(again.is_none());
         // Same index, other event ID: replay.
         let ev2 = parse_room_event(&event(c.clone(), "$2", 10)).unwrap();
-        assert_eq!(decrypt_room_event(&room(), &ev2, &inbound, &[], Some(&rec)).unwrap_err(), MegolmError::Replay { index: 0 });
+        assert_eq!(
+            decrypt_room_event(&room(), &ev2, &inbound, &[], Some(&rec)).unwrap_err(),
+            MegolmError::Replay { index: 0 }
+        );
         // Event delivered in another room.
         let other = RoomId::parse("!other:hs").unwrap();
-        assert!(matches!(decrypt_room_event(&other, &ev, &inbound, &[], None), Err(MegolmError::RoomMismatch { .. })));
+        assert!(matches!(
+            decrypt_room_event(&other, &ev, &inbound, &[], None),
+            Err(MegolmError::RoomMismatch { .. })
+        ));
         // Sender who does not own the session.
         let mut forged = event(c, "$3", 11);
         forged["sender"] = json!("@mallory:hs");
         let ev3 = parse_room_event(&forged).unwrap();
-        assert!(matches!(decrypt_room_event(&room(), &ev3, &inbound, &[], None), Err(MegolmError::SenderMismatch { .. })));
+        assert!(matches!(
+            decrypt_room_event(&room(), &ev3, &inbound, &[], None),
+            Err(MegolmError::SenderMismatch { .. })
+        ));
     }
 
     #[test]
@@ -552,10 +628,16 @@ mod tests {
         let a = own();
         let mut out = OutboundSession::new(room(), RotationSettings::default(), 0);
         let inbound = out.own_inbound(&a);
-        let msg = out.session.encrypt(json!({"type": "m.room.message", "content": {}, "room_id": "!elsewhere:hs"}).to_string());
+        let msg = out.session.encrypt(
+            json!({"type": "m.room.message", "content": {}, "room_id": "!elsewhere:hs"})
+                .to_string(),
+        );
         let c = json!({"algorithm": MEGOLM_V1, "ciphertext": msg.to_base64(), "session_id": out.session_id()});
         let ev = parse_room_event(&event(c, "$1", 1)).unwrap();
-        assert!(matches!(decrypt_room_event(&room(), &ev, &inbound, &[], None), Err(MegolmError::RoomMismatch { .. })));
+        assert!(matches!(
+            decrypt_room_event(&room(), &ev, &inbound, &[], None),
+            Err(MegolmError::RoomMismatch { .. })
+        ));
     }
 
     #[test]

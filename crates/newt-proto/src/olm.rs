@@ -62,11 +62,7 @@ impl OlmSession {
 
 /// Index of the session to send with: most recently used, then newest.
 pub fn preferred_session(sessions: &[OlmSession]) -> Option<usize> {
-    sessions
-        .iter()
-        .enumerate()
-        .max_by_key(|(_, s)| (s.last_used_at, s.created_at))
-        .map(|(i, _)| i)
+    sessions.iter().enumerate().max_by_key(|(_, s)| (s.last_used_at, s.created_at)).map(|(i, _)| i)
 }
 
 /// Olm errors. Each says what was wrong with the input.
@@ -173,10 +169,8 @@ pub fn parse_olm_content(
     let sender_key = Curve25519PublicKey::from_base64(strip_padding(sender_key))
         .map_err(|_| OlmError::Malformed("sender_key"))?
         .to_base64();
-    let ours = content
-        .get("ciphertext")
-        .and_then(|c| c.get(our_curve25519))
-        .ok_or(OlmError::NotForUs)?;
+    let ours =
+        content.get("ciphertext").and_then(|c| c.get(our_curve25519)).ok_or(OlmError::NotForUs)?;
     let msg_type = ours.get("type").and_then(Value::as_u64).ok_or(OlmError::Malformed("type"))?;
     let body = ours.get("body").and_then(Value::as_str).ok_or(OlmError::Malformed("body"))?;
     let bytes = b64_decode(body).map_err(|_| OlmError::Malformed("body base64"))?;
@@ -206,7 +200,8 @@ pub fn decrypt(
     if sessions.iter().any(|s| s.sender_key != sender_key) {
         return Err(OlmError::Malformed("sessions of another sender key"));
     }
-    let (plaintext, session_index, account_changed) = decrypt_message(own, &sender_key, &message, sessions, now)?;
+    let (plaintext, session_index, account_changed) =
+        decrypt_message(own, &sender_key, &message, sessions, now)?;
     let event = check_plaintext(own, sender, &sender_key, &plaintext, sender_devices)?;
     Ok(OlmDecryption { event, session_index, account_changed })
 }
@@ -233,7 +228,12 @@ fn decrypt_message(
                 };
             }
             let (session, plaintext) = create_inbound(own, sender_key, pre_key)?;
-            sessions.push(OlmSession { sender_key: sender_key.to_owned(), session, created_at: now, last_used_at: now });
+            sessions.push(OlmSession {
+                sender_key: sender_key.to_owned(),
+                session,
+                created_at: now,
+                last_used_at: now,
+            });
             Ok((plaintext, sessions.len() - 1, true))
         }
         OlmMessage::Normal(_) => {
@@ -256,7 +256,8 @@ fn create_inbound(
     sender_key: &str,
     pre_key: &PreKeyMessage,
 ) -> Result<(Session, Vec<u8>), OlmError> {
-    let their = Curve25519PublicKey::from_base64(sender_key).map_err(|_| OlmError::Malformed("sender_key"))?;
+    let their = Curve25519PublicKey::from_base64(sender_key)
+        .map_err(|_| OlmError::Malformed("sender_key"))?;
     let result = own
         .inner_mut()
         .create_inbound_session(SessionConfig::version_1(), their, pre_key)
@@ -264,7 +265,11 @@ fn create_inbound(
     Ok((result.session, result.plaintext))
 }
 
-fn field<'a>(v: &'a Value, path: &[&str], name: &'static str) -> Result<&'a str, PlaintextCheckError> {
+fn field<'a>(
+    v: &'a Value,
+    path: &[&str],
+    name: &'static str,
+) -> Result<&'a str, PlaintextCheckError> {
     let mut cur = v;
     for p in path {
         cur = cur.get(*p).ok_or(PlaintextCheckError::MissingField(name))?;
@@ -286,22 +291,30 @@ pub fn check_plaintext(
     }
     let claimed_sender = field(&v, &["sender"], "sender")?;
     if claimed_sender != sender.as_str() {
-        return Err(PlaintextCheckError::Sender { claimed: claimed_sender.into(), actual: sender.to_string() }.into());
+        return Err(PlaintextCheckError::Sender {
+            claimed: claimed_sender.into(),
+            actual: sender.to_string(),
+        }
+        .into());
     }
     if field(&v, &["recipient"], "recipient")? != own.user_id().as_str() {
         return Err(PlaintextCheckError::Recipient.into());
     }
-    if strip_padding(field(&v, &["recipient_keys", "ed25519"], "recipient_keys")?) != own.ed25519_key().to_base64() {
+    if strip_padding(field(&v, &["recipient_keys", "ed25519"], "recipient_keys")?)
+        != own.ed25519_key().to_base64()
+    {
         return Err(PlaintextCheckError::RecipientKeys.into());
     }
     let claimed_ed = strip_padding(field(&v, &["keys", "ed25519"], "keys")?).to_owned();
     let event_type = field(&v, &["type"], "type")?.to_owned();
-    let content = v.get("content").filter(|c| c.is_object()).cloned().ok_or(PlaintextCheckError::MissingField("content"))?;
+    let content = v
+        .get("content")
+        .filter(|c| c.is_object())
+        .cloned()
+        .ok_or(PlaintextCheckError::MissingField("content"))?;
 
-    let mut sender_device = sender_devices
-        .iter()
-        .find(|d| d.curve25519 == sender_key && !d.deleted)
-        .cloned();
+    let mut sender_device =
+        sender_devices.iter().find(|d| d.curve25519 == sender_key && !d.deleted).cloned();
     if let Some(d) = &sender_device {
         if d.ed25519 != claimed_ed {
             return Err(PlaintextCheckError::SenderKeys.into());
@@ -363,7 +376,8 @@ pub fn encrypt(
         "sender_device_keys": own.device_keys(),
     });
     let bytes = serde_json::to_vec(&plaintext).map_err(|e| OlmError::Encryption(e.to_string()))?;
-    let message = session.session.encrypt(bytes).map_err(|e| OlmError::Encryption(e.to_string()))?;
+    let message =
+        session.session.encrypt(bytes).map_err(|e| OlmError::Encryption(e.to_string()))?;
     let (msg_type, body) = message.to_parts();
     Ok(json!({
         "algorithm": OLM_V1,
@@ -442,11 +456,17 @@ pub fn handle_keys_claim(
             out.failures.push(fail(ClaimError::UnknownDevice));
             continue;
         };
-        let Some(key_map) = keys.and_then(|k| k.get(user.as_str())).and_then(|u| u.get(device_id.as_str())).and_then(Value::as_object) else {
+        let Some(key_map) = keys
+            .and_then(|k| k.get(user.as_str()))
+            .and_then(|u| u.get(device_id.as_str()))
+            .and_then(Value::as_object)
+        else {
             out.failures.push(fail(ClaimError::NoKey));
             continue;
         };
-        let Some((_, key_obj)) = key_map.iter().find(|(id, _)| id.starts_with("signed_curve25519:")) else {
+        let Some((_, key_obj)) =
+            key_map.iter().find(|(id, _)| id.starts_with("signed_curve25519:"))
+        else {
             out.failures.push(fail(ClaimError::NoKey));
             continue;
         };
@@ -468,13 +488,21 @@ fn session_from_key(
     verify_json(key_obj, &device.user_id, &format!("ed25519:{}", device.device_id), &ed)
         .map_err(ClaimError::Signature)?;
     let otk = key_obj.get("key").and_then(Value::as_str).ok_or(ClaimError::Malformed)?;
-    let otk = Curve25519PublicKey::from_base64(strip_padding(otk)).map_err(|_| ClaimError::Malformed)?;
-    let identity = Curve25519PublicKey::from_base64(&device.curve25519).map_err(|_| ClaimError::Malformed)?;
+    let otk =
+        Curve25519PublicKey::from_base64(strip_padding(otk)).map_err(|_| ClaimError::Malformed)?;
+    let identity =
+        Curve25519PublicKey::from_base64(&device.curve25519).map_err(|_| ClaimError::Malformed)?;
     let session = own
         .inner()
         .create_outbound_session(SessionConfig::version_1(), identity, otk)
         .map_err(|e| ClaimError::Session(e.to_string()))?;
-    Ok(OlmSession { sender_key: device.curve25519.clone(), session, created_at: now, last_used_at: now }.to_record())
+    Ok(OlmSession {
+        sender_key: device.curve25519.clone(),
+        session,
+        created_at: now,
+        last_used_at: now,
+    }
+    .to_record())
 }
 
 #[cfg(test)]
@@ -488,7 +516,8 @@ mod tests {
     }
 
     pub(crate) fn dev(user: &str, device: &str) -> Dev {
-        let mut acc = OwnAccount::new(UserId::parse(user).unwrap(), DeviceId::parse(device).unwrap());
+        let mut acc =
+            OwnAccount::new(UserId::parse(user).unwrap(), DeviceId::parse(device).unwrap());
         acc.prepare_initial_upload(0);
         let rec = parse_device_keys(acc.user_id(), device, &acc.device_keys()).unwrap();
         Dev { acc, rec }
@@ -499,8 +528,15 @@ mod tests {
         to.acc.mark_keys_uploaded(Some(50));
         let (id, key) = body["one_time_keys"].as_object().unwrap().iter().next().unwrap();
         let resp = json!({"one_time_keys": {to.rec.user_id.as_str(): {to.rec.device_id.as_str(): {id: key}}}});
-        let devices = BTreeMap::from([((to.rec.user_id.clone(), to.rec.device_id.clone()), to.rec.clone())]);
-        let mut out = handle_keys_claim(&from.acc, &[(to.rec.user_id.clone(), to.rec.device_id.clone())], &devices, &resp, 1);
+        let devices =
+            BTreeMap::from([((to.rec.user_id.clone(), to.rec.device_id.clone()), to.rec.clone())]);
+        let mut out = handle_keys_claim(
+            &from.acc,
+            &[(to.rec.user_id.clone(), to.rec.device_id.clone())],
+            &devices,
+            &resp,
+            1,
+        );
         assert!(out.failures.is_empty(), "{:?}", out.failures);
         OlmSession::from_record(out.sessions.remove(0).2)
     }
@@ -512,18 +548,30 @@ mod tests {
         let mut s = claim(&alice, &mut bob);
         let c1 = encrypt(&alice.acc, &mut s, &bob.rec, "m.test", json!({"n": 1})).unwrap();
         let mut sessions = Vec::new();
-        let d = decrypt(&mut bob.acc, alice.acc.user_id(), &c1, &mut sessions, &[alice.rec.clone()], 5).unwrap();
+        let d =
+            decrypt(&mut bob.acc, alice.acc.user_id(), &c1, &mut sessions, &[alice.rec.clone()], 5)
+                .unwrap();
         assert_eq!(d.event.content, json!({"n": 1}));
         assert_eq!(d.event.sender_device.as_ref().map(|d| d.device_id.as_str()), Some("A"));
         assert!(d.account_changed);
         // Another pre-key message of the same session: decrypts with it, no new session.
         let c2 = encrypt(&alice.acc, &mut s, &bob.rec, "m.test", json!({"n": 2})).unwrap();
-        let d2 = decrypt(&mut bob.acc, alice.acc.user_id(), &c2, &mut sessions, &[alice.rec.clone()], 6).unwrap();
+        let d2 =
+            decrypt(&mut bob.acc, alice.acc.user_id(), &c2, &mut sessions, &[alice.rec.clone()], 6)
+                .unwrap();
         assert!(!d2.account_changed);
         assert_eq!(sessions.len(), 1);
         // Replaying the first message to a fresh copy of the account fails: the one-time key is gone.
         let mut again = Vec::new();
-        assert!(decrypt(&mut bob.acc, alice.acc.user_id(), &c1, &mut again, &[alice.rec.clone()], 7).is_err());
+        assert!(decrypt(
+            &mut bob.acc,
+            alice.acc.user_id(),
+            &c1,
+            &mut again,
+            &[alice.rec.clone()],
+            7
+        )
+        .is_err());
         assert_eq!(d2.event.content, json!({"n": 2}));
     }
 
@@ -545,17 +593,38 @@ mod tests {
         let alice = dev("@alice:hs", "A");
         let mallory = dev("@mallory:hs", "M");
         let cases: Vec<(Box<dyn Fn(&mut Value)>, fn(&OlmError) -> bool)> = vec![
-            (Box::new(|v| v["sender"] = json!("@mallory:hs")), |e| matches!(e, OlmError::Check(PlaintextCheckError::Sender { .. }))),
-            (Box::new(|v| v["recipient"] = json!("@carol:hs")), |e| matches!(e, OlmError::Check(PlaintextCheckError::Recipient))),
-            (Box::new(|v| v["recipient_keys"]["ed25519"] = json!("AAAA")), |e| matches!(e, OlmError::Check(PlaintextCheckError::RecipientKeys))),
-            (Box::new(move |v| v["keys"]["ed25519"] = json!(mallory.rec.ed25519.clone())), |e| matches!(e, OlmError::Check(PlaintextCheckError::SenderKeys))),
-            (Box::new(|v| { v.as_object_mut().unwrap().remove("recipient_keys"); }), |e| matches!(e, OlmError::Check(PlaintextCheckError::MissingField(_)))),
+            (Box::new(|v| v["sender"] = json!("@mallory:hs")), |e| {
+                matches!(e, OlmError::Check(PlaintextCheckError::Sender { .. }))
+            }),
+            (Box::new(|v| v["recipient"] = json!("@carol:hs")), |e| {
+                matches!(e, OlmError::Check(PlaintextCheckError::Recipient))
+            }),
+            (Box::new(|v| v["recipient_keys"]["ed25519"] = json!("AAAA")), |e| {
+                matches!(e, OlmError::Check(PlaintextCheckError::RecipientKeys))
+            }),
+            (Box::new(move |v| v["keys"]["ed25519"] = json!(mallory.rec.ed25519.clone())), |e| {
+                matches!(e, OlmError::Check(PlaintextCheckError::SenderKeys))
+            }),
+            (
+                Box::new(|v| {
+                    v.as_object_mut().unwrap().remove("recipient_keys");
+                }),
+                |e| matches!(e, OlmError::Check(PlaintextCheckError::MissingField(_))),
+            ),
         ];
         for (edit, check) in cases {
             let mut bob = dev("@bob:hs", "B");
             let mut s = claim(&alice, &mut bob);
             let c = forge(&alice, &mut s, &bob, |v| edit(v));
-            let err = decrypt(&mut bob.acc, alice.acc.user_id(), &c, &mut Vec::new(), &[alice.rec.clone()], 1).unwrap_err();
+            let err = decrypt(
+                &mut bob.acc,
+                alice.acc.user_id(),
+                &c,
+                &mut Vec::new(),
+                &[alice.rec.clone()],
+                1,
+            )
+            .unwrap_err();
             assert!(check(&err), "unexpected {err:?}");
         }
     }
@@ -568,8 +637,12 @@ mod tests {
         let mut s = claim(&alice, &mut bob);
         // Unknown sender device, sender_device_keys of another device: rejected.
         let c = forge(&alice, &mut s, &bob, |v| v["sender_device_keys"] = other.acc.device_keys());
-        let err = decrypt(&mut bob.acc, alice.acc.user_id(), &c, &mut Vec::new(), &[], 1).unwrap_err();
-        assert!(matches!(err, OlmError::Check(PlaintextCheckError::SenderDeviceKeys(_))), "{err:?}");
+        let err =
+            decrypt(&mut bob.acc, alice.acc.user_id(), &c, &mut Vec::new(), &[], 1).unwrap_err();
+        assert!(
+            matches!(err, OlmError::Check(PlaintextCheckError::SenderDeviceKeys(_))),
+            "{err:?}"
+        );
     }
 
     #[test]
@@ -581,8 +654,17 @@ mod tests {
         let mut key = key.clone();
         key["key"] = json!(alice.acc.curve25519_key().to_base64()); // swapped key, old signature
         let resp = json!({"one_time_keys": {"@bob:hs": {"B": {id: key}}}});
-        let devices = BTreeMap::from([((bob.rec.user_id.clone(), bob.rec.device_id.clone()), bob.rec.clone())]);
-        let out = handle_keys_claim(&alice.acc, &[(bob.rec.user_id.clone(), bob.rec.device_id.clone())], &devices, &resp, 1);
+        let devices = BTreeMap::from([(
+            (bob.rec.user_id.clone(), bob.rec.device_id.clone()),
+            bob.rec.clone(),
+        )]);
+        let out = handle_keys_claim(
+            &alice.acc,
+            &[(bob.rec.user_id.clone(), bob.rec.device_id.clone())],
+            &devices,
+            &resp,
+            1,
+        );
         assert!(out.sessions.is_empty());
         assert!(matches!(out.failures[0].2, ClaimError::Signature(JsonError::BadSignature { .. })));
     }

@@ -27,7 +27,11 @@ pub enum SenderTrust {
 /// Whether `device` is one of our own devices that we trust enough to answer
 /// its key requests and accept keys it forwards: our own user, not our own
 /// device, verified by the user. (Cross-signing will widen this.)
-pub fn is_trusted_own_device(own_user: &UserId, own_device_curve25519: &str, device: &DeviceRecord) -> bool {
+pub fn is_trusted_own_device(
+    own_user: &UserId,
+    own_device_curve25519: &str,
+    device: &DeviceRecord,
+) -> bool {
     &device.user_id == own_user
         && device.curve25519 != own_device_curve25519
         && !device.deleted
@@ -36,7 +40,10 @@ pub fn is_trusted_own_device(own_user: &UserId, own_device_curve25519: &str, dev
 
 /// The trust label for an event decrypted with `session`, given the
 /// devices of the event's sender.
-pub fn sender_trust(session: &InboundGroupSessionRecord, sender_devices: &[DeviceRecord]) -> SenderTrust {
+pub fn sender_trust(
+    session: &InboundGroupSessionRecord,
+    sender_devices: &[DeviceRecord],
+) -> SenderTrust {
     if session.source != SessionSource::RoomKey {
         return SenderTrust::Unauthenticated;
     }

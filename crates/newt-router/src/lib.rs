@@ -95,7 +95,14 @@ impl Router {
 
     /// Handles one client request from `user`/`device`. `path` is below
     /// `/_matrix/client/v3`.
-    pub fn handle(&self, user: &str, device: &str, method: &str, path: &str, body: &Value) -> Result<Value, RouterError> {
+    pub fn handle(
+        &self,
+        user: &str,
+        device: &str,
+        method: &str,
+        path: &str,
+        body: &Value,
+    ) -> Result<Value, RouterError> {
         let mut st = self.lock()?;
         let me = (user.to_owned(), device.to_owned());
         match (method, path) {
@@ -103,7 +110,12 @@ impl Router {
             ("POST", "/keys/query") => st.query(body),
             ("POST", "/keys/claim") => st.claim(body),
             ("PUT", p) if p.starts_with("/sendToDevice/") => {
-                let event_type = p.trim_start_matches("/sendToDevice/").split('/').next().unwrap_or_default().to_owned();
+                let event_type = p
+                    .trim_start_matches("/sendToDevice/")
+                    .split('/')
+                    .next()
+                    .unwrap_or_default()
+                    .to_owned();
                 st.send_to_device(user, &event_type, body)?;
                 Ok(json!({}))
             }
@@ -132,7 +144,13 @@ impl Router {
 
     /// Stores a room event from `sender` and returns the full event as
     /// clients see it (with `event_id`, `origin_server_ts`, `room_id`).
-    pub fn send_room_event(&self, room_id: &str, sender: &str, event_type: &str, content: Value) -> Result<Value, RouterError> {
+    pub fn send_room_event(
+        &self,
+        room_id: &str,
+        sender: &str,
+        event_type: &str,
+        content: Value,
+    ) -> Result<Value, RouterError> {
         let mut st = self.lock()?;
         st.next_event += 1;
         let event = json!({
@@ -159,7 +177,8 @@ impl State {
             let is_new = self.device_keys.get(me) != Some(keys);
             self.device_keys.insert(me.clone(), keys.clone());
             if is_new {
-                let others: Vec<DeviceKey> = self.device_keys.keys().filter(|k| *k != me).cloned().collect();
+                let others: Vec<DeviceKey> =
+                    self.device_keys.keys().filter(|k| *k != me).cloned().collect();
                 for other in others {
                     self.changed.entry(other).or_default().insert(me.0.clone());
                 }
@@ -183,10 +202,16 @@ impl State {
     }
 
     fn query(&self, body: &Value) -> Result<Value, RouterError> {
-        let users = body.get("device_keys").and_then(Value::as_object).ok_or(RouterError::BadRequest("device_keys"))?;
+        let users = body
+            .get("device_keys")
+            .and_then(Value::as_object)
+            .ok_or(RouterError::BadRequest("device_keys"))?;
         let mut out = Map::new();
         for (user, wanted) in users {
-            let wanted: Vec<&str> = wanted.as_array().map(|a| a.iter().filter_map(Value::as_str).collect()).unwrap_or_default();
+            let wanted: Vec<&str> = wanted
+                .as_array()
+                .map(|a| a.iter().filter_map(Value::as_str).collect())
+                .unwrap_or_default();
             let mut devices = Map::new();
             for ((u, d), keys) in &self.device_keys {
                 if u == user && (wanted.is_empty() || wanted.contains(&d.as_str())) {
@@ -199,7 +224,10 @@ impl State {
     }
 
     fn claim(&mut self, body: &Value) -> Result<Value, RouterError> {
-        let wanted = body.get("one_time_keys").and_then(Value::as_object).ok_or(RouterError::BadRequest("one_time_keys"))?;
+        let wanted = body
+            .get("one_time_keys")
+            .and_then(Value::as_object)
+            .ok_or(RouterError::BadRequest("one_time_keys"))?;
         let mut out = Map::new();
         for (user, devices) in wanted {
             let Some(devices) = devices.as_object() else { continue };
@@ -222,8 +250,16 @@ impl State {
         Ok(json!({ "one_time_keys": out, "failures": {} }))
     }
 
-    fn send_to_device(&mut self, sender: &str, event_type: &str, body: &Value) -> Result<(), RouterError> {
-        let messages = body.get("messages").and_then(Value::as_object).ok_or(RouterError::BadRequest("messages"))?;
+    fn send_to_device(
+        &mut self,
+        sender: &str,
+        event_type: &str,
+        body: &Value,
+    ) -> Result<(), RouterError> {
+        let messages = body
+            .get("messages")
+            .and_then(Value::as_object)
+            .ok_or(RouterError::BadRequest("messages"))?;
         for (user, devices) in messages {
             let Some(devices) = devices.as_object() else { continue };
             for (device, content) in devices {
@@ -249,10 +285,17 @@ mod tests {
     #[test]
     fn one_time_keys_once_then_fallback() {
         let r = Router::new();
-        r.handle("@b:hs", "B", "POST", "/keys/upload", &json!({
-            "one_time_keys": {"signed_curve25519:1": {"key": "one"}},
-            "fallback_keys": {"signed_curve25519:F": {"key": "fb", "fallback": true}},
-        })).unwrap();
+        r.handle(
+            "@b:hs",
+            "B",
+            "POST",
+            "/keys/upload",
+            &json!({
+                "one_time_keys": {"signed_curve25519:1": {"key": "one"}},
+                "fallback_keys": {"signed_curve25519:F": {"key": "fb", "fallback": true}},
+            }),
+        )
+        .unwrap();
         let claim = json!({"one_time_keys": {"@b:hs": {"B": "signed_curve25519"}}});
         let first = r.handle("@a:hs", "A", "POST", "/keys/claim", &claim).unwrap();
         assert_eq!(first["one_time_keys"]["@b:hs"]["B"]["signed_curve25519:1"]["key"], "one");
@@ -267,9 +310,17 @@ mod tests {
     fn to_device_wildcard_and_once() {
         let r = Router::new();
         for d in ["A1", "A2"] {
-            r.handle("@a:hs", d, "POST", "/keys/upload", &json!({"device_keys": {"device_id": d}})).unwrap();
+            r.handle("@a:hs", d, "POST", "/keys/upload", &json!({"device_keys": {"device_id": d}}))
+                .unwrap();
         }
-        r.handle("@b:hs", "B", "PUT", "/sendToDevice/m.x/1", &json!({"messages": {"@a:hs": {"*": {"n": 1}}}})).unwrap();
+        r.handle(
+            "@b:hs",
+            "B",
+            "PUT",
+            "/sendToDevice/m.x/1",
+            &json!({"messages": {"@a:hs": {"*": {"n": 1}}}}),
+        )
+        .unwrap();
         assert_eq!(r.sync("@a:hs", "A1").unwrap().to_device.len(), 1);
         assert_eq!(r.sync("@a:hs", "A2").unwrap().to_device[0]["content"]["n"], 1);
         assert!(r.sync("@a:hs", "A2").unwrap().to_device.is_empty());

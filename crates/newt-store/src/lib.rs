@@ -34,8 +34,8 @@ pub use newt_proto::changes::Changes;
 
 use newt_proto::ids::{RoomId, UserId};
 use newt_proto::records::{
-    AccountRecord, DeviceRecord, InboundGroupSessionRecord, KeyRequestRecord,
-    MessageIndexRecord, OlmSessionRecord, OutboundGroupSessionRecord, TrackedUser, WithheldRecord,
+    AccountRecord, DeviceRecord, InboundGroupSessionRecord, KeyRequestRecord, MessageIndexRecord,
+    OlmSessionRecord, OutboundGroupSessionRecord, TrackedUser, WithheldRecord,
 };
 
 /// A storage failure. Protocol errors never wrap this; only the driver's do.

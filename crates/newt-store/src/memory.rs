@@ -7,8 +7,8 @@ use std::sync::Mutex;
 
 use newt_proto::ids::{RoomId, UserId};
 use newt_proto::records::{
-    AccountRecord, DeviceRecord, InboundGroupSessionRecord, KeyRequestRecord,
-    MessageIndexRecord, OlmSessionRecord, OutboundGroupSessionRecord, TrackedUser, WithheldRecord,
+    AccountRecord, DeviceRecord, InboundGroupSessionRecord, KeyRequestRecord, MessageIndexRecord,
+    OlmSessionRecord, OutboundGroupSessionRecord, TrackedUser, WithheldRecord,
 };
 use serde_json::Value;
 
@@ -44,9 +44,7 @@ impl MemoryStore {
     }
 
     fn lock(&self) -> Result<std::sync::MutexGuard<'_, Inner>, StoreError> {
-        self.inner
-            .lock()
-            .map_err(|_| StoreError::Corrupt("memory store mutex poisoned".into()))
+        self.inner.lock().map_err(|_| StoreError::Corrupt("memory store mutex poisoned".into()))
     }
 }
 
@@ -81,11 +79,7 @@ impl Store for MemoryStore {
         session_id: &str,
     ) -> Result<Option<InboundGroupSessionRecord>, StoreError> {
         let inner = self.lock()?;
-        inner
-            .inbound
-            .get(&(room_id.to_string(), session_id.to_owned()))
-            .map(from_value)
-            .transpose()
+        inner.inbound.get(&(room_id.to_string(), session_id.to_owned())).map(from_value).transpose()
     }
 
     async fn inbound_group_sessions_page(
@@ -164,11 +158,7 @@ impl Store for MemoryStore {
         session_id: &str,
         index: u32,
     ) -> Result<Option<MessageIndexRecord>, StoreError> {
-        Ok(self
-            .lock()?
-            .indices
-            .get(&(room_id.to_string(), session_id.to_owned(), index))
-            .cloned())
+        Ok(self.lock()?.indices.get(&(room_id.to_string(), session_id.to_owned(), index)).cloned())
     }
 
     async fn sync_token(&self) -> Result<Option<String>, StoreError> {

@@ -17,16 +17,20 @@ use newt_proto::changes::Changes;
 use newt_proto::devices::{handle_keys_query, keys_query_body, parse_device_keys, RejectedDevice};
 use newt_proto::export::{decrypt_export, encrypt_export, ExportedRoomKey};
 use newt_proto::ids::{DeviceId, RoomId, UserId};
-use newt_proto::key_requests::{accept_forwarded_key, answer_request, parse_request, request_content, KeyShareError};
+use newt_proto::key_requests::{
+    accept_forwarded_key, answer_request, parse_request, request_content, KeyShareError,
+};
 use newt_proto::megolm::{
     decrypt_room_event, export_session, parse_room_event, parse_withheld, session_from_export,
     session_from_room_key, should_replace, DecryptedRoomEvent, MegolmError, OutboundSession,
     RotationSettings,
 };
-use newt_proto::olm::{self, handle_keys_claim, keys_claim_body, OlmError, OlmSession, KEY_CARRYING_TYPES};
+use newt_proto::olm::{
+    self, handle_keys_claim, keys_claim_body, OlmError, OlmSession, KEY_CARRYING_TYPES,
+};
 use newt_proto::records::{
-    DeviceRecord, InboundGroupSessionRecord, KeyRequestRecord, LocalTrust, SessionSource, ShareInfo,
-    TrackedUser,
+    DeviceRecord, InboundGroupSessionRecord, KeyRequestRecord, LocalTrust, SessionSource,
+    ShareInfo, TrackedUser,
 };
 use newt_proto::sharing::{audience_shrank, plan_share, withheld_content, SharingPolicy};
 use newt_proto::OLM_V1;
@@ -159,7 +163,12 @@ enum Pending {
     KeysUpload,
     KeysQuery(BTreeSet<UserId>),
     KeysClaim(Vec<(UserId, DeviceId)>),
-    RoomKeyShare { room_id: RoomId, session_id: String, devices: Vec<(UserId, DeviceId, String, u32)>, withheld: Vec<(UserId, DeviceId, String)> },
+    RoomKeyShare {
+        room_id: RoomId,
+        session_id: String,
+        devices: Vec<(UserId, DeviceId, String, u32)>,
+        withheld: Vec<(UserId, DeviceId, String)>,
+    },
     KeyRequest,
     Other,
 }
@@ -210,7 +219,11 @@ impl std::fmt::Debug for Machine {
 impl Machine {
     /// Opens the machine for `user_id`/`device_id` on `store`, creating the
     /// account on first use.
-    pub async fn open(store: Arc<dyn Store>, user_id: UserId, device_id: DeviceId) -> Result<Self, Error> {
+    pub async fn open(
+        store: Arc<dyn Store>,
+        user_id: UserId,
+        device_id: DeviceId,
+    ) -> Result<Self, Error> {
         let account = match store.account().await? {
             Some(record) => {
                 if record.user_id != user_id || record.device_id != device_id {
@@ -224,9 +237,12 @@ impl Machine {
             None => {
                 let mut account = OwnAccount::new(user_id.clone(), device_id.clone());
                 account.prepare_initial_upload(now_ms());
-                let mut changes = Changes { account: Some(account.initial_record()), ..Default::default() };
+                let mut changes =
+                    Changes { account: Some(account.initial_record()), ..Default::default() };
                 // Track ourselves so our other devices are known.
-                changes.tracked_users.push(TrackedUser { user_id: user_id.clone(), outdated: true });
+                changes
+                    .tracked_users
+                    .push(TrackedUser { user_id: user_id.clone(), outdated: true });
                 store.apply(changes).await?;
                 account
             }
@@ -279,7 +295,12 @@ impl Machine {
 
     /// Commits `changes`, reloading the account from the store if the commit
     /// fails so that memory never runs ahead of disk.
-    async fn commit(&self, st: &mut State, mut changes: Changes, account_changed: bool) -> Result<(), Error> {
+    async fn commit(
+        &self,
+        st: &mut State,
+        mut changes: Changes,
+        account_changed: bool,
+    ) -> Result<(), Error> {
         if account_changed {
             changes.account = Some(st.account.to_record());
         }
@@ -300,9 +321,13 @@ impl Machine {
     /// Starts tracking the device lists of `users` (e.g. the members of an
     /// encrypted room). New users are queried on the next
     /// [`outgoing_requests`](Self::outgoing_requests).
-    pub async fn update_tracked_users(&self, users: impl IntoIterator<Item = UserId>) -> Result<(), Error> {
+    pub async fn update_tracked_users(
+        &self,
+        users: impl IntoIterator<Item = UserId>,
+    ) -> Result<(), Error> {
         let mut st = self.inner.state.lock().await;
-        let tracked: BTreeSet<UserId> = self.store().tracked_users().await?.into_iter().map(|t| t.user_id).collect();
+        let tracked: BTreeSet<UserId> =
+            self.store().tracked_users().await?.into_iter().map(|t| t.user_id).collect();
         let mut changes = Changes::default();
         for u in users {
             if !tracked.contains(&u) {
@@ -322,7 +347,8 @@ impl Machine {
         let mut account_changed = false;
 
         // Device lists.
-        let tracked: BTreeSet<UserId> = self.store().tracked_users().await?.into_iter().map(|t| t.user_id).collect();
+        let tracked: BTreeSet<UserId> =
+            self.store().tracked_users().await?.into_iter().map(|t| t.user_id).collect();
         for u in sync.changed_users {
             if tracked.contains(&u) {
                 if st.queries_in_flight.contains(&u) {
@@ -348,7 +374,8 @@ impl Machine {
         let mut batch = Batch::default();
         let mut outcome = SyncOutcome::default();
         for event in &sync.to_device_events {
-            let processed = self.process_to_device(&mut st, &mut batch, &mut changes, event, now).await?;
+            let processed =
+                self.process_to_device(&mut st, &mut batch, &mut changes, event, now).await?;
             account_changed |= batch.account_changed;
             batch.account_changed = false;
             outcome.to_device.push(processed);
@@ -366,10 +393,22 @@ impl Machine {
         Ok(outcome)
     }
 
-    async fn sessions_for<'b>(&self, batch: &'b mut Batch, sender_key: &str) -> Result<&'b mut BatchSessions, Error> {
+    async fn sessions_for<'b>(
+        &self,
+        batch: &'b mut Batch,
+        sender_key: &str,
+    ) -> Result<&'b mut BatchSessions, Error> {
         if !batch.olm_sessions.contains_key(sender_key) {
-            let live = self.store().olm_sessions(sender_key).await?.into_iter().map(OlmSession::from_record).collect();
-            batch.olm_sessions.insert(sender_key.to_owned(), BatchSessions { live, dirty: BTreeSet::new() });
+            let live = self
+                .store()
+                .olm_sessions(sender_key)
+                .await?
+                .into_iter()
+                .map(OlmSession::from_record)
+                .collect();
+            batch
+                .olm_sessions
+                .insert(sender_key.to_owned(), BatchSessions { live, dirty: BTreeSet::new() });
         }
         batch.olm_sessions.get_mut(sender_key).ok_or(Error::BadResponse("internal: session cache"))
     }
@@ -412,7 +451,9 @@ impl Machine {
                     }
                     None => ToDeviceOutcome::Handled,
                 },
-                "m.room_key_request" => self.handle_key_request(st, batch, &sender, &content, now).await?,
+                "m.room_key_request" => {
+                    self.handle_key_request(st, batch, &sender, &content, now).await?
+                }
                 _ => ToDeviceOutcome::ForApp,
             };
             return Ok(ProcessedToDevice {
@@ -434,7 +475,14 @@ impl Machine {
         };
         let sender_devices = self.store().devices(&sender).await?;
         let sessions = self.sessions_for(batch, &sender_key).await?;
-        let result = olm::decrypt(&mut st.account, &sender, &content, &mut sessions.live, &sender_devices, now);
+        let result = olm::decrypt(
+            &mut st.account,
+            &sender,
+            &content,
+            &mut sessions.live,
+            &sender_devices,
+            now,
+        );
         let decrypted = match result {
             Ok(d) => {
                 sessions.dirty.insert(d.session_index);
@@ -456,28 +504,44 @@ impl Machine {
                 Err(e) => ToDeviceOutcome::Rejected(e.into()),
             },
             "m.forwarded_room_key" => {
-                let room = decrypted.content.get("room_id").and_then(Value::as_str).and_then(|r| RoomId::parse(r).ok());
-                let session_id = decrypted.content.get("session_id").and_then(Value::as_str).unwrap_or_default();
+                let room = decrypted
+                    .content
+                    .get("room_id")
+                    .and_then(Value::as_str)
+                    .and_then(|r| RoomId::parse(r).ok());
+                let session_id =
+                    decrypted.content.get("session_id").and_then(Value::as_str).unwrap_or_default();
                 let pending = match &room {
                     Some(room) => self.store().key_request_for_session(room, session_id).await?,
                     None => None,
                 };
                 let own_curve = st.account.curve25519_key().to_base64();
-                match accept_forwarded_key(&self.inner.user_id, &own_curve, &decrypted, pending.as_ref()) {
+                match accept_forwarded_key(
+                    &self.inner.user_id,
+                    &own_curve,
+                    &decrypted,
+                    pending.as_ref(),
+                ) {
                     Ok(record) => {
                         if let Some(p) = pending {
                             changes.removed_key_requests.push(p.request_id.clone());
                             // Tell our other devices to stop looking.
                             let cancel = request_content(&self.inner.device_id, &p, None, true);
                             let id = st.next_id();
-                            batch.requests.push(to_device_request(id, "m.room_key_request", [(self.inner.user_id.clone(), "*".to_owned(), cancel)]));
+                            batch.requests.push(to_device_request(
+                                id,
+                                "m.room_key_request",
+                                [(self.inner.user_id.clone(), "*".to_owned(), cancel)],
+                            ));
                         }
                         self.store_inbound(batch, changes, record).await?
                     }
                     Err(e) => ToDeviceOutcome::Rejected(e.into()),
                 }
             }
-            "m.room_key_request" => self.handle_key_request(st, batch, &sender, &decrypted.content, now).await?,
+            "m.room_key_request" => {
+                self.handle_key_request(st, batch, &sender, &decrypted.content, now).await?
+            }
             "m.dummy" => ToDeviceOutcome::Handled,
             _ => ToDeviceOutcome::ForApp,
         };
@@ -491,8 +555,17 @@ impl Machine {
         })
     }
 
-    fn note_wedged(&self, st: &mut State, sender_devices: &[DeviceRecord], sender_key: &str, now: u64) {
-        let recent = st.last_unwedge.get(sender_key).is_some_and(|t| now.saturating_sub(*t) < UNWEDGE_INTERVAL_MS);
+    fn note_wedged(
+        &self,
+        st: &mut State,
+        sender_devices: &[DeviceRecord],
+        sender_key: &str,
+        now: u64,
+    ) {
+        let recent = st
+            .last_unwedge
+            .get(sender_key)
+            .is_some_and(|t| now.saturating_sub(*t) < UNWEDGE_INTERVAL_MS);
         if recent {
             return;
         }
@@ -509,7 +582,7 @@ impl Machine {
     ) -> Result<ToDeviceOutcome, Error> {
         let key = (record.room_id.clone(), record.session_id.clone());
         let existing = match batch.inbound.get(&key) {
-            Some(i) => changes.inbound_group_sessions.get(*i).map(|r| clone_record(r)).transpose()?,
+            Some(i) => changes.inbound_group_sessions.get(*i).map(clone_record).transpose()?,
             None => self.store().inbound_group_session(&key.0, &key.1).await?,
         };
         if let Some(existing) = existing {
@@ -541,14 +614,24 @@ impl Machine {
             // Our own request echoed back by a `*` fan-out, or a cancellation.
             return Ok(ToDeviceOutcome::Handled);
         }
-        let own_devices = if sender == &self.inner.user_id { self.store().devices(sender).await? } else { Vec::new() };
+        let own_devices = if sender == &self.inner.user_id {
+            self.store().devices(sender).await?
+        } else {
+            Vec::new()
+        };
         let requester = own_devices.iter().find(|d| d.device_id == request.device_id);
         let session = match (&request.room_id, &request.session_id) {
             (Some(r), Some(s)) => self.store().inbound_group_session(r, s).await?,
             _ => None,
         };
         let own_curve = st.account.curve25519_key().to_base64();
-        let forwarded = match answer_request(&self.inner.user_id, &own_curve, &request, requester, session.as_ref()) {
+        let forwarded = match answer_request(
+            &self.inner.user_id,
+            &own_curve,
+            &request,
+            requester,
+            session.as_ref(),
+        ) {
             Ok(c) => c,
             Err(e) => return Ok(ToDeviceOutcome::Rejected(e.into())),
         };
@@ -558,14 +641,24 @@ impl Machine {
             // No channel to the device yet; it will ask again.
             return Ok(ToDeviceOutcome::Handled);
         };
-        let encrypted = match olm::encrypt(&st.account, &mut sessions.live[i], device, "m.forwarded_room_key", forwarded) {
+        let encrypted = match olm::encrypt(
+            &st.account,
+            &mut sessions.live[i],
+            device,
+            "m.forwarded_room_key",
+            forwarded,
+        ) {
             Ok(c) => c,
             Err(e) => return Ok(ToDeviceOutcome::Rejected(e.into())),
         };
         sessions.dirty.insert(i);
         let _ = now;
         let id = st.next_id();
-        batch.requests.push(to_device_request(id, "m.room.encrypted", [(device.user_id.clone(), device.device_id.to_string(), encrypted)]));
+        batch.requests.push(to_device_request(
+            id,
+            "m.room.encrypted",
+            [(device.user_id.clone(), device.device_id.to_string(), encrypted)],
+        ));
         Ok(ToDeviceOutcome::KeyRequestAnswered)
     }
 
@@ -594,7 +687,10 @@ impl Machine {
         if !outdated.is_empty() {
             let id = st.next_id();
             st.queries_in_flight.extend(outdated.iter().cloned());
-            out.push(OutgoingRequest { id: id.clone(), kind: RequestKind::KeysQuery { body: keys_query_body(&outdated) } });
+            out.push(OutgoingRequest {
+                id: id.clone(),
+                kind: RequestKind::KeysQuery { body: keys_query_body(&outdated) },
+            });
             st.in_flight.insert(id, Pending::KeysQuery(outdated));
         }
         // Key requests not yet sent, to all our own devices.
@@ -603,7 +699,11 @@ impl Machine {
             let content = request_content(&self.inner.device_id, &request, None, false);
             let id = st.next_id();
             st.in_flight.insert(id.clone(), Pending::KeyRequest);
-            out.push(to_device_request(id, "m.room_key_request", [(self.inner.user_id.clone(), "*".to_owned(), content)]));
+            out.push(to_device_request(
+                id,
+                "m.room_key_request",
+                [(self.inner.user_id.clone(), "*".to_owned(), content)],
+            ));
             request.sent = true;
             changes.key_requests.push(request);
         }
@@ -620,10 +720,14 @@ impl Machine {
     /// Reports that request `id` was sent and the server answered `response`.
     pub async fn mark_request_sent(&self, id: &str, response: &Value) -> Result<(), Error> {
         let mut st = self.inner.state.lock().await;
-        let pending = st.in_flight.remove(id).ok_or_else(|| Error::UnknownRequest(id.to_owned()))?;
+        let pending =
+            st.in_flight.remove(id).ok_or_else(|| Error::UnknownRequest(id.to_owned()))?;
         match pending {
             Pending::KeysUpload => {
-                let count = response.get("one_time_key_counts").and_then(|c| c.get(SIGNED_CURVE25519)).and_then(Value::as_u64);
+                let count = response
+                    .get("one_time_key_counts")
+                    .and_then(|c| c.get(SIGNED_CURVE25519))
+                    .and_then(Value::as_u64);
                 if response.get("one_time_key_counts").is_none() {
                     return Err(Error::BadResponse("keys/upload: one_time_key_counts"));
                 }
@@ -652,20 +756,32 @@ impl Machine {
                 }
                 self.commit(&mut st, changes, false).await
             }
-            Pending::KeysClaim(requested) => self.handle_claim_response(&mut st, &requested, response).await,
+            Pending::KeysClaim(requested) => {
+                self.handle_claim_response(&mut st, &requested, response).await
+            }
             Pending::RoomKeyShare { room_id, session_id, devices, withheld } => {
-                let Some(record) = self.store().outbound_group_session(&room_id).await? else { return Ok(()) };
+                let Some(record) = self.store().outbound_group_session(&room_id).await? else {
+                    return Ok(());
+                };
                 if record.session_id != session_id {
                     return Ok(()); // rotated meanwhile
                 }
                 let mut session = OutboundSession::from_record(record);
                 for (u, d, sender_key, message_index) in devices {
-                    session.meta.shared_with.entry(u).or_default().insert(d, ShareInfo { sender_key, message_index });
+                    session
+                        .meta
+                        .shared_with
+                        .entry(u)
+                        .or_default()
+                        .insert(d, ShareInfo { sender_key, message_index });
                 }
                 for (u, d, code) in withheld {
                     session.meta.withheld_to.entry(u).or_default().insert(d, code);
                 }
-                let changes = Changes { outbound_group_sessions: vec![session.to_record()], ..Default::default() };
+                let changes = Changes {
+                    outbound_group_sessions: vec![session.to_record()],
+                    ..Default::default()
+                };
                 self.commit(&mut st, changes, false).await
             }
             Pending::KeyRequest | Pending::Other => Ok(()),
@@ -675,7 +791,10 @@ impl Machine {
     /// The `/keys/claim` request for devices of `users` that have no Olm
     /// session yet (and for wedged channels), or `None` if there are none.
     /// Devices whose last claim failed are skipped for 15 minutes.
-    pub async fn get_missing_sessions(&self, users: impl IntoIterator<Item = UserId>) -> Result<Option<OutgoingRequest>, Error> {
+    pub async fn get_missing_sessions(
+        &self,
+        users: impl IntoIterator<Item = UserId>,
+    ) -> Result<Option<OutgoingRequest>, Error> {
         let mut st = self.inner.state.lock().await;
         let now = now_ms();
         let own_curve = st.account.curve25519_key().to_base64();
@@ -690,7 +809,9 @@ impl Machine {
                 if st.claim_failures.get(&key).is_some_and(|until| *until > now) {
                     continue;
                 }
-                if self.store().olm_sessions(&d.curve25519).await?.is_empty() && !missing.contains(&key) {
+                if self.store().olm_sessions(&d.curve25519).await?.is_empty()
+                    && !missing.contains(&key)
+                {
                     missing.push(key);
                 }
             }
@@ -708,7 +829,12 @@ impl Machine {
         Ok(Some(OutgoingRequest { id, kind: RequestKind::KeysClaim { body } }))
     }
 
-    async fn handle_claim_response(&self, st: &mut State, requested: &[(UserId, DeviceId)], response: &Value) -> Result<(), Error> {
+    async fn handle_claim_response(
+        &self,
+        st: &mut State,
+        requested: &[(UserId, DeviceId)],
+        response: &Value,
+    ) -> Result<(), Error> {
         if !response.is_object() {
             return Err(Error::BadResponse("keys/claim: not an object"));
         }
@@ -734,7 +860,9 @@ impl Machine {
                 if let Some(device) = devices.get(&key) {
                     let mut live = OlmSession::from_record(record);
                     st.last_unwedge.insert(device.curve25519.clone(), now);
-                    if let Ok(c) = olm::encrypt(&st.account, &mut live, device, "m.dummy", json!({})) {
+                    if let Ok(c) =
+                        olm::encrypt(&st.account, &mut live, device, "m.dummy", json!({}))
+                    {
                         dummies.push((key.0.clone(), key.1.to_string(), c));
                     }
                     changes.olm_sessions.push(live.to_record());
@@ -757,7 +885,12 @@ impl Machine {
     /// handed out by [`outgoing_requests`](Self::outgoing_requests) if not
     /// marked sent). Call after the members' device lists were queried and
     /// [`get_missing_sessions`](Self::get_missing_sessions) answered.
-    pub async fn share_room_key(&self, room_id: &RoomId, members: impl IntoIterator<Item = UserId>, settings: &RoomSettings) -> Result<Vec<OutgoingRequest>, Error> {
+    pub async fn share_room_key(
+        &self,
+        room_id: &RoomId,
+        members: impl IntoIterator<Item = UserId>,
+        settings: &RoomSettings,
+    ) -> Result<Vec<OutgoingRequest>, Error> {
         let mut st = self.inner.state.lock().await;
         let now = now_ms();
         let members: BTreeSet<UserId> = members.into_iter().collect();
@@ -769,7 +902,9 @@ impl Machine {
         let mut outbound = match self.store().outbound_group_session(room_id).await? {
             Some(r) => {
                 let s = OutboundSession::from_record(r);
-                if s.expired(&settings.rotation, now) || audience_shrank(&s, &members, &devices_by_user) {
+                if s.expired(&settings.rotation, now)
+                    || audience_shrank(&s, &members, &devices_by_user)
+                {
                     None
                 } else {
                     Some(s)
@@ -782,17 +917,31 @@ impl Machine {
             changes.inbound_group_sessions.push(s.own_inbound(&st.account));
             outbound = Some(s);
         }
-        let Some(outbound) = outbound else { return Err(Error::NoOutboundSession(room_id.clone())) };
+        let Some(outbound) = outbound else {
+            return Err(Error::NoOutboundSession(room_id.clone()));
+        };
 
         let all: Vec<DeviceRecord> = devices_by_user.into_values().flatten().collect();
         let mut sessions: BTreeMap<String, Vec<OlmSession>> = BTreeMap::new();
         for d in &all {
             if !sessions.contains_key(&d.curve25519) {
-                let live = self.store().olm_sessions(&d.curve25519).await?.into_iter().map(OlmSession::from_record).collect();
+                let live = self
+                    .store()
+                    .olm_sessions(&d.curve25519)
+                    .await?
+                    .into_iter()
+                    .map(OlmSession::from_record)
+                    .collect();
                 sessions.insert(d.curve25519.clone(), live);
             }
         }
-        let plan = plan_share(&st.account, &outbound, &all, |d| sessions.get(&d.curve25519).is_some_and(|s| !s.is_empty()), settings.policy);
+        let plan = plan_share(
+            &st.account,
+            &outbound,
+            &all,
+            |d| sessions.get(&d.curve25519).is_some_and(|s| !s.is_empty()),
+            settings.policy,
+        );
         let room_key = outbound.room_key_content(settings.shared_history);
         let index = outbound.session.message_index();
         let mut messages = Vec::new();
@@ -800,8 +949,9 @@ impl Machine {
         for d in &plan.share {
             let Some(live) = sessions.get_mut(&d.curve25519) else { continue };
             let Some(i) = olm::preferred_session(live) else { continue };
-            let content = olm::encrypt(&st.account, &mut live[i], d, "m.room_key", room_key.clone())
-                .map_err(|_| Error::BadResponse("olm encryption failed"))?;
+            let content =
+                olm::encrypt(&st.account, &mut live[i], d, "m.room_key", room_key.clone())
+                    .map_err(|_| Error::BadResponse("olm encryption failed"))?;
             changes.olm_sessions.push(live[i].to_record());
             messages.push((d.user_id.clone(), d.device_id.to_string(), content));
             shared.push((d.user_id.clone(), d.device_id.clone(), d.curve25519.clone(), index));
@@ -809,7 +959,11 @@ impl Machine {
         let mut withheld_messages = Vec::new();
         let mut withheld = Vec::new();
         for (d, code) in &plan.withhold {
-            withheld_messages.push((d.user_id.clone(), d.device_id.to_string(), withheld_content(&st.account, &outbound, *code)));
+            withheld_messages.push((
+                d.user_id.clone(),
+                d.device_id.to_string(),
+                withheld_content(&st.account, &outbound, *code),
+            ));
             withheld.push((d.user_id.clone(), d.device_id.clone(), code.as_str().to_owned()));
         }
         let session_id = outbound.session_id();
@@ -822,14 +976,31 @@ impl Machine {
         while let Some(chunk) = chunks.next() {
             let id = st.next_id();
             let devices: Vec<_> = shared_iter.by_ref().take(chunk.len()).collect();
-            let w = if chunks.peek().is_none() { std::mem::take(&mut withheld) } else { Vec::new() };
-            st.in_flight.insert(id.clone(), Pending::RoomKeyShare { room_id: room_id.clone(), session_id: session_id.clone(), devices, withheld: w });
+            let w =
+                if chunks.peek().is_none() { std::mem::take(&mut withheld) } else { Vec::new() };
+            st.in_flight.insert(
+                id.clone(),
+                Pending::RoomKeyShare {
+                    room_id: room_id.clone(),
+                    session_id: session_id.clone(),
+                    devices,
+                    withheld: w,
+                },
+            );
             out.push(to_device_request(id, "m.room.encrypted", chunk.to_vec()));
         }
         for chunk in withheld_messages.chunks(TO_DEVICE_CHUNK) {
             let id = st.next_id();
             let w = std::mem::take(&mut withheld);
-            st.in_flight.insert(id.clone(), Pending::RoomKeyShare { room_id: room_id.clone(), session_id: session_id.clone(), devices: Vec::new(), withheld: w });
+            st.in_flight.insert(
+                id.clone(),
+                Pending::RoomKeyShare {
+                    room_id: room_id.clone(),
+                    session_id: session_id.clone(),
+                    devices: Vec::new(),
+                    withheld: w,
+                },
+            );
             out.push(to_device_request(id, "m.room_key.withheld", chunk.to_vec()));
         }
         Ok(out)
@@ -837,16 +1008,26 @@ impl Machine {
 
     /// Encrypts a room event with the room's outbound session. The advanced
     /// ratchet is committed before the ciphertext is returned.
-    pub async fn encrypt_room_event(&self, room_id: &RoomId, event_type: &str, content: Value) -> Result<Value, Error> {
+    pub async fn encrypt_room_event(
+        &self,
+        room_id: &RoomId,
+        event_type: &str,
+        content: Value,
+    ) -> Result<Value, Error> {
         let mut st = self.inner.state.lock().await;
-        let record = self.store().outbound_group_session(room_id).await?.ok_or_else(|| Error::NoOutboundSession(room_id.clone()))?;
+        let record = self
+            .store()
+            .outbound_group_session(room_id)
+            .await?
+            .ok_or_else(|| Error::NoOutboundSession(room_id.clone()))?;
         let mut session = OutboundSession::from_record(record);
         let settings = session.meta.settings.clone();
         if session.expired(&settings, now_ms()) {
             return Err(Error::NoOutboundSession(room_id.clone()));
         }
         let encrypted = session.encrypt(&st.account, event_type, content);
-        let changes = Changes { outbound_group_sessions: vec![session.to_record()], ..Default::default() };
+        let changes =
+            Changes { outbound_group_sessions: vec![session.to_record()], ..Default::default() };
         self.commit(&mut st, changes, false).await?;
         Ok(encrypted)
     }
@@ -855,11 +1036,21 @@ impl Machine {
     ///
     /// When the key is missing the error is [`MegolmError::MissingSession`],
     /// carrying the withheld notice if the sender told us why.
-    pub async fn decrypt_room_event(&self, room_id: &RoomId, event: &Value) -> Result<DecryptedRoomEvent, Error> {
+    pub async fn decrypt_room_event(
+        &self,
+        room_id: &RoomId,
+        event: &Value,
+    ) -> Result<DecryptedRoomEvent, Error> {
         let parsed = parse_room_event(event)?;
-        let Some(session) = self.store().inbound_group_session(room_id, &parsed.session_id).await? else {
-            let withheld = self.store().withheld(room_id, &parsed.session_id).await?;
-            return Err(MegolmError::MissingSession { room_id: room_id.clone(), session_id: parsed.session_id, withheld }.into());
+        let Some(session) = self.store().inbound_group_session(room_id, &parsed.session_id).await?
+        else {
+            let withheld = self.store().withheld(room_id, &parsed.session_id).await?.map(Box::new);
+            return Err(MegolmError::MissingSession {
+                room_id: room_id.clone(),
+                session_id: parsed.session_id,
+                withheld,
+            }
+            .into());
         };
         let mut sender_devices = self.store().devices(&parsed.sender).await?;
         // The replay check reads then writes: hold the lock so two decrypts
@@ -867,14 +1058,19 @@ impl Machine {
         let mut st = self.inner.state.lock().await;
         if parsed.sender == self.inner.user_id {
             // Our own device is not stored among the devices; it is trusted by definition.
-            if let Ok(mut own) = parse_device_keys(&self.inner.user_id, self.inner.device_id.as_str(), &st.account.device_keys()) {
+            if let Ok(mut own) = parse_device_keys(
+                &self.inner.user_id,
+                self.inner.device_id.as_str(),
+                &st.account.device_keys(),
+            ) {
                 own.local_trust = LocalTrust::Verified;
                 sender_devices.push(own);
             }
         }
         let index = parsed.message.message_index();
         let seen = self.store().message_index(room_id, &parsed.session_id, index).await?;
-        let (decrypted, record) = decrypt_room_event(room_id, &parsed, &session, &sender_devices, seen.as_ref())?;
+        let (decrypted, record) =
+            decrypt_room_event(room_id, &parsed, &session, &sender_devices, seen.as_ref())?;
         if let Some(record) = record {
             let changes = Changes { message_indices: vec![record], ..Default::default() };
             self.commit(&mut st, changes, false).await?;
@@ -891,7 +1087,12 @@ impl Machine {
             return Ok(());
         }
         let request_id = st.next_id();
-        let record = KeyRequestRecord { request_id, room_id: room_id.clone(), session_id: parsed.session_id, sent: false };
+        let record = KeyRequestRecord {
+            request_id,
+            room_id: room_id.clone(),
+            session_id: parsed.session_id,
+            sent: false,
+        };
         let changes = Changes { key_requests: vec![record], ..Default::default() };
         self.commit(&mut st, changes, false).await
     }
@@ -902,9 +1103,16 @@ impl Machine {
     }
 
     /// Sets the user's decision about a device (verify or blacklist).
-    pub async fn set_local_trust(&self, user_id: &UserId, device_id: &DeviceId, trust: LocalTrust) -> Result<(), Error> {
+    pub async fn set_local_trust(
+        &self,
+        user_id: &UserId,
+        device_id: &DeviceId,
+        trust: LocalTrust,
+    ) -> Result<(), Error> {
         let mut st = self.inner.state.lock().await;
-        let Some(mut device) = self.store().devices(user_id).await?.into_iter().find(|d| &d.device_id == device_id) else {
+        let Some(mut device) =
+            self.store().devices(user_id).await?.into_iter().find(|d| &d.device_id == device_id)
+        else {
             return Err(Error::BadResponse("unknown device"));
         };
         device.local_trust = trust;
@@ -915,7 +1123,10 @@ impl Machine {
     /// Discards the outbound session of a room, so the next share rotates.
     pub async fn discard_room_key(&self, room_id: &RoomId) -> Result<(), Error> {
         let mut st = self.inner.state.lock().await;
-        let changes = Changes { removed_outbound_group_sessions: vec![room_id.clone()], ..Default::default() };
+        let changes = Changes {
+            removed_outbound_group_sessions: vec![room_id.clone()],
+            ..Default::default()
+        };
         self.commit(&mut st, changes, false).await
     }
 
@@ -939,7 +1150,12 @@ impl Machine {
     /// Imports a key export file. `progress(done, total)` is called as keys
     /// are processed. Existing sessions are only replaced by ones that start
     /// at a lower index.
-    pub async fn import_room_keys(&self, file: &str, passphrase: &str, mut progress: impl FnMut(usize, usize)) -> Result<ImportSummary, Error> {
+    pub async fn import_room_keys(
+        &self,
+        file: &str,
+        passphrase: &str,
+        mut progress: impl FnMut(usize, usize),
+    ) -> Result<ImportSummary, Error> {
         let keys = decrypt_export(file, passphrase)?;
         let total = keys.len();
         let mut summary = ImportSummary { total, ..Default::default() };
@@ -951,7 +1167,9 @@ impl Machine {
                 Ok(record) => {
                     let k = (record.room_id.clone(), record.session_id.clone());
                     let existing = match seen.get(&k) {
-                        Some(j) => changes.inbound_group_sessions.get(*j).map(clone_record).transpose()?,
+                        Some(j) => {
+                            changes.inbound_group_sessions.get(*j).map(clone_record).transpose()?
+                        }
                         None => self.store().inbound_group_session(&k.0, &k.1).await?,
                     };
                     let better = match &existing {
@@ -998,7 +1216,11 @@ fn clone_record(r: &InboundGroupSessionRecord) -> Result<InboundGroupSessionReco
         .map_err(|_| Error::Store(StoreError::Corrupt("session record".into())))
 }
 
-fn to_device_request(id: String, event_type: &str, messages: impl IntoIterator<Item = (UserId, String, Value)>) -> OutgoingRequest {
+fn to_device_request(
+    id: String,
+    event_type: &str,
+    messages: impl IntoIterator<Item = (UserId, String, Value)>,
+) -> OutgoingRequest {
     let mut map: Map<String, Value> = Map::new();
     for (u, d, c) in messages {
         let user = map.entry(u.to_string()).or_insert_with(|| Value::Object(Map::new()));
@@ -1008,6 +1230,10 @@ fn to_device_request(id: String, event_type: &str, messages: impl IntoIterator<I
     }
     OutgoingRequest {
         id: id.clone(),
-        kind: RequestKind::ToDevice { event_type: event_type.to_owned(), txn_id: id, body: json!({ "messages": map }) },
+        kind: RequestKind::ToDevice {
+            event_type: event_type.to_owned(),
+            txn_id: id,
+            body: json!({ "messages": map }),
+        },
     }
 }
