@@ -128,10 +128,7 @@ impl fmt::Debug for ExportedRoomKey {
             .field("session_id", &self.session_id)
             .field("session_key", &"<redacted>")
             .field("sender_claimed_keys", &self.sender_claimed_keys)
-            .field(
-                "forwarding_curve25519_key_chain",
-                &self.forwarding_curve25519_key_chain,
-            )
+            .field("forwarding_curve25519_key_chain", &self.forwarding_curve25519_key_chain)
             .field("shared_history", &self.shared_history)
             .finish()
     }
@@ -188,9 +185,8 @@ pub fn encrypt_export(
     }
     // Reserve up front so serialising does not reallocate and leave
     // unzeroised copies of session keys behind.
-    let mut payload = Zeroizing::new(Vec::with_capacity(
-        HEADER_LEN + estimated_json_len(keys) + MAC_LEN,
-    ));
+    let mut payload =
+        Zeroizing::new(Vec::with_capacity(HEADER_LEN + estimated_json_len(keys) + MAC_LEN));
     payload.resize(HEADER_LEN, 0);
     serde_json::to_writer(&mut *payload, keys).map_err(json_error)?;
     seal(payload, passphrase, rounds)
@@ -281,9 +277,7 @@ pub fn decrypt_export_bytes(
         return Err(ExportError::ZeroRounds);
     }
     let keys = DerivedKeys::new(passphrase, parts.salt, parts.rounds);
-    keys.mac(parts.authenticated)
-        .verify_slice(parts.mac)
-        .map_err(|_| ExportError::BadMac)?;
+    keys.mac(parts.authenticated).verify_slice(parts.mac).map_err(|_| ExportError::BadMac)?;
     let mut plaintext = Zeroizing::new(parts.ciphertext.to_vec());
     keys.cipher(parts.iv).apply_keystream(&mut plaintext);
     Ok(plaintext)
@@ -298,12 +292,8 @@ fn seal(
 ) -> Result<String, ExportError> {
     let mut salt = [0u8; SALT_LEN];
     let mut iv = [0u8; IV_LEN];
-    OsRng
-        .try_fill_bytes(&mut salt)
-        .map_err(|e| ExportError::Rng(e.to_string()))?;
-    OsRng
-        .try_fill_bytes(&mut iv)
-        .map_err(|e| ExportError::Rng(e.to_string()))?;
+    OsRng.try_fill_bytes(&mut salt).map_err(|e| ExportError::Rng(e.to_string()))?;
+    OsRng.try_fill_bytes(&mut iv).map_err(|e| ExportError::Rng(e.to_string()))?;
     // Clear bit 63 so that 64- and 128-bit CTR counters agree (see `Aes256Ctr`).
     iv[8] &= 0x7f;
 
@@ -320,9 +310,7 @@ fn seal(
     let mac = keys.mac(&payload).finalize().into_bytes();
     payload.extend_from_slice(&mac);
 
-    Ok(armor(
-        &base64::engine::general_purpose::STANDARD.encode(&*payload),
-    ))
+    Ok(armor(&base64::engine::general_purpose::STANDARD.encode(&*payload)))
 }
 
 fn armor(encoded: &str) -> String {
@@ -363,9 +351,7 @@ fn decode_base64_body(body: &str) -> Result<Vec<u8>, ExportError> {
             None => rest.len(),
         };
         let (segment, tail) = rest.split_at(end);
-        LENIENT_BASE64
-            .decode_vec(segment, &mut out)
-            .map_err(|_| ExportError::Base64)?;
+        LENIENT_BASE64.decode_vec(segment, &mut out).map_err(|_| ExportError::Base64)?;
         rest = tail;
     }
     Ok(out)
@@ -389,25 +375,13 @@ impl<'a> Payload<'a> {
             Some(&VERSION) => {}
             Some(&other) => return Err(ExportError::UnsupportedVersion(other)),
         }
-        let (authenticated, mac) = payload
-            .split_last_chunk::<MAC_LEN>()
-            .ok_or(ExportError::TooShort)?;
+        let (authenticated, mac) =
+            payload.split_last_chunk::<MAC_LEN>().ok_or(ExportError::TooShort)?;
         let rest = authenticated.get(1..).ok_or(ExportError::TooShort)?;
-        let (salt, rest) = rest
-            .split_first_chunk::<SALT_LEN>()
-            .ok_or(ExportError::TooShort)?;
-        let (iv, rest) = rest
-            .split_first_chunk::<IV_LEN>()
-            .ok_or(ExportError::TooShort)?;
+        let (salt, rest) = rest.split_first_chunk::<SALT_LEN>().ok_or(ExportError::TooShort)?;
+        let (iv, rest) = rest.split_first_chunk::<IV_LEN>().ok_or(ExportError::TooShort)?;
         let (rounds, ciphertext) = rest.split_first_chunk::<4>().ok_or(ExportError::TooShort)?;
-        Ok(Self {
-            salt,
-            iv,
-            rounds: u32::from_be_bytes(*rounds),
-            ciphertext,
-            authenticated,
-            mac,
-        })
+        Ok(Self { salt, iv, rounds: u32::from_be_bytes(*rounds), ciphertext, authenticated, mac })
     }
 }
 
@@ -421,10 +395,8 @@ impl DerivedKeys {
     fn new(passphrase: &str, salt: &[u8; SALT_LEN], rounds: u32) -> Self {
         let mut okm = Zeroizing::new([0u8; 2 * KEY_LEN]);
         pbkdf2::pbkdf2_hmac::<Sha512>(passphrase.as_bytes(), salt, rounds, okm.as_mut_slice());
-        let mut keys = Self {
-            aes: Zeroizing::new([0u8; KEY_LEN]),
-            mac: Zeroizing::new([0u8; KEY_LEN]),
-        };
+        let mut keys =
+            Self { aes: Zeroizing::new([0u8; KEY_LEN]), mac: Zeroizing::new([0u8; KEY_LEN]) };
         keys.aes.copy_from_slice(&okm[..KEY_LEN]);
         keys.mac.copy_from_slice(&okm[KEY_LEN..]);
         keys
@@ -452,12 +424,8 @@ fn for_each_key<B>(
     f: impl FnMut(ExportedRoomKey) -> ControlFlow<B>,
 ) -> Result<ControlFlow<B, usize>, ExportError> {
     let mut deserializer = serde_json::Deserializer::from_slice(json);
-    let flow = deserializer
-        .deserialize_seq(EachKey {
-            f,
-            _break: PhantomData,
-        })
-        .map_err(json_error)?;
+    let flow =
+        deserializer.deserialize_seq(EachKey { f, _break: PhantomData }).map_err(json_error)?;
     deserializer.end().map_err(json_error)?;
     Ok(flow)
 }
@@ -516,14 +484,8 @@ fn estimated_json_len(keys: &[ExportedRoomKey]) -> usize {
                 + k.sender_key.len()
                 + k.session_id.len()
                 + k.session_key.len()
-                + k.sender_claimed_keys
-                    .iter()
-                    .map(|(a, b)| a.len() + b.len() + 8)
-                    .sum::<usize>()
-                + k.forwarding_curve25519_key_chain
-                    .iter()
-                    .map(|c| c.len() + 4)
-                    .sum::<usize>();
+                + k.sender_claimed_keys.iter().map(|(a, b)| a.len() + b.len() + 8).sum::<usize>()
+                + k.forwarding_curve25519_key_chain.iter().map(|c| c.len() + 4).sum::<usize>();
             // Field names and punctuation take about 200 bytes; escaping can
             // at most double a string (\" or \\), and \u00XX is rare.
             2 * strings + 256
@@ -563,10 +525,7 @@ mod tests {
         let file = encrypt_export(&keys, "pässwörd", 1).unwrap();
         assert_eq!(decrypt_export(&file, "pässwörd").unwrap(), keys);
         assert_eq!(decrypt_export(&file, "password"), Err(ExportError::BadMac));
-        assert_eq!(
-            decrypt_export(&encrypt_export(&[], "p", 1).unwrap(), "p").unwrap(),
-            vec![]
-        );
+        assert_eq!(decrypt_export(&encrypt_export(&[], "p", 1).unwrap(), "p").unwrap(), vec![]);
     }
 
     #[test]
@@ -616,14 +575,8 @@ mod tests {
 
     #[test]
     fn zero_rounds_rejected() {
-        assert_eq!(
-            encrypt_export(&[key(1)], "p", 0),
-            Err(ExportError::ZeroRounds)
-        );
-        assert_eq!(
-            encrypt_export_bytes(b"[]", "p", 0),
-            Err(ExportError::ZeroRounds)
-        );
+        assert_eq!(encrypt_export(&[key(1)], "p", 0), Err(ExportError::ZeroRounds));
+        assert_eq!(encrypt_export_bytes(b"[]", "p", 0), Err(ExportError::ZeroRounds));
         // A file that claims zero rounds.
         let file = encrypt_export(&[key(1)], "p", 1).unwrap();
         let mut payload = decode_base64_body(armored_body(&file).unwrap()).unwrap();
@@ -636,18 +589,12 @@ mod tests {
     fn missing_header_and_footer() {
         let file = encrypt_export(&[key(1)], "p", 1).unwrap();
         assert_eq!(decrypt_export("", "p"), Err(ExportError::MissingHeader));
-        assert_eq!(
-            decrypt_export("-----", "p"),
-            Err(ExportError::MissingHeader)
-        );
+        assert_eq!(decrypt_export("-----", "p"), Err(ExportError::MissingHeader));
         assert_eq!(
             decrypt_export(&file.replace("BEGIN", "BEGUN"), "p"),
             Err(ExportError::MissingHeader)
         );
-        assert_eq!(
-            decrypt_export(&file.replace(FOOTER, ""), "p"),
-            Err(ExportError::MissingFooter)
-        );
+        assert_eq!(decrypt_export(&file.replace(FOOTER, ""), "p"), Err(ExportError::MissingFooter));
         assert_eq!(
             decrypt_export(&format!("{HEADER}\n-----"), "p"),
             Err(ExportError::MissingFooter)
@@ -661,14 +608,8 @@ mod tests {
             "{HEADER}\nAXNhbHRzYWx0c2FsdHNhbHSIiIiIiIiIiIiIiIiIiIiIAAAACmIRUW2OjZ3L2l6j9h0lHlV3M2dx\ncissyYBxjsfsAn\n{FOOTER}\n"
         );
         assert_eq!(decrypt_export(&short, "p"), Err(ExportError::TooShort));
-        assert_eq!(
-            decrypt_export(&rearmor(""), "p"),
-            Err(ExportError::TooShort)
-        );
-        assert_eq!(
-            decrypt_export(&rearmor("AQ"), "p"),
-            Err(ExportError::TooShort)
-        );
+        assert_eq!(decrypt_export(&rearmor(""), "p"), Err(ExportError::TooShort));
+        assert_eq!(decrypt_export(&rearmor("AQ"), "p"), Err(ExportError::TooShort));
 
         let file = encrypt_export(&[key(1)], "p", 1).unwrap();
         let body = body_of(&file);
@@ -685,23 +626,11 @@ mod tests {
 
     #[test]
     fn garbage_base64() {
-        assert_eq!(
-            decrypt_export(&rearmor("AQ!@#$"), "p"),
-            Err(ExportError::Base64)
-        );
+        assert_eq!(decrypt_export(&rearmor("AQ!@#$"), "p"), Err(ExportError::Base64));
         assert_eq!(decrypt_export(&rearmor("A"), "p"), Err(ExportError::Base64));
-        assert_eq!(
-            decrypt_export(&rearmor("===="), "p"),
-            Err(ExportError::Base64)
-        );
-        assert_eq!(
-            decrypt_export(&rearmor("AQ=A"), "p"),
-            Err(ExportError::Base64)
-        );
-        assert_eq!(
-            decrypt_export(&rearmor("Zm9v\u{e9}"), "p"),
-            Err(ExportError::Base64)
-        );
+        assert_eq!(decrypt_export(&rearmor("===="), "p"), Err(ExportError::Base64));
+        assert_eq!(decrypt_export(&rearmor("AQ=A"), "p"), Err(ExportError::Base64));
+        assert_eq!(decrypt_export(&rearmor("Zm9v\u{e9}"), "p"), Err(ExportError::Base64));
     }
 
     #[test]
@@ -710,14 +639,8 @@ mod tests {
         let mut payload = decode_base64_body(armored_body(&file).unwrap()).unwrap();
         payload[0] = 2;
         let v2 = rearmor(&base64::engine::general_purpose::STANDARD.encode(&payload));
-        assert_eq!(
-            decrypt_export(&v2, "p"),
-            Err(ExportError::UnsupportedVersion(2))
-        );
-        assert_eq!(
-            decrypt_export(&rearmor("Ag"), "p"),
-            Err(ExportError::UnsupportedVersion(2))
-        );
+        assert_eq!(decrypt_export(&v2, "p"), Err(ExportError::UnsupportedVersion(2)));
+        assert_eq!(decrypt_export(&rearmor("Ag"), "p"), Err(ExportError::UnsupportedVersion(2)));
     }
 
     #[test]
@@ -767,23 +690,11 @@ mod tests {
         // `shared_history: false` is left out when writing.
         let json = serde_json::to_string(&keys[0]).unwrap();
         assert!(!json.contains("shared_history"));
-        assert!(serde_json::to_string(&key(2))
-            .unwrap()
-            .contains(r#""shared_history":true"#));
+        assert!(serde_json::to_string(&key(2)).unwrap().contains(r#""shared_history":true"#));
 
-        for bad in [
-            &b"{}"[..],
-            b"[1]",
-            b"",
-            b"[] x",
-            br#"[{"room_id":"!r:x"}]"#,
-            b"\xff",
-        ] {
+        for bad in [&b"{}"[..], b"[1]", b"", b"[] x", br#"[{"room_id":"!r:x"}]"#, b"\xff"] {
             let file = encrypt_export_bytes(bad, "p", 1).unwrap();
-            assert!(
-                matches!(decrypt_export(&file, "p"), Err(ExportError::Json(_))),
-                "{bad:?}"
-            );
+            assert!(matches!(decrypt_export(&file, "p"), Err(ExportError::Json(_))), "{bad:?}");
         }
         // Error messages do not quote values from the file.
         let leaky = br#"[{"algorithm":"a","room_id":"r","sender_key":"s","session_id":"i","session_key":"k","sender_claimed_keys":"TOPSECRET"}]"#;
@@ -803,9 +714,7 @@ mod tests {
         })
         .unwrap();
         assert_eq!(flow, ControlFlow::Continue(4));
-        let expected: Vec<_> = (0..4)
-            .map(|n| (format!("session{n}"), n as usize + 1, 4))
-            .collect();
+        let expected: Vec<_> = (0..4).map(|n| (format!("session{n}"), n as usize + 1, 4)).collect();
         assert_eq!(seen, expected);
 
         let mut calls = 0;
@@ -824,14 +733,11 @@ mod tests {
         // A bad entry anywhere means no key is handed out.
         let raw = br#"[{"algorithm":"a","room_id":"r","sender_key":"s","session_id":"i","session_key":"k"},{"algorithm":1}]"#;
         let mut calls = 0;
-        let result = decrypt_export_with(
-            &encrypt_export_bytes(raw, "p", 1).unwrap(),
-            "p",
-            |_, _, _| {
+        let result =
+            decrypt_export_with(&encrypt_export_bytes(raw, "p", 1).unwrap(), "p", |_, _, _| {
                 calls += 1;
                 ControlFlow::<()>::Continue(())
-            },
-        );
+            });
         assert!(matches!(result, Err(ExportError::Json(_))));
         assert_eq!(calls, 0);
     }
