@@ -5,7 +5,8 @@
 use std::sync::Arc;
 
 use newt::{
-    DecryptedRoomEvent, DeviceId, Machine, RoomId, RoomSettings, SyncChanges, SyncOutcome, UserId,
+    DecryptedRoomEvent, DeviceId, Machine, OutgoingRequest, RoomId, RoomSettings, SyncChanges,
+    SyncOutcome, UserId,
 };
 use newt_router::Router;
 use newt_store::Store;
@@ -55,6 +56,20 @@ impl SimDevice {
         Ok(Self { machine, user, device, router })
     }
 
+    /// Sends one request through the router and reports the response.
+    pub async fn send(&self, request: &OutgoingRequest) -> Result<(), SimError> {
+        let (method, path) = request.kind.method_and_path();
+        let response = self.router.handle(
+            self.user.as_str(),
+            self.device.as_str(),
+            method,
+            &path,
+            request.kind.body(),
+        )?;
+        self.machine.mark_request_sent(&request.id, &response).await?;
+        Ok(())
+    }
+
     /// Sends every outgoing request and reports the responses, until none
     /// are left. Returns how many requests went out.
     pub async fn flush(&self) -> Result<usize, SimError> {
@@ -64,16 +79,8 @@ impl SimDevice {
             if requests.is_empty() {
                 return Ok(sent);
             }
-            for r in requests {
-                let (method, path) = r.kind.method_and_path();
-                let response = self.router.handle(
-                    self.user.as_str(),
-                    self.device.as_str(),
-                    method,
-                    &path,
-                    r.kind.body(),
-                )?;
-                self.machine.mark_request_sent(&r.id, &response).await?;
+            for r in &requests {
+                self.send(r).await?;
                 sent += 1;
             }
         }
@@ -116,28 +123,12 @@ impl SimDevice {
         self.machine.update_tracked_users(members.iter().cloned()).await?;
         self.flush().await?;
         if let Some(claim) = self.machine.get_missing_sessions(members.iter().cloned()).await? {
-            let (method, path) = claim.kind.method_and_path();
-            let response = self.router.handle(
-                self.user.as_str(),
-                self.device.as_str(),
-                method,
-                &path,
-                claim.kind.body(),
-            )?;
-            self.machine.mark_request_sent(&claim.id, &response).await?;
+            self.send(&claim).await?;
         }
         let requests = self.machine.share_room_key(room, members.iter().cloned(), settings).await?;
         let n = requests.len();
-        for r in requests {
-            let (method, path) = r.kind.method_and_path();
-            let response = self.router.handle(
-                self.user.as_str(),
-                self.device.as_str(),
-                method,
-                &path,
-                r.kind.body(),
-            )?;
-            self.machine.mark_request_sent(&r.id, &response).await?;
+        for r in &requests {
+            self.send(r).await?;
         }
         self.flush().await?;
         Ok(n)

@@ -71,18 +71,11 @@ impl OwnAccount {
     /// so call it once per commit.
     pub fn to_record(&mut self) -> AccountRecord {
         self.generation += 1;
-        AccountRecord {
-            user_id: self.user_id.clone(),
-            device_id: self.device_id.clone(),
-            pickle: self.inner.pickle(),
-            shared: self.shared,
-            uploaded_one_time_key_count: self.uploaded_one_time_key_count,
-            fallback_key_created_at: self.fallback_key_created_at,
-            generation: self.generation,
-        }
+        self.initial_record()
     }
 
-    /// The record for a brand-new account (generation 0).
+    /// The record as it is, without bumping the generation: for a brand-new
+    /// account's first write.
     pub fn initial_record(&self) -> AccountRecord {
         AccountRecord {
             user_id: self.user_id.clone(),

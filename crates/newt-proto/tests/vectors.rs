@@ -29,22 +29,15 @@ const LENIENT: GeneralPurpose = GeneralPurpose::new(
 );
 
 fn load(name: &str) -> Value {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../test-vectors")
-        .join(name);
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../test-vectors").join(name);
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let value: Value = serde_json::from_str(&text).unwrap();
-    assert!(
-        value.get("provenance").is_some(),
-        "{name} has no provenance"
-    );
+    assert!(value.get("provenance").is_some(), "{name} has no provenance");
     value
 }
 
 fn str_of<'a>(v: &'a Value, field: &str) -> &'a str {
-    v[field]
-        .as_str()
-        .unwrap_or_else(|| panic!("missing string field {field}"))
+    v[field].as_str().unwrap_or_else(|| panic!("missing string field {field}"))
 }
 
 #[test]
@@ -56,11 +49,7 @@ fn canonical_json_spec_examples() {
         let input = str_of(case, "input");
         let expected = str_of(case, "output");
         let parsed: Value = serde_json::from_str(input).unwrap();
-        assert_eq!(
-            canonical_json(&parsed).as_deref(),
-            Ok(expected),
-            "input {input:?}"
-        );
+        assert_eq!(canonical_json(&parsed).as_deref(), Ok(expected), "input {input:?}");
         // Canonical JSON is a fixed point.
         let reparsed: Value = serde_json::from_str(expected).unwrap();
         assert_eq!(canonical_json(&reparsed).as_deref(), Ok(expected));
@@ -70,11 +59,8 @@ fn canonical_json_spec_examples() {
 #[test]
 fn json_signing_spec_examples() {
     let vectors = load("json-signing.json");
-    let seed: [u8; 32] = LENIENT
-        .decode(str_of(&vectors, "signing_key_seed"))
-        .unwrap()
-        .try_into()
-        .unwrap();
+    let seed: [u8; 32] =
+        LENIENT.decode(str_of(&vectors, "signing_key_seed")).unwrap().try_into().unwrap();
     let secret = Ed25519SecretKey::from_slice(&seed);
     let public = secret.public_key();
     let entity = str_of(&vectors, "entity");
@@ -128,10 +114,7 @@ fn payload_of(file: &str) -> Vec<u8> {
 /// matrix-js-sdk style: `raw_per_line` raw bytes per line, each line base64'd
 /// separately with padding, CRLF line ends.
 fn rewrap(payload: &[u8], raw_per_line: usize) -> String {
-    let lines: Vec<String> = payload
-        .chunks(raw_per_line)
-        .map(|c| STANDARD.encode(c))
-        .collect();
+    let lines: Vec<String> = payload.chunks(raw_per_line).map(|c| STANDARD.encode(c)).collect();
     format!("{HEADER}\r\n{}\r\n{FOOTER}\r\n", lines.join("\r\n"))
 }
 
@@ -147,26 +130,14 @@ fn key_export_vectors() {
         let expected = &export["expected"];
 
         let keys = decrypt_export(file, passphrase).unwrap_or_else(|e| panic!("{name}: {e}"));
-        assert_eq!(
-            keys.len() as u64,
-            expected["session_count"].as_u64().unwrap(),
-            "{name}"
-        );
+        assert_eq!(keys.len() as u64, expected["session_count"].as_u64().unwrap(), "{name}");
         // Field for field, and nothing lost or added on the way back out.
-        assert_eq!(
-            serde_json::to_value(&keys).unwrap(),
-            expected["sessions"],
-            "{name}"
-        );
+        assert_eq!(serde_json::to_value(&keys).unwrap(), expected["sessions"], "{name}");
         let typed: Vec<ExportedRoomKey> =
             serde_json::from_value(expected["sessions"].clone()).unwrap();
         assert_eq!(keys, typed);
 
-        assert_eq!(
-            decrypt_export(file, "not the passphrase"),
-            Err(ExportError::BadMac),
-            "{name}"
-        );
+        assert_eq!(decrypt_export(file, "not the passphrase"), Err(ExportError::BadMac), "{name}");
 
         let payload = payload_of(file);
         assert_eq!(payload[0], 1);
@@ -189,10 +160,7 @@ fn key_export_vectors() {
         // Re-wrapped as matrix-js-sdk writes it (96 raw bytes a line), and with
         // padding in the middle of the body (50 raw bytes a line).
         for raw_per_line in [96, 50, 1] {
-            assert_eq!(
-                decrypt_export(&rewrap(&payload, raw_per_line), passphrase).unwrap(),
-                keys
-            );
+            assert_eq!(decrypt_export(&rewrap(&payload, raw_per_line), passphrase).unwrap(), keys);
         }
 
         // Our own output of the same keys reads back.
@@ -200,10 +168,7 @@ fn key_export_vectors() {
         assert_eq!(decrypt_export(&ours, "another passphrase").unwrap(), keys);
 
         if let Some(event) = export.get("megolm_event") {
-            let key = keys
-                .iter()
-                .find(|k| k.session_id == str_of(event, "session_id"))
-                .unwrap();
+            let key = keys.iter().find(|k| k.session_id == str_of(event, "session_id")).unwrap();
             assert_eq!(key.room_id, str_of(event, "room_id"));
             let session_key = ExportedSessionKey::from_base64(&key.session_key).unwrap();
             let mut session = InboundGroupSession::import(&session_key, SessionConfig::version_1());
@@ -228,11 +193,7 @@ fn key_export_payload_vectors() {
         let passphrase = str_of(case, "passphrase");
         let plaintext =
             decrypt_export_bytes(file, passphrase).unwrap_or_else(|e| panic!("{name}: {e}"));
-        assert_eq!(
-            &plaintext[..],
-            str_of(case, "plaintext").as_bytes(),
-            "{name}"
-        );
+        assert_eq!(&plaintext[..], str_of(case, "plaintext").as_bytes(), "{name}");
         assert_eq!(
             decrypt_export_bytes(file, "wrong").map(|_| ()),
             Err(ExportError::BadMac),

@@ -46,20 +46,13 @@ pub(crate) fn prepare(cipher: &Cipher, changes: Changes) -> Result<Prepared, Sto
     };
 
     for room in &changes.removed_outbound_group_sessions {
-        writes.push(delete(
-            &OUTBOUND,
-            &["room_hash"],
-            vec![cipher.key(Kind::Room, room.as_str())],
-        ));
+        writes.push(delete(&OUTBOUND, &["room_hash"], vec![cipher.key(Kind::Room, room.as_str())]));
     }
     for (user, device) in &changes.removed_devices {
         writes.push(delete(
             &DEVICES,
             &["user_hash", "device_hash"],
-            vec![
-                cipher.key(Kind::User, user.as_str()),
-                cipher.key(Kind::Device, device.as_str()),
-            ],
+            vec![cipher.key(Kind::User, user.as_str()), cipher.key(Kind::Device, device.as_str())],
         ));
     }
     for user in &changes.untracked_users {
@@ -70,20 +63,11 @@ pub(crate) fn prepare(cipher: &Cipher, changes: Changes) -> Result<Prepared, Sto
         ));
     }
     for id in &changes.removed_key_requests {
-        writes.push(delete(
-            &KEY_REQUESTS,
-            &["request_hash"],
-            vec![cipher.key(Kind::Request, id)],
-        ));
+        writes.push(delete(&KEY_REQUESTS, &["request_hash"], vec![cipher.key(Kind::Request, id)]));
     }
 
     if let Some(account) = &changes.account {
-        writes.push(upsert(
-            cipher,
-            &SINGLETONS,
-            vec![Value::Text(ACCOUNT.into())],
-            account,
-        )?);
+        writes.push(upsert(cipher, &SINGLETONS, vec![Value::Text(ACCOUNT.into())], account)?);
     }
     for s in &changes.olm_sessions {
         let keys = vec![
@@ -148,17 +132,9 @@ pub(crate) fn prepare(cipher: &Cipher, changes: Changes) -> Result<Prepared, Sto
         writes.push(upsert(cipher, &MESSAGE_INDICES, keys, m)?);
     }
     if let Some(token) = &changes.sync_token {
-        writes.push(upsert(
-            cipher,
-            &SINGLETONS,
-            vec![Value::Text(SYNC_TOKEN.into())],
-            token,
-        )?);
+        writes.push(upsert(cipher, &SINGLETONS, vec![Value::Text(SYNC_TOKEN.into())], token)?);
     }
-    Ok(Prepared {
-        account: changes.account,
-        writes,
-    })
+    Ok(Prepared { account: changes.account, writes })
 }
 
 fn upsert<T: Serialize>(
@@ -170,10 +146,7 @@ fn upsert<T: Serialize>(
     let sealed = cipher.seal_json(table.name, &keys, record)?;
     let mut params = keys;
     params.push(Value::Blob(sealed));
-    Ok(Write {
-        sql: table.upsert_sql(),
-        params,
-    })
+    Ok(Write { sql: table.upsert_sql(), params })
 }
 
 /// Commits prepared changes in one immediate transaction. The account
@@ -202,8 +175,7 @@ pub(crate) fn commit(
         check_generation(stored.as_ref(), incoming)?;
     }
     for write in &prepared.writes {
-        tx.prepare_cached(&write.sql)?
-            .execute(params_from_iter(&write.params))?;
+        tx.prepare_cached(&write.sql)?.execute(params_from_iter(&write.params))?;
     }
     tx.commit()?;
     Ok(())

@@ -152,13 +152,7 @@ pub(crate) fn seal_with(
     let mut nonce = [0u8; NONCE_LEN];
     OsRng.fill_bytes(&mut nonce);
     let ciphertext = key
-        .encrypt(
-            Nonce::from_slice(&nonce),
-            Payload {
-                msg: plaintext,
-                aad: ad,
-            },
-        )
+        .encrypt(Nonce::from_slice(&nonce), Payload { msg: plaintext, aad: ad })
         .map_err(|_| StoreError::Backend("AES-GCM encryption failed".into()))?;
     let mut sealed = Vec::with_capacity(NONCE_LEN + ciphertext.len());
     sealed.extend_from_slice(&nonce);
@@ -172,15 +166,9 @@ pub(crate) fn open_with(key: &Aes256Gcm, ad: &[u8], sealed: &[u8]) -> Option<Zer
         return None;
     }
     let (nonce, ciphertext) = sealed.split_at(NONCE_LEN);
-    key.decrypt(
-        Nonce::from_slice(nonce),
-        Payload {
-            msg: ciphertext,
-            aad: ad,
-        },
-    )
-    .ok()
-    .map(Zeroizing::new)
+    key.decrypt(Nonce::from_slice(nonce), Payload { msg: ciphertext, aad: ad })
+        .ok()
+        .map(Zeroizing::new)
 }
 
 /// The associated data binding a value to its row: the table name and every
@@ -251,22 +239,13 @@ mod tests {
         let c = cipher(1);
         assert_eq!(c.hash(Kind::User, "@a:x"), c.hash(Kind::User, "@a:x"));
         assert_ne!(c.hash(Kind::User, "@a:x"), c.hash(Kind::Device, "@a:x"));
-        assert_ne!(
-            c.hash(Kind::User, "@a:x"),
-            cipher(2).hash(Kind::User, "@a:x")
-        );
+        assert_ne!(c.hash(Kind::User, "@a:x"), cipher(2).hash(Kind::User, "@a:x"));
     }
 
     #[test]
     fn associated_data_is_unambiguous() {
-        let a = associated_data(
-            "t",
-            &[Value::Blob(b"ab".to_vec()), Value::Blob(b"c".to_vec())],
-        );
-        let b = associated_data(
-            "t",
-            &[Value::Blob(b"a".to_vec()), Value::Blob(b"bc".to_vec())],
-        );
+        let a = associated_data("t", &[Value::Blob(b"ab".to_vec()), Value::Blob(b"c".to_vec())]);
+        let b = associated_data("t", &[Value::Blob(b"a".to_vec()), Value::Blob(b"bc".to_vec())]);
         assert_ne!(a, b);
     }
 }

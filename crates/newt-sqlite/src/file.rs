@@ -33,10 +33,7 @@ pub(crate) fn inspect(path: &Path) -> Result<FileState, StoreError> {
         Err(e) if e.kind() == ErrorKind::NotFound => return Ok(FileState::New),
         Err(e) => return Err(StoreError::Backend(Box::new(e))),
     };
-    let len = file
-        .metadata()
-        .map_err(|e| StoreError::Backend(Box::new(e)))?
-        .len();
+    let len = file.metadata().map_err(|e| StoreError::Backend(Box::new(e)))?.len();
     if len == 0 {
         return Ok(FileState::New);
     }
@@ -51,10 +48,7 @@ pub(crate) fn inspect(path: &Path) -> Result<FileState, StoreError> {
         }
     }
     if read < HEADER_LEN || header[..16] != MAGIC[..] {
-        return Err(StoreError::Corrupt(format!(
-            "{} is not an SQLite database",
-            path.display()
-        )));
+        return Err(StoreError::Corrupt(format!("{} is not an SQLite database", path.display())));
     }
     let page_size = match u16::from_be_bytes([header[16], header[17]]) {
         1 => 65536,

@@ -112,12 +112,9 @@ impl KekSource {
         OsRng.fill_bytes(&mut salt);
         match key {
             StoreKey::Raw(_) => KekSource::HkdfSha256 { salt },
-            StoreKey::Passphrase(_) => KekSource::Argon2id {
-                m_kib: ARGON2_M_KIB,
-                t: ARGON2_T,
-                p: ARGON2_P,
-                salt,
-            },
+            StoreKey::Passphrase(_) => {
+                KekSource::Argon2id { m_kib: ARGON2_M_KIB, t: ARGON2_T, p: ARGON2_P, salt }
+            }
         }
     }
 
@@ -167,16 +164,12 @@ pub(crate) fn read(conn: &Connection) -> Result<Option<KeyMaterial>, TxError> {
             .query_row([name], |row| row.get(0))
             .optional()
     };
-    Ok(
-        match (get(META_KEK)?, get(META_DATA_KEY)?, get(META_KEY_CHECK)?) {
-            (Some(kek), Some(data_key), Some(key_check)) => Some(KeyMaterial {
-                kek,
-                data_key,
-                key_check,
-            }),
-            _ => None,
-        },
-    )
+    Ok(match (get(META_KEK)?, get(META_DATA_KEY)?, get(META_KEY_CHECK)?) {
+        (Some(kek), Some(data_key), Some(key_check)) => {
+            Some(KeyMaterial { kek, data_key, key_check })
+        }
+        _ => None,
+    })
 }
 
 /// The random key every value key derives from.
@@ -193,9 +186,7 @@ pub(crate) fn unlock(
     let data_key =
         open_with(&kek, &wrap_ad(&material.kek), &material.data_key).ok_or(StoreError::WrongKey)?;
     let data_key: DataKey = Zeroizing::new(
-        data_key[..]
-            .try_into()
-            .map_err(|_| StoreError::Corrupt("data key length".into()))?,
+        data_key[..].try_into().map_err(|_| StoreError::Corrupt("data key length".into()))?,
     );
     let cipher = Cipher::new(&data_key)?;
     match cipher.open(&key_check_ad(), &material.key_check) {
@@ -220,10 +211,7 @@ pub(crate) fn wrap(data_key: &DataKey, key: &StoreKey) -> Result<NewKeyMaterial,
     let kek_json = serde_json::to_vec(&source).map_err(|e| StoreError::Corrupt(e.to_string()))?;
     let kek = source.derive(key)?;
     let wrapped = seal_with(&kek, &wrap_ad(&kek_json), &data_key[..])?;
-    Ok(NewKeyMaterial {
-        kek: kek_json,
-        data_key: wrapped,
-    })
+    Ok(NewKeyMaterial { kek: kek_json, data_key: wrapped })
 }
 
 /// Writes the key material (inside the caller's transaction). The key check
@@ -278,14 +266,8 @@ mod tests {
         let (_, unlocked) = unlock(&m, &key).unwrap();
         let user = crate::cipher::Kind::User;
         assert_eq!(unlocked.hash(user, "@a:x"), cipher.hash(user, "@a:x"));
-        assert!(matches!(
-            unlock(&m, &StoreKey::Raw([2; 32])),
-            Err(StoreError::WrongKey)
-        ));
-        assert!(matches!(
-            unlock(&m, &StoreKey::Passphrase("x".into())),
-            Err(StoreError::WrongKey)
-        ));
+        assert!(matches!(unlock(&m, &StoreKey::Raw([2; 32])), Err(StoreError::WrongKey)));
+        assert!(matches!(unlock(&m, &StoreKey::Passphrase("x".into())), Err(StoreError::WrongKey)));
     }
 
     #[test]
@@ -307,12 +289,7 @@ mod tests {
 
     #[test]
     fn hostile_kdf_parameters_are_refused() {
-        let source = KekSource::Argon2id {
-            m_kib: u32::MAX,
-            t: 1,
-            p: 1,
-            salt: vec![0; 16],
-        };
+        let source = KekSource::Argon2id { m_kib: u32::MAX, t: 1, p: 1, salt: vec![0; 16] };
         assert!(matches!(
             source.derive(&StoreKey::Passphrase("x".into())),
             Err(StoreError::Corrupt(_))

@@ -31,10 +31,7 @@ pub(crate) struct Migration {
 }
 
 /// Every schema step, oldest first.
-pub(crate) const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    run: create_v1,
-}];
+pub(crate) const MIGRATIONS: &[Migration] = &[Migration { version: 1, run: create_v1 }];
 
 /// A table: its name and key columns, in the order they enter the associated
 /// data of its sealed `value`.
@@ -46,50 +43,27 @@ pub(crate) struct Table {
 }
 
 /// The account and the sync token, by name.
-pub(crate) const SINGLETONS: Table = Table {
-    name: "singletons",
-    keys: &["name"],
-};
+pub(crate) const SINGLETONS: Table = Table { name: "singletons", keys: &["name"] };
 /// Olm sessions by (sender key, session ID).
-pub(crate) const OLM_SESSIONS: Table = Table {
-    name: "olm_sessions",
-    keys: &["sender_key_hash", "session_hash"],
-};
+pub(crate) const OLM_SESSIONS: Table =
+    Table { name: "olm_sessions", keys: &["sender_key_hash", "session_hash"] };
 /// Inbound Megolm sessions by (room, session ID), with the backup flag.
-pub(crate) const INBOUND: Table = Table {
-    name: "inbound_group_sessions",
-    keys: &["room_hash", "session_hash", "backed_up"],
-};
+pub(crate) const INBOUND: Table =
+    Table { name: "inbound_group_sessions", keys: &["room_hash", "session_hash", "backed_up"] };
 /// Outbound Megolm sessions by room.
-pub(crate) const OUTBOUND: Table = Table {
-    name: "outbound_group_sessions",
-    keys: &["room_hash"],
-};
+pub(crate) const OUTBOUND: Table = Table { name: "outbound_group_sessions", keys: &["room_hash"] };
 /// Devices by (user, device ID).
-pub(crate) const DEVICES: Table = Table {
-    name: "devices",
-    keys: &["user_hash", "device_hash"],
-};
+pub(crate) const DEVICES: Table = Table { name: "devices", keys: &["user_hash", "device_hash"] };
 /// Tracked users by user.
-pub(crate) const TRACKED_USERS: Table = Table {
-    name: "tracked_users",
-    keys: &["user_hash"],
-};
+pub(crate) const TRACKED_USERS: Table = Table { name: "tracked_users", keys: &["user_hash"] };
 /// Key requests by request ID, with their session and sent flag.
-pub(crate) const KEY_REQUESTS: Table = Table {
-    name: "key_requests",
-    keys: &["request_hash", "room_hash", "session_hash", "sent"],
-};
+pub(crate) const KEY_REQUESTS: Table =
+    Table { name: "key_requests", keys: &["request_hash", "room_hash", "session_hash", "sent"] };
 /// Withheld notices by (room, session ID).
-pub(crate) const WITHHELD: Table = Table {
-    name: "withheld",
-    keys: &["room_hash", "session_hash"],
-};
+pub(crate) const WITHHELD: Table = Table { name: "withheld", keys: &["room_hash", "session_hash"] };
 /// Replay-detection records by (room, session ID, index).
-pub(crate) const MESSAGE_INDICES: Table = Table {
-    name: "message_indices",
-    keys: &["room_hash", "session_hash", "message_index"],
-};
+pub(crate) const MESSAGE_INDICES: Table =
+    Table { name: "message_indices", keys: &["room_hash", "session_hash", "message_index"] };
 
 impl Table {
     /// `INSERT OR REPLACE` of every key column and the value.
@@ -107,20 +81,13 @@ impl Table {
     /// `SELECT` of every key column and the value, then `tail` (a `WHERE`
     /// clause, an `ORDER BY`, ...).
     pub(crate) fn select_sql(&self, tail: &str) -> String {
-        format!(
-            "SELECT {}, value FROM {} {tail}",
-            self.keys.join(", "),
-            self.name
-        )
+        format!("SELECT {}, value FROM {} {tail}", self.keys.join(", "), self.name)
     }
 
     /// `DELETE` by the given columns.
     pub(crate) fn delete_sql(&self, by: &[&str]) -> String {
-        let clauses: Vec<String> = by
-            .iter()
-            .enumerate()
-            .map(|(i, c)| format!("{c} = ?{}", i + 1))
-            .collect();
+        let clauses: Vec<String> =
+            by.iter().enumerate().map(|(i, c)| format!("{c} = ?{}", i + 1)).collect();
         format!("DELETE FROM {} WHERE {}", self.name, clauses.join(" AND "))
     }
 }
@@ -248,11 +215,7 @@ pub(crate) fn migrate(
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let found = header(&tx)?.version;
             if found > newest(migrations) {
-                return Err(StoreError::TooNew {
-                    found,
-                    supported: newest(migrations),
-                }
-                .into());
+                return Err(StoreError::TooNew { found, supported: newest(migrations) }.into());
             }
             if found >= migration.version {
                 return Ok(());
@@ -271,16 +234,11 @@ fn newest(migrations: &[Migration]) -> u32 {
 }
 
 fn check_order(migrations: &[Migration]) -> Result<(), StoreError> {
-    let in_order = migrations
-        .iter()
-        .enumerate()
-        .all(|(i, m)| m.version as usize == i + 1);
+    let in_order = migrations.iter().enumerate().all(|(i, m)| m.version as usize == i + 1);
     if in_order {
         Ok(())
     } else {
-        Err(StoreError::Backend(
-            "schema migrations are not numbered 1, 2, 3, ...".into(),
-        ))
+        Err(StoreError::Backend("schema migrations are not numbered 1, 2, 3, ...".into()))
     }
 }
 
@@ -296,30 +254,17 @@ mod tests {
     /// see v1's data.
     fn v2_hook(tx: &Transaction<'_>, _cipher: &Cipher) -> Result<(), TxError> {
         let inbound: i64 =
-            tx.query_row("SELECT count(*) FROM inbound_group_sessions", [], |r| {
-                r.get(0)
-            })?;
+            tx.query_row("SELECT count(*) FROM inbound_group_sessions", [], |r| r.get(0))?;
         tx.execute_batch("CREATE TABLE v2_marker (seen_inbound INTEGER NOT NULL)")?;
-        tx.execute(
-            "INSERT INTO v2_marker (seen_inbound) VALUES (?1)",
-            [inbound],
-        )?;
+        tx.execute("INSERT INTO v2_marker (seen_inbound) VALUES (?1)", [inbound])?;
         Ok(())
     }
 
     /// The passphrase `tests/fixture.rs` wrote the fixture with.
     const FIXTURE_PASSPHRASE: &str = "newt schema v1 fixture";
 
-    const WITH_V2: &[Migration] = &[
-        Migration {
-            version: 1,
-            run: create_v1,
-        },
-        Migration {
-            version: 2,
-            run: v2_hook,
-        },
-    ];
+    const WITH_V2: &[Migration] =
+        &[Migration { version: 1, run: create_v1 }, Migration { version: 2, run: v2_hook }];
 
     fn fixture_copy() -> (tempfile::TempDir, std::path::PathBuf) {
         let dir = tempfile::tempdir().unwrap();
@@ -363,10 +308,7 @@ mod tests {
         assert_eq!(header(&conn).unwrap().version, 2);
         assert!(matches!(
             migrate(&mut conn, &cipher, MIGRATIONS),
-            Err(StoreError::TooNew {
-                found: 2,
-                supported: 1
-            })
+            Err(StoreError::TooNew { found: 2, supported: 1 })
         ));
     }
 
@@ -375,16 +317,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut conn = Connection::open(dir.path().join("new.sqlite")).unwrap();
         let cipher = Cipher::new(&[9; 32]).unwrap();
-        let tx = conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .unwrap();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).unwrap();
         create(&tx, &cipher, WITH_V2).unwrap();
         tx.commit().unwrap();
         let h = header(&conn).unwrap();
         assert_eq!((h.version, h.application_id), (2, APPLICATION_ID));
-        let seen: i64 = conn
-            .query_row("SELECT seen_inbound FROM v2_marker", [], |r| r.get(0))
-            .unwrap();
+        let seen: i64 =
+            conn.query_row("SELECT seen_inbound FROM v2_marker", [], |r| r.get(0)).unwrap();
         assert_eq!(seen, 0);
     }
 
@@ -393,10 +332,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut conn = Connection::open(dir.path().join("new.sqlite")).unwrap();
         let cipher = Cipher::new(&[9; 32]).unwrap();
-        let gap: &[Migration] = &[Migration {
-            version: 2,
-            run: v2_hook,
-        }];
+        let gap: &[Migration] = &[Migration { version: 2, run: v2_hook }];
         assert!(migrate(&mut conn, &cipher, gap).is_err());
     }
 

@@ -36,9 +36,7 @@ pub struct SqliteStore {
 
 impl fmt::Debug for SqliteStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("SqliteStore")
-            .field("path", &self.path)
-            .finish_non_exhaustive()
+        f.debug_struct("SqliteStore").field("path", &self.path).finish_non_exhaustive()
     }
 }
 
@@ -63,17 +61,10 @@ impl SqliteStore {
             Ok(conn.pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))?)
         })?;
         if !mode.eq_ignore_ascii_case("wal") {
-            return Err(StoreError::Backend(
-                format!("journal mode {mode} instead of WAL").into(),
-            ));
+            return Err(StoreError::Backend(format!("journal mode {mode} instead of WAL").into()));
         }
         schema::migrate(&mut conn, &cipher, MIGRATIONS)?;
-        Ok(Self {
-            conn: Mutex::new(conn),
-            cipher,
-            data_key,
-            path: path.to_owned(),
-        })
+        Ok(Self { conn: Mutex::new(conn), cipher, data_key, path: path.to_owned() })
     }
 
     /// Re-wraps the store's data key for `new_key`; nothing else is
@@ -110,9 +101,7 @@ impl SqliteStore {
     }
 
     fn lock(&self) -> Result<MutexGuard<'_, Connection>, StoreError> {
-        self.conn
-            .lock()
-            .map_err(|_| StoreError::Backend("SQLite connection mutex poisoned".into()))
+        self.conn.lock().map_err(|_| StoreError::Backend("SQLite connection mutex poisoned".into()))
     }
 
     fn read<T: DeserializeOwned>(
@@ -185,15 +174,10 @@ fn unlock_or_create(
         header = with_retry(|| schema::header(conn))?;
     }
     if header.application_id != APPLICATION_ID || header.version == 0 {
-        return Err(StoreError::Corrupt(
-            "the database is not a newt store".into(),
-        ));
+        return Err(StoreError::Corrupt("the database is not a newt store".into()));
     }
     if header.version > SCHEMA_VERSION {
-        return Err(StoreError::TooNew {
-            found: header.version,
-            supported: SCHEMA_VERSION,
-        });
+        return Err(StoreError::TooNew { found: header.version, supported: SCHEMA_VERSION });
     }
     let material = with_retry(|| keys::read(conn))?
         .ok_or_else(|| StoreError::Corrupt("the store's key material is missing".into()))?;
@@ -212,9 +196,7 @@ pub(crate) fn query<T: DeserializeOwned>(
     let mut rows = statement.query(params_from_iter(params))?;
     let mut records = Vec::new();
     while let Some(row) = rows.next()? {
-        let keys = (0..table.keys.len())
-            .map(|i| row.get(i))
-            .collect::<Result<Vec<Value>, _>>()?;
+        let keys = (0..table.keys.len()).map(|i| row.get(i)).collect::<Result<Vec<Value>, _>>()?;
         let sealed: Vec<u8> = row.get(table.keys.len())?;
         records.push(cipher.open_json(table.name, &keys, &sealed)?);
     }
@@ -229,11 +211,7 @@ fn limit(limit: usize) -> Value {
 #[cfg_attr(target_arch = "wasm32", async_trait::async_trait(?Send))]
 impl Store for SqliteStore {
     async fn account(&self) -> Result<Option<AccountRecord>, StoreError> {
-        self.read_one(
-            &SINGLETONS,
-            "WHERE name = ?1",
-            &[Value::Text(ACCOUNT.into())],
-        )
+        self.read_one(&SINGLETONS, "WHERE name = ?1", &[Value::Text(ACCOUNT.into())])
     }
 
     async fn olm_sessions(&self, sender_key: &str) -> Result<Vec<OlmSessionRecord>, StoreError> {
@@ -248,11 +226,7 @@ impl Store for SqliteStore {
     ) -> Result<Option<InboundGroupSessionRecord>, StoreError> {
         let room = self.cipher.key(Kind::Room, room_id.as_str());
         let session = self.cipher.key(Kind::MegolmSession, session_id);
-        self.read_one(
-            &INBOUND,
-            "WHERE room_hash = ?1 AND session_hash = ?2",
-            &[room, session],
-        )
+        self.read_one(&INBOUND, "WHERE room_hash = ?1 AND session_hash = ?2", &[room, session])
     }
 
     /// Pages in the order of the hashed key (room hash, session hash): the
@@ -326,11 +300,7 @@ impl Store for SqliteStore {
     ) -> Result<Option<WithheldRecord>, StoreError> {
         let room = self.cipher.key(Kind::Room, room_id.as_str());
         let session = self.cipher.key(Kind::MegolmSession, session_id);
-        self.read_one(
-            &WITHHELD,
-            "WHERE room_hash = ?1 AND session_hash = ?2",
-            &[room, session],
-        )
+        self.read_one(&WITHHELD, "WHERE room_hash = ?1 AND session_hash = ?2", &[room, session])
     }
 
     async fn message_index(
@@ -349,11 +319,7 @@ impl Store for SqliteStore {
     }
 
     async fn sync_token(&self) -> Result<Option<String>, StoreError> {
-        self.read_one(
-            &SINGLETONS,
-            "WHERE name = ?1",
-            &[Value::Text(SYNC_TOKEN.into())],
-        )
+        self.read_one(&SINGLETONS, "WHERE name = ?1", &[Value::Text(SYNC_TOKEN.into())])
     }
 
     async fn apply(&self, changes: Changes) -> Result<(), StoreError> {
@@ -402,10 +368,7 @@ mod tests {
             let plan = plan.join("; ");
             assert!(plan.contains("USING"), "{sql}: {plan}");
             assert!(!plan.contains("TEMP B-TREE"), "{sql}: {plan}");
-            assert!(
-                !plan.starts_with("SCAN") || plan.contains("INDEX"),
-                "{sql}: {plan}"
-            );
+            assert!(!plan.starts_with("SCAN") || plan.contains("INDEX"), "{sql}: {plan}");
         }
     }
 

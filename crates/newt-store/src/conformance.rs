@@ -41,32 +41,12 @@ use crate::{Changes, Store, StoreError};
 /// Panics (with the check's name on stderr) at the first difference.
 pub async fn run_all<S: Store, F: Future<Output = S>>(make: impl Fn() -> F) {
     check("account_round_trip", account_round_trip(make().await)).await;
-    check(
-        "account_generation_rule",
-        account_generation_rule(make().await),
-    )
-    .await;
-    check(
-        "stale_generation_writes_nothing",
-        stale_generation_writes_nothing(make().await),
-    )
-    .await;
+    check("account_generation_rule", account_generation_rule(make().await)).await;
+    check("stale_generation_writes_nothing", stale_generation_writes_nothing(make().await)).await;
     check("account_mismatch", account_mismatch(make().await)).await;
-    check(
-        "olm_sessions_by_sender_key",
-        olm_sessions_by_sender_key(make().await),
-    )
-    .await;
-    check(
-        "inbound_group_session_get_upsert",
-        inbound_get_upsert(make().await),
-    )
-    .await;
-    check(
-        "inbound_group_sessions_paging",
-        inbound_paging(make().await),
-    )
-    .await;
+    check("olm_sessions_by_sender_key", olm_sessions_by_sender_key(make().await)).await;
+    check("inbound_group_session_get_upsert", inbound_get_upsert(make().await)).await;
+    check("inbound_group_sessions_paging", inbound_paging(make().await)).await;
     check("outbound_group_sessions", outbound_sessions(make().await)).await;
     check("devices_by_user", devices_by_user(make().await)).await;
     check("tracked_users", tracked_users(make().await)).await;
@@ -76,11 +56,7 @@ pub async fn run_all<S: Store, F: Future<Output = S>>(make: impl Fn() -> F) {
     check("sync_token", sync_token(make().await)).await;
     check("later_entry_wins", later_entry_wins(make().await)).await;
     check("empty_changes", empty_changes(make().await)).await;
-    check(
-        "failed_apply_changes_nothing",
-        failed_apply_changes_nothing(make().await),
-    )
-    .await;
+    check("failed_apply_changes_nothing", failed_apply_changes_nothing(make().await)).await;
 }
 
 async fn check(name: &str, test: impl Future<Output = ()>) {
@@ -94,14 +70,7 @@ async fn account_round_trip(store: impl Store) {
     assert!(store.account().await.unwrap().is_none());
     let first = account(ALICE, DEVICE, 7);
     let expected = to_json(&first);
-    apply(
-        &store,
-        Changes {
-            account: Some(first),
-            ..Default::default()
-        },
-    )
-    .await;
+    apply(&store, Changes { account: Some(first), ..Default::default() }).await;
     assert_eq!(to_json(&store.account().await.unwrap().unwrap()), expected);
 
     let mut next = account(ALICE, DEVICE, 8);
@@ -109,14 +78,7 @@ async fn account_round_trip(store: impl Store) {
     next.uploaded_one_time_key_count = 42;
     next.fallback_key_created_at = Some(1_700_000_000_000);
     let expected = to_json(&next);
-    apply(
-        &store,
-        Changes {
-            account: Some(next),
-            ..Default::default()
-        },
-    )
-    .await;
+    apply(&store, Changes { account: Some(next), ..Default::default() }).await;
     let stored = store.account().await.unwrap().unwrap();
     assert_eq!(to_json(&stored), expected);
     assert_eq!(stored.generation, 8);
@@ -125,14 +87,7 @@ async fn account_round_trip(store: impl Store) {
 
 async fn account_generation_rule(store: impl Store) {
     // The first write may carry any generation.
-    apply(
-        &store,
-        Changes {
-            account: Some(account(ALICE, DEVICE, 5)),
-            ..Default::default()
-        },
-    )
-    .await;
+    apply(&store, Changes { account: Some(account(ALICE, DEVICE, 5)), ..Default::default() }).await;
     let stored = to_json(&store.account().await.unwrap().unwrap());
     // Anything but stored + 1 is stale, and leaves the stored account alone.
     for generation in [5, 4, 7, 0, u64::MAX] {
@@ -149,46 +104,22 @@ async fn account_generation_rule(store: impl Store) {
         }
         assert_eq!(to_json(&store.account().await.unwrap().unwrap()), stored);
     }
-    apply(
-        &store,
-        Changes {
-            account: Some(account(ALICE, DEVICE, 6)),
-            ..Default::default()
-        },
-    )
-    .await;
+    apply(&store, Changes { account: Some(account(ALICE, DEVICE, 6)), ..Default::default() }).await;
     assert_eq!(store.account().await.unwrap().unwrap().generation, 6);
 }
 
 async fn stale_generation_writes_nothing(store: impl Store) {
-    apply(
-        &store,
-        Changes {
-            account: Some(account(ALICE, DEVICE, 1)),
-            ..Default::default()
-        },
-    )
-    .await;
+    apply(&store, Changes { account: Some(account(ALICE, DEVICE, 1)), ..Default::default() }).await;
     let before = snapshot(&store).await;
     let mut changes = everything(1);
     changes.account = Some(account(ALICE, DEVICE, 1)); // stale: 2 expected
     let err = store.apply(changes).await.unwrap_err();
-    assert!(
-        matches!(err, StoreError::StaleGeneration { found: 1, .. }),
-        "{err:?}"
-    );
+    assert!(matches!(err, StoreError::StaleGeneration { found: 1, .. }), "{err:?}");
     assert_eq!(snapshot(&store).await, before);
 }
 
 async fn account_mismatch(store: impl Store) {
-    apply(
-        &store,
-        Changes {
-            account: Some(account(ALICE, DEVICE, 0)),
-            ..Default::default()
-        },
-    )
-    .await;
+    apply(&store, Changes { account: Some(account(ALICE, DEVICE, 0)), ..Default::default() }).await;
     let before = snapshot(&store).await;
     for (user, device) in [(BOB, DEVICE), (ALICE, OTHER_DEVICE)] {
         let changes = Changes {
@@ -198,20 +129,10 @@ async fn account_mismatch(store: impl Store) {
             ..Default::default()
         };
         let err = store.apply(changes).await.unwrap_err();
-        assert!(
-            matches!(err, StoreError::AccountMismatch),
-            "{user} {device}: {err:?}"
-        );
+        assert!(matches!(err, StoreError::AccountMismatch), "{user} {device}: {err:?}");
         assert_eq!(snapshot(&store).await, before);
     }
-    apply(
-        &store,
-        Changes {
-            account: Some(account(ALICE, DEVICE, 1)),
-            ..Default::default()
-        },
-    )
-    .await;
+    apply(&store, Changes { account: Some(account(ALICE, DEVICE, 1)), ..Default::default() }).await;
     assert_eq!(store.account().await.unwrap().unwrap().generation, 1);
 }
 
@@ -229,14 +150,7 @@ async fn olm_sessions_by_sender_key(store: impl Store) {
 
     let mut sessions = with_bob;
     sessions.extend(with_carol);
-    apply(
-        &store,
-        Changes {
-            olm_sessions: sessions,
-            ..Default::default()
-        },
-    )
-    .await;
+    apply(&store, Changes { olm_sessions: sessions, ..Default::default() }).await;
     let read = store.olm_sessions(&bob_key).await.unwrap();
     assert_eq!(sorted_json(&read, |s| s.session_id.clone()), expect_bob);
     let read = store.olm_sessions(&carol_key).await.unwrap();
@@ -251,14 +165,7 @@ async fn olm_sessions_by_sender_key(store: impl Store) {
     let mut updated = olm_session(&mut bob, 999);
     updated.session_id = bob_ids[1].clone();
     let updated_json = to_json(&updated);
-    apply(
-        &store,
-        Changes {
-            olm_sessions: vec![updated],
-            ..Default::default()
-        },
-    )
-    .await;
+    apply(&store, Changes { olm_sessions: vec![updated], ..Default::default() }).await;
     let read = store.olm_sessions(&bob_key).await.unwrap();
     assert_eq!(read.len(), 3);
     let replaced = read.iter().find(|s| s.session_id == bob_ids[1]).unwrap();
@@ -272,14 +179,7 @@ async fn olm_sessions_by_sender_key(store: impl Store) {
     // ... and the same session ID under another sender key is another session.
     let mut twin = olm_session(&mut carol, 300);
     twin.session_id = bob_ids[0].clone();
-    apply(
-        &store,
-        Changes {
-            olm_sessions: vec![twin],
-            ..Default::default()
-        },
-    )
-    .await;
+    apply(&store, Changes { olm_sessions: vec![twin], ..Default::default() }).await;
     assert_eq!(store.olm_sessions(&carol_key).await.unwrap().len(), 3);
     assert_eq!(store.olm_sessions(&bob_key).await.unwrap().len(), 3);
 }
@@ -289,36 +189,15 @@ async fn inbound_get_upsert(store: impl Store) {
     let room_b = room(ROOM_B);
     let session = inbound(&room_a);
     let id = session.session_id.clone();
-    assert!(store
-        .inbound_group_session(&room_a, &id)
-        .await
-        .unwrap()
-        .is_none());
+    assert!(store.inbound_group_session(&room_a, &id).await.unwrap().is_none());
     let expected = to_json(&session);
-    apply(
-        &store,
-        Changes {
-            inbound_group_sessions: vec![session],
-            ..Default::default()
-        },
-    )
-    .await;
+    apply(&store, Changes { inbound_group_sessions: vec![session], ..Default::default() }).await;
     assert_eq!(
-        to_json(
-            &store
-                .inbound_group_session(&room_a, &id)
-                .await
-                .unwrap()
-                .unwrap()
-        ),
+        to_json(&store.inbound_group_session(&room_a, &id).await.unwrap().unwrap()),
         expected
     );
     // Keyed by room too: the same session ID in another room is not found.
-    assert!(store
-        .inbound_group_session(&room_b, &id)
-        .await
-        .unwrap()
-        .is_none());
+    assert!(store.inbound_group_session(&room_b, &id).await.unwrap().is_none());
 
     let mut better = inbound(&room_a);
     better.session_id = id.clone();
@@ -327,51 +206,21 @@ async fn inbound_get_upsert(store: impl Store) {
     better.source = SessionSource::Forwarded;
     better.forwarding_chain = vec!["forwarder-curve-key".into()];
     let expected = to_json(&better);
-    apply(
-        &store,
-        Changes {
-            inbound_group_sessions: vec![better],
-            ..Default::default()
-        },
-    )
-    .await;
-    let read = store
-        .inbound_group_session(&room_a, &id)
-        .await
-        .unwrap()
-        .unwrap();
+    apply(&store, Changes { inbound_group_sessions: vec![better], ..Default::default() }).await;
+    let read = store.inbound_group_session(&room_a, &id).await.unwrap().unwrap();
     assert_eq!(to_json(&read), expected);
     assert!(read.backed_up);
 
     let mut elsewhere = inbound(&room_b);
     elsewhere.session_id = id.clone();
     let elsewhere_json = to_json(&elsewhere);
-    apply(
-        &store,
-        Changes {
-            inbound_group_sessions: vec![elsewhere],
-            ..Default::default()
-        },
-    )
-    .await;
+    apply(&store, Changes { inbound_group_sessions: vec![elsewhere], ..Default::default() }).await;
     assert_eq!(
-        to_json(
-            &store
-                .inbound_group_session(&room_b, &id)
-                .await
-                .unwrap()
-                .unwrap()
-        ),
+        to_json(&store.inbound_group_session(&room_b, &id).await.unwrap().unwrap()),
         elsewhere_json
     );
     assert_eq!(
-        to_json(
-            &store
-                .inbound_group_session(&room_a, &id)
-                .await
-                .unwrap()
-                .unwrap()
-        ),
+        to_json(&store.inbound_group_session(&room_a, &id).await.unwrap().unwrap()),
         expected
     );
 }
@@ -379,148 +228,64 @@ async fn inbound_get_upsert(store: impl Store) {
 async fn inbound_paging(store: impl Store) {
     const COUNT: usize = 250;
     let rooms = [room(ROOM_A), room(ROOM_B), room("!third:example.org")];
-    let sessions: Vec<InboundGroupSessionRecord> = (0..COUNT)
-        .map(|i| inbound(&rooms[i % rooms.len()]))
-        .collect();
+    let sessions: Vec<InboundGroupSessionRecord> =
+        (0..COUNT).map(|i| inbound(&rooms[i % rooms.len()])).collect();
     let expected: BTreeSet<String> = sessions.iter().map(|s| to_json(s).to_string()).collect();
     assert_eq!(expected.len(), COUNT);
-    assert!(store
-        .inbound_group_sessions_page(None, 100)
-        .await
-        .unwrap()
-        .is_empty());
+    assert!(store.inbound_group_sessions_page(None, 100).await.unwrap().is_empty());
     // Written in two commits, to page over more than one write.
     let mut sessions = sessions;
     let second = sessions.split_off(COUNT / 2);
-    apply(
-        &store,
-        Changes {
-            inbound_group_sessions: sessions,
-            ..Default::default()
-        },
-    )
-    .await;
-    apply(
-        &store,
-        Changes {
-            inbound_group_sessions: second,
-            ..Default::default()
-        },
-    )
-    .await;
+    apply(&store, Changes { inbound_group_sessions: sessions, ..Default::default() }).await;
+    apply(&store, Changes { inbound_group_sessions: second, ..Default::default() }).await;
 
-    assert!(store
-        .inbound_group_sessions_page(None, 0)
-        .await
-        .unwrap()
-        .is_empty());
+    assert!(store.inbound_group_sessions_page(None, 0).await.unwrap().is_empty());
     for limit in [100, 7, COUNT, COUNT + 1] {
         let mut seen = BTreeSet::new();
         let mut cursor = None;
         let mut pages = Vec::new();
         loop {
-            let page = store
-                .inbound_group_sessions_page(cursor.clone(), limit)
-                .await
-                .unwrap();
-            assert!(
-                page.len() <= limit,
-                "page of {} over limit {limit}",
-                page.len()
-            );
+            let page = store.inbound_group_sessions_page(cursor.clone(), limit).await.unwrap();
+            assert!(page.len() <= limit, "page of {} over limit {limit}", page.len());
             if page.is_empty() {
                 break;
             }
             pages.push(page.len());
             for s in &page {
-                assert!(
-                    seen.insert(to_json(s).to_string()),
-                    "limit {limit}: a session came twice"
-                );
+                assert!(seen.insert(to_json(s).to_string()), "limit {limit}: a session came twice");
             }
             let last = page.last().unwrap();
             cursor = Some((last.room_id.clone(), last.session_id.clone()));
             assert!(pages.len() <= COUNT, "paging does not end");
         }
-        assert_eq!(
-            seen, expected,
-            "limit {limit}: not every session was visited"
-        );
+        assert_eq!(seen, expected, "limit {limit}: not every session was visited");
         // Only the last page may be short.
         let full = COUNT / limit;
-        assert!(
-            pages[..full].iter().all(|&n| n == limit),
-            "limit {limit}: {pages:?}"
-        );
+        assert!(pages[..full].iter().all(|&n| n == limit), "limit {limit}: {pages:?}");
     }
 }
 
 async fn outbound_sessions(store: impl Store) {
     let room_a = room(ROOM_A);
     let room_b = room(ROOM_B);
-    assert!(store
-        .outbound_group_session(&room_a)
-        .await
-        .unwrap()
-        .is_none());
+    assert!(store.outbound_group_session(&room_a).await.unwrap().is_none());
     let a = outbound(&room_a, 0);
     let b = outbound(&room_b, 3);
     let (a_json, b_json) = (to_json(&a), to_json(&b));
-    apply(
-        &store,
-        Changes {
-            outbound_group_sessions: vec![a, b],
-            ..Default::default()
-        },
-    )
-    .await;
-    assert_eq!(
-        to_json(
-            &store
-                .outbound_group_session(&room_a)
-                .await
-                .unwrap()
-                .unwrap()
-        ),
-        a_json
-    );
-    assert_eq!(
-        to_json(
-            &store
-                .outbound_group_session(&room_b)
-                .await
-                .unwrap()
-                .unwrap()
-        ),
-        b_json
-    );
+    apply(&store, Changes { outbound_group_sessions: vec![a, b], ..Default::default() }).await;
+    assert_eq!(to_json(&store.outbound_group_session(&room_a).await.unwrap().unwrap()), a_json);
+    assert_eq!(to_json(&store.outbound_group_session(&room_b).await.unwrap().unwrap()), b_json);
 
     // Upsert replaces the room's session.
     let mut shared = outbound(&room_a, 5);
     shared.shared_with.entry(user(BOB)).or_default().insert(
         device(DEVICE),
-        newt_proto::records::ShareInfo {
-            sender_key: "bob-curve".into(),
-            message_index: 5,
-        },
+        newt_proto::records::ShareInfo { sender_key: "bob-curve".into(), message_index: 5 },
     );
     let shared_json = to_json(&shared);
-    apply(
-        &store,
-        Changes {
-            outbound_group_sessions: vec![shared],
-            ..Default::default()
-        },
-    )
-    .await;
+    apply(&store, Changes { outbound_group_sessions: vec![shared], ..Default::default() }).await;
     assert_eq!(
-        to_json(
-            &store
-                .outbound_group_session(&room_a)
-                .await
-                .unwrap()
-                .unwrap()
-        ),
+        to_json(&store.outbound_group_session(&room_a).await.unwrap().unwrap()),
         shared_json
     );
 
@@ -538,99 +303,42 @@ async fn outbound_sessions(store: impl Store) {
     )
     .await;
     assert_eq!(
-        to_json(
-            &store
-                .outbound_group_session(&room_a)
-                .await
-                .unwrap()
-                .unwrap()
-        ),
+        to_json(&store.outbound_group_session(&room_a).await.unwrap().unwrap()),
         rotated_json
     );
 
     // Removal alone discards it; the other room is untouched.
     apply(
         &store,
-        Changes {
-            removed_outbound_group_sessions: vec![room_a.clone()],
-            ..Default::default()
-        },
+        Changes { removed_outbound_group_sessions: vec![room_a.clone()], ..Default::default() },
     )
     .await;
-    assert!(store
-        .outbound_group_session(&room_a)
-        .await
-        .unwrap()
-        .is_none());
-    assert_eq!(
-        to_json(
-            &store
-                .outbound_group_session(&room_b)
-                .await
-                .unwrap()
-                .unwrap()
-        ),
-        b_json
-    );
+    assert!(store.outbound_group_session(&room_a).await.unwrap().is_none());
+    assert_eq!(to_json(&store.outbound_group_session(&room_b).await.unwrap().unwrap()), b_json);
     // Removing what is not there is fine.
-    apply(
-        &store,
-        Changes {
-            removed_outbound_group_sessions: vec![room_a],
-            ..Default::default()
-        },
-    )
-    .await;
+    apply(&store, Changes { removed_outbound_group_sessions: vec![room_a], ..Default::default() })
+        .await;
 }
 
 async fn devices_by_user(store: impl Store) {
-    let alice_devices: Vec<DeviceRecord> = ["ALICE1", "ALICE2", "ALICE3"]
-        .iter()
-        .map(|d| device_record(ALICE, d))
-        .collect();
+    let alice_devices: Vec<DeviceRecord> =
+        ["ALICE1", "ALICE2", "ALICE3"].iter().map(|d| device_record(ALICE, d)).collect();
     let bob_device = device_record(BOB, "BOB1");
     assert!(store.devices(&user(ALICE)).await.unwrap().is_empty());
     let mut all = alice_devices.clone();
     all.push(bob_device.clone());
-    apply(
-        &store,
-        Changes {
-            devices: all,
-            ..Default::default()
-        },
-    )
-    .await;
-    assert_eq!(
-        sorted_devices(store.devices(&user(ALICE)).await.unwrap()),
-        alice_devices
-    );
-    assert_eq!(
-        store.devices(&user(BOB)).await.unwrap(),
-        vec![bob_device.clone()]
-    );
+    apply(&store, Changes { devices: all, ..Default::default() }).await;
+    assert_eq!(sorted_devices(store.devices(&user(ALICE)).await.unwrap()), alice_devices);
+    assert_eq!(store.devices(&user(BOB)).await.unwrap(), vec![bob_device.clone()]);
     assert!(store.devices(&user(CAROL)).await.unwrap().is_empty());
 
     // Upsert by (user, device).
     let mut verified = device_record(ALICE, "ALICE2");
     verified.local_trust = LocalTrust::Verified;
     verified.deleted = true;
-    apply(
-        &store,
-        Changes {
-            devices: vec![verified.clone()],
-            ..Default::default()
-        },
-    )
-    .await;
+    apply(&store, Changes { devices: vec![verified.clone()], ..Default::default() }).await;
     let read = sorted_devices(store.devices(&user(ALICE)).await.unwrap());
-    assert_eq!(
-        read,
-        vec![
-            alice_devices[0].clone(),
-            verified.clone(),
-            alice_devices[2].clone()
-        ]
-    );
+    assert_eq!(read, vec![alice_devices[0].clone(), verified.clone(), alice_devices[2].clone()]);
 
     // Removal; removal and upsert together keep the upsert.
     let mut back = device_record(ALICE, "ALICE3");
@@ -655,38 +363,13 @@ async fn devices_by_user(store: impl Store) {
 
 async fn tracked_users(store: impl Store) {
     assert!(store.tracked_users().await.unwrap().is_empty());
-    let users = vec![
-        tracked(ALICE, true),
-        tracked(BOB, true),
-        tracked(CAROL, false),
-    ];
-    apply(
-        &store,
-        Changes {
-            tracked_users: users.clone(),
-            ..Default::default()
-        },
-    )
-    .await;
+    let users = vec![tracked(ALICE, true), tracked(BOB, true), tracked(CAROL, false)];
+    apply(&store, Changes { tracked_users: users.clone(), ..Default::default() }).await;
     assert_eq!(sorted_tracked(store.tracked_users().await.unwrap()), users);
 
-    apply(
-        &store,
-        Changes {
-            tracked_users: vec![tracked(BOB, false)],
-            ..Default::default()
-        },
-    )
-    .await;
+    apply(&store, Changes { tracked_users: vec![tracked(BOB, false)], ..Default::default() }).await;
     let read = sorted_tracked(store.tracked_users().await.unwrap());
-    assert_eq!(
-        read,
-        vec![
-            tracked(ALICE, true),
-            tracked(BOB, false),
-            tracked(CAROL, false)
-        ]
-    );
+    assert_eq!(read, vec![tracked(ALICE, true), tracked(BOB, false), tracked(CAROL, false)]);
 
     // Untrack; untrack and track in one Changes keeps the tracking.
     apply(
@@ -712,34 +395,21 @@ async fn key_requests(store: impl Store) {
     assert!(store.unsent_key_requests().await.unwrap().is_empty());
     apply(
         &store,
-        Changes {
-            key_requests: vec![r1.clone(), r2.clone(), r3.clone()],
-            ..Default::default()
-        },
+        Changes { key_requests: vec![r1.clone(), r2.clone(), r3.clone()], ..Default::default() },
     )
     .await;
 
     assert_eq!(store.key_request("req-2").await.unwrap(), Some(r2.clone()));
     assert!(store.key_request("req-4").await.unwrap().is_none());
     assert_eq!(
-        store
-            .key_request_for_session(&room_a, "session-1")
-            .await
-            .unwrap(),
+        store.key_request_for_session(&room_a, "session-1").await.unwrap(),
         Some(r1.clone())
     );
     assert_eq!(
-        store
-            .key_request_for_session(&room_b, "session-1")
-            .await
-            .unwrap(),
+        store.key_request_for_session(&room_b, "session-1").await.unwrap(),
         Some(r3.clone())
     );
-    assert!(store
-        .key_request_for_session(&room_b, "session-2")
-        .await
-        .unwrap()
-        .is_none());
+    assert!(store.key_request_for_session(&room_b, "session-2").await.unwrap().is_none());
     assert_eq!(
         sorted_requests(store.unsent_key_requests().await.unwrap()),
         vec![r1.clone(), r3.clone()]
@@ -756,24 +426,11 @@ async fn key_requests(store: impl Store) {
         },
     )
     .await;
-    assert_eq!(
-        store.key_request("req-1").await.unwrap(),
-        Some(r1_sent.clone())
-    );
+    assert_eq!(store.key_request("req-1").await.unwrap(), Some(r1_sent.clone()));
     assert!(store.key_request("req-3").await.unwrap().is_none());
-    assert!(store
-        .key_request_for_session(&room_b, "session-1")
-        .await
-        .unwrap()
-        .is_none());
+    assert!(store.key_request_for_session(&room_b, "session-1").await.unwrap().is_none());
     assert!(store.unsent_key_requests().await.unwrap().is_empty());
-    assert_eq!(
-        store
-            .key_request_for_session(&room_a, "session-1")
-            .await
-            .unwrap(),
-        Some(r1_sent)
-    );
+    assert_eq!(store.key_request_for_session(&room_a, "session-1").await.unwrap(), Some(r1_sent));
 
     // Removal and upsert of one ID together keep the upsert.
     apply(
@@ -786,138 +443,48 @@ async fn key_requests(store: impl Store) {
     )
     .await;
     let unsent = store.unsent_key_requests().await.unwrap();
-    assert_eq!(
-        unsent,
-        vec![key_request("req-2", &room_a, "session-2", false)]
-    );
+    assert_eq!(unsent, vec![key_request("req-2", &room_a, "session-2", false)]);
 }
 
 async fn withheld(store: impl Store) {
     let room_a = room(ROOM_A);
-    assert!(store
-        .withheld(&room_a, "session-1")
-        .await
-        .unwrap()
-        .is_none());
+    assert!(store.withheld(&room_a, "session-1").await.unwrap().is_none());
     let w = withheld_record(&room_a, "session-1", "m.unverified");
-    apply(
-        &store,
-        Changes {
-            withheld: vec![w.clone()],
-            ..Default::default()
-        },
-    )
-    .await;
+    apply(&store, Changes { withheld: vec![w.clone()], ..Default::default() }).await;
     assert_eq!(store.withheld(&room_a, "session-1").await.unwrap(), Some(w));
-    assert!(store
-        .withheld(&room_a, "session-2")
-        .await
-        .unwrap()
-        .is_none());
-    assert!(store
-        .withheld(&room(ROOM_B), "session-1")
-        .await
-        .unwrap()
-        .is_none());
+    assert!(store.withheld(&room_a, "session-2").await.unwrap().is_none());
+    assert!(store.withheld(&room(ROOM_B), "session-1").await.unwrap().is_none());
     let replaced = withheld_record(&room_a, "session-1", "m.blacklisted");
-    apply(
-        &store,
-        Changes {
-            withheld: vec![replaced.clone()],
-            ..Default::default()
-        },
-    )
-    .await;
-    assert_eq!(
-        store.withheld(&room_a, "session-1").await.unwrap(),
-        Some(replaced)
-    );
+    apply(&store, Changes { withheld: vec![replaced.clone()], ..Default::default() }).await;
+    assert_eq!(store.withheld(&room_a, "session-1").await.unwrap(), Some(replaced));
 }
 
 async fn message_indices(store: impl Store) {
     let room_a = room(ROOM_A);
     let m0 = message_index(&room_a, "session-1", 0, "$e0");
     let m7 = message_index(&room_a, "session-1", 7, "$e7");
-    assert!(store
-        .message_index(&room_a, "session-1", 0)
-        .await
-        .unwrap()
-        .is_none());
-    apply(
-        &store,
-        Changes {
-            message_indices: vec![m0.clone(), m7.clone()],
-            ..Default::default()
-        },
-    )
-    .await;
-    assert_eq!(
-        store.message_index(&room_a, "session-1", 0).await.unwrap(),
-        Some(m0)
-    );
-    assert_eq!(
-        store.message_index(&room_a, "session-1", 7).await.unwrap(),
-        Some(m7)
-    );
-    assert!(store
-        .message_index(&room_a, "session-1", 1)
-        .await
-        .unwrap()
-        .is_none());
-    assert!(store
-        .message_index(&room_a, "session-2", 0)
-        .await
-        .unwrap()
-        .is_none());
-    assert!(store
-        .message_index(&room(ROOM_B), "session-1", 0)
-        .await
-        .unwrap()
-        .is_none());
+    assert!(store.message_index(&room_a, "session-1", 0).await.unwrap().is_none());
+    apply(&store, Changes { message_indices: vec![m0.clone(), m7.clone()], ..Default::default() })
+        .await;
+    assert_eq!(store.message_index(&room_a, "session-1", 0).await.unwrap(), Some(m0));
+    assert_eq!(store.message_index(&room_a, "session-1", 7).await.unwrap(), Some(m7));
+    assert!(store.message_index(&room_a, "session-1", 1).await.unwrap().is_none());
+    assert!(store.message_index(&room_a, "session-2", 0).await.unwrap().is_none());
+    assert!(store.message_index(&room(ROOM_B), "session-1", 0).await.unwrap().is_none());
     let replaced = message_index(&room_a, "session-1", 7, "$other");
-    apply(
-        &store,
-        Changes {
-            message_indices: vec![replaced.clone()],
-            ..Default::default()
-        },
-    )
-    .await;
-    assert_eq!(
-        store.message_index(&room_a, "session-1", 7).await.unwrap(),
-        Some(replaced)
-    );
+    apply(&store, Changes { message_indices: vec![replaced.clone()], ..Default::default() }).await;
+    assert_eq!(store.message_index(&room_a, "session-1", 7).await.unwrap(), Some(replaced));
 }
 
 async fn sync_token(store: impl Store) {
     assert!(store.sync_token().await.unwrap().is_none());
-    apply(
-        &store,
-        Changes {
-            sync_token: Some("s1_2_3".into()),
-            ..Default::default()
-        },
-    )
-    .await;
+    apply(&store, Changes { sync_token: Some("s1_2_3".into()), ..Default::default() }).await;
     assert_eq!(store.sync_token().await.unwrap().as_deref(), Some("s1_2_3"));
-    apply(
-        &store,
-        Changes {
-            sync_token: Some("s4_5_6".into()),
-            ..Default::default()
-        },
-    )
-    .await;
+    apply(&store, Changes { sync_token: Some("s4_5_6".into()), ..Default::default() }).await;
     assert_eq!(store.sync_token().await.unwrap().as_deref(), Some("s4_5_6"));
     // A commit without a token leaves it.
-    apply(
-        &store,
-        Changes {
-            tracked_users: vec![tracked(ALICE, true)],
-            ..Default::default()
-        },
-    )
-    .await;
+    apply(&store, Changes { tracked_users: vec![tracked(ALICE, true)], ..Default::default() })
+        .await;
     assert_eq!(store.sync_token().await.unwrap().as_deref(), Some("s4_5_6"));
 }
 
@@ -943,19 +510,10 @@ async fn later_entry_wins(store: impl Store) {
     )
     .await;
     assert_eq!(
-        to_json(
-            &store
-                .inbound_group_session(&room_a, &id)
-                .await
-                .unwrap()
-                .unwrap()
-        ),
+        to_json(&store.inbound_group_session(&room_a, &id).await.unwrap().unwrap()),
         second_json
     );
-    assert_eq!(
-        store.tracked_users().await.unwrap(),
-        vec![tracked(BOB, false)]
-    );
+    assert_eq!(store.tracked_users().await.unwrap(), vec![tracked(BOB, false)]);
     assert!(store.key_request("req").await.unwrap().unwrap().sent);
     assert!(store.unsent_key_requests().await.unwrap().is_empty());
 }
@@ -968,14 +526,7 @@ async fn empty_changes(store: impl Store) {
 }
 
 async fn failed_apply_changes_nothing(store: impl Store) {
-    apply(
-        &store,
-        Changes {
-            account: Some(account(ALICE, DEVICE, 3)),
-            ..everything(1)
-        },
-    )
-    .await;
+    apply(&store, Changes { account: Some(account(ALICE, DEVICE, 3)), ..everything(1) }).await;
     let before = snapshot(&store).await;
     assert!(before["inbound"].as_array().unwrap().len() == 2, "{before}");
 
@@ -988,10 +539,7 @@ async fn failed_apply_changes_nothing(store: impl Store) {
     changes.untracked_users = vec![user(ALICE), user(BOB)];
     changes.removed_key_requests = vec!["req-1".into(), "req-2".into()];
     let err = store.apply(changes).await.unwrap_err();
-    assert!(
-        matches!(err, StoreError::StaleGeneration { found: 3, .. }),
-        "{err:?}"
-    );
+    assert!(matches!(err, StoreError::StaleGeneration { found: 3, .. }), "{err:?}");
     assert_eq!(snapshot(&store).await, before);
 
     // The same commit with the right generation goes through whole.
@@ -1137,10 +685,7 @@ fn device_record(user_id: &str, device_id: &str) -> DeviceRecord {
         device_id: device(device_id),
         curve25519: keys.curve25519_key().to_base64(),
         ed25519: keys.ed25519_key().to_base64(),
-        algorithms: vec![
-            "m.olm.v1.curve25519-aes-sha2".into(),
-            "m.megolm.v1.aes-sha2".into(),
-        ],
+        algorithms: vec!["m.olm.v1.curve25519-aes-sha2".into(), "m.megolm.v1.aes-sha2".into()],
         display_name: Some(format!("{device_id}'s phone")),
         keys: json!({ "user_id": user_id, "device_id": device_id }),
         local_trust: LocalTrust::Unset,
@@ -1149,10 +694,7 @@ fn device_record(user_id: &str, device_id: &str) -> DeviceRecord {
 }
 
 fn tracked(user_id: &str, outdated: bool) -> TrackedUser {
-    TrackedUser {
-        user_id: user(user_id),
-        outdated,
-    }
+    TrackedUser { user_id: user(user_id), outdated }
 }
 
 fn key_request(id: &str, room_id: &RoomId, session_id: &str, sent: bool) -> KeyRequestRecord {
@@ -1218,17 +760,8 @@ fn everything(n: u64) -> Changes {
             key_request("req-2", &room_b, "inbound-b", false),
         ],
         removed_key_requests: Vec::new(),
-        withheld: vec![withheld_record(
-            &room_a,
-            "inbound-b",
-            &format!("m.code.{n}"),
-        )],
-        message_indices: vec![message_index(
-            &room_a,
-            "inbound-b",
-            0,
-            &format!("$event-{n}"),
-        )],
+        withheld: vec![withheld_record(&room_a, "inbound-b", &format!("m.code.{n}"))],
+        message_indices: vec![message_index(&room_a, "inbound-b", 0, &format!("$event-{n}"))],
         sync_token: Some(format!("token-{n}")),
     }
 }
@@ -1256,10 +789,7 @@ async fn snapshot(store: &impl Store) -> Value {
     inbound.sort();
     let mut devices = serde_json::Map::new();
     for u in [ALICE, BOB, CAROL] {
-        devices.insert(
-            u.into(),
-            to_json(&sorted_devices(store.devices(&user(u)).await.unwrap())),
-        );
+        devices.insert(u.into(), to_json(&sorted_devices(store.devices(&user(u)).await.unwrap())));
     }
     let mut requests = Vec::new();
     for id in ["req-1", "req-2"] {

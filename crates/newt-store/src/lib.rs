@@ -96,8 +96,10 @@ pub trait Store: StoreBounds {
         room_id: &RoomId,
         session_id: &str,
     ) -> Result<Option<InboundGroupSessionRecord>, StoreError>;
-    /// Up to `limit` inbound sessions ordered by (room ID, session ID), after
-    /// `after`. Bulk readers page through with this instead of loading all.
+    /// Up to `limit` inbound sessions after the cursor `after` (the last
+    /// session of the previous page), in a backend-defined order that is
+    /// stable across pages: paging visits every session exactly once. Bulk
+    /// readers (export, backup) page through with this instead of loading all.
     async fn inbound_group_sessions_page(
         &self,
         after: SessionCursor,

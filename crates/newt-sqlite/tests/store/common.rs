@@ -101,10 +101,7 @@ pub(crate) fn device_record(user_id: &str, device_id: &str, peer: &Account) -> D
         device_id: device(device_id),
         curve25519: peer.curve25519_key().to_base64(),
         ed25519: peer.ed25519_key().to_base64(),
-        algorithms: vec![
-            "m.olm.v1.curve25519-aes-sha2".into(),
-            "m.megolm.v1.aes-sha2".into(),
-        ],
+        algorithms: vec!["m.olm.v1.curve25519-aes-sha2".into(), "m.megolm.v1.aes-sha2".into()],
         display_name: Some(format!("{device_id} display name")),
         keys: serde_json::json!({ "user_id": user_id, "device_id": device_id }),
         local_trust: LocalTrust::Unset,
@@ -114,9 +111,7 @@ pub(crate) fn device_record(user_id: &str, device_id: &str, peer: &Account) -> D
 
 /// SHA-256 of a file's bytes, `None` if it does not exist.
 pub(crate) fn digest(path: &Path) -> Option<[u8; 32]> {
-    std::fs::read(path)
-        .ok()
-        .map(|bytes| Sha256::digest(bytes).into())
+    std::fs::read(path).ok().map(|bytes| Sha256::digest(bytes).into())
 }
 
 /// The store file and its WAL and shared-memory companions.
@@ -134,13 +129,7 @@ pub(crate) fn store_files(path: &Path) -> [std::path::PathBuf; 3] {
 pub(crate) fn spawn_child(test: &str, env: &[(&str, String)]) -> Child {
     let mut command = Command::new(std::env::current_exe().unwrap());
     command
-        .args([
-            test,
-            "--exact",
-            "--ignored",
-            "--nocapture",
-            "--test-threads=1",
-        ])
+        .args([test, "--exact", "--ignored", "--nocapture", "--test-threads=1"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     for (key, value) in env {
@@ -149,9 +138,19 @@ pub(crate) fn spawn_child(test: &str, env: &[(&str, String)]) -> Child {
     command.spawn().unwrap()
 }
 
+/// Reads a child's pipe to the end on another thread, so that the child
+/// never blocks on a full pipe buffer.
+pub(crate) fn drain(
+    mut pipe: impl std::io::Read + Send + 'static,
+) -> std::thread::JoinHandle<String> {
+    std::thread::spawn(move || {
+        let mut text = String::new();
+        pipe.read_to_string(&mut text).unwrap();
+        text
+    })
+}
+
 /// A single-threaded runtime for the synchronous child tests.
 pub(crate) fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .build()
-        .unwrap()
+    tokio::runtime::Builder::new_current_thread().build().unwrap()
 }

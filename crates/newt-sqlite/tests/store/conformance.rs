@@ -9,10 +9,7 @@ async fn sqlite_store_passes_the_conformance_suite() {
     let dir = tempfile::tempdir().unwrap();
     let next = AtomicUsize::new(0);
     newt_store::conformance::run_all(|| {
-        let path = dir.path().join(format!(
-            "store-{}.sqlite",
-            next.fetch_add(1, Ordering::SeqCst)
-        ));
+        let path = dir.path().join(format!("store-{}.sqlite", next.fetch_add(1, Ordering::SeqCst)));
         async move { SqliteStore::open(path, StoreKey::Raw([7; 32])).unwrap() }
     })
     .await;

@@ -4,7 +4,7 @@
 //! and no change is there in part.
 
 use std::collections::BTreeSet;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -24,9 +24,8 @@ const ROUNDS: u64 = 25;
 /// Change `n`: a device (large, several pages) and a tracked user, which
 /// must both be present or both absent.
 fn change(n: u64) -> Changes {
-    let filler: String = (0..6000)
-        .map(|i| char::from(b'a' + ((n as usize + i) % 26) as u8))
-        .collect();
+    let filler: String =
+        (0..6000).map(|i| char::from(b'a' + ((n as usize + i) % 26) as u8)).collect();
     Changes {
         devices: vec![DeviceRecord {
             user_id: user(OWNER),
@@ -79,22 +78,14 @@ fn numbers_in(path: &Path) -> (BTreeSet<u64>, BTreeSet<u64>) {
         .block_on(store.tracked_users())
         .unwrap()
         .iter()
-        .map(|t| {
-            t.user_id.as_str()[2..]
-                .split(':')
-                .next()
-                .unwrap()
-                .parse()
-                .unwrap()
-        })
+        .map(|t| t.user_id.as_str()[2..].split(':').next().unwrap().parse().unwrap())
         .collect();
     (devices, tracked)
 }
 
 fn integrity(path: &Path) -> String {
     let conn = rusqlite::Connection::open(path).unwrap();
-    conn.query_row("PRAGMA integrity_check", [], |r| r.get(0))
-        .unwrap()
+    conn.query_row("PRAGMA integrity_check", [], |r| r.get(0)).unwrap()
 }
 
 #[test]
@@ -111,39 +102,24 @@ fn crash_safety_under_sigkill() {
         let start = round * 1_000_000;
         let mut child = spawn_child(
             "crash::child_crash_writer",
-            &[
-                (CHILD_PATH, path.display().to_string()),
-                (CHILD_START, start.to_string()),
-            ],
+            &[(CHILD_PATH, path.display().to_string()), (CHILD_START, start.to_string())],
         );
+        let stdout = drain(child.stdout.take().unwrap());
+        let stderr = drain(child.stderr.take().unwrap());
         // Random moments: some kills land while the child is still opening.
         std::thread::sleep(Duration::from_millis(rng.gen_range(5..300)));
         child.kill().unwrap(); // SIGKILL on unix
         let status = child.wait().unwrap();
         assert!(!status.success(), "the child exited by itself: {status:?}");
-        let mut out = String::new();
-        child
-            .stdout
-            .take()
-            .unwrap()
-            .read_to_string(&mut out)
-            .unwrap();
+        let (out, err) = (stdout.join().unwrap(), stderr.join().unwrap());
+        // Whole lines only (the child prints each number after its commit).
         let acks: Vec<u64> = out
-            .lines()
-            .filter_map(|l| l.strip_prefix("ack "))
-            .filter(|n| !n.is_empty())
+            .split_inclusive('\n')
+            .filter_map(|l| l.strip_prefix("ack ")?.strip_suffix('\n'))
             .map(|n| n.parse().unwrap())
             .collect();
-        if acks.is_empty() {
-            let mut err = String::new();
-            child
-                .stderr
-                .take()
-                .unwrap()
-                .read_to_string(&mut err)
-                .unwrap();
-            assert!(!err.contains("panicked"), "child failed: {err}");
-        } else {
+        assert!(!err.contains("panicked"), "child failed: {err}");
+        if !acks.is_empty() {
             killed_with_acks += 1;
         }
         acknowledged.extend(acks);
@@ -152,20 +128,10 @@ fn crash_safety_under_sigkill() {
         let (devices, tracked) = numbers_in(&path);
         assert_eq!(devices, tracked, "round {round}: a change is there in part");
         let missing: Vec<_> = acknowledged.difference(&devices).collect();
-        assert!(
-            missing.is_empty(),
-            "round {round}: acknowledged but lost: {missing:?}"
-        );
+        assert!(missing.is_empty(), "round {round}: acknowledged but lost: {missing:?}");
     }
-    assert!(
-        killed_with_acks >= ROUNDS / 2,
-        "only {killed_with_acks} rounds committed anything"
-    );
-    assert!(
-        started.elapsed() < Duration::from_secs(30),
-        "took {:?}",
-        started.elapsed()
-    );
+    assert!(killed_with_acks >= ROUNDS / 2, "only {killed_with_acks} rounds committed anything");
+    assert!(started.elapsed() < Duration::from_secs(30), "took {:?}", started.elapsed());
     eprintln!(
         "{ROUNDS} SIGKILLs, {} acknowledged changes, {killed_with_acks} rounds with acks, {:?}",
         acknowledged.len(),

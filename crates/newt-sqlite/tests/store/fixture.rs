@@ -40,10 +40,7 @@ fn write_v1_fixture() {
     let sessions: Vec<_> = (0..3).map(|_| inbound(&room_id, &olm.sender_key)).collect();
     let out = outbound(&room_id);
     let dev = device_record("@peer:example.org", "PEERDEVICE", &peer);
-    let tracked = TrackedUser {
-        user_id: user("@peer:example.org"),
-        outdated: false,
-    };
+    let tracked = TrackedUser { user_id: user("@peer:example.org"), outdated: false };
     let request = KeyRequestRecord {
         request_id: "fixture-request".into(),
         room_id: room_id.clone(),
@@ -111,80 +108,39 @@ async fn v1_fixture_opens_and_reads_back() {
     let store = SqliteStore::open(&path, StoreKey::Passphrase(PASSPHRASE.into())).unwrap();
     let room_id = room(ROOM);
 
-    assert_eq!(
-        to_json(&store.account().await.unwrap().unwrap()),
-        manifest["account"]
-    );
+    assert_eq!(to_json(&store.account().await.unwrap().unwrap()), manifest["account"]);
     let olm = &manifest["olm_session"];
-    let sessions = store
-        .olm_sessions(olm["sender_key"].as_str().unwrap())
-        .await
-        .unwrap();
+    let sessions = store.olm_sessions(olm["sender_key"].as_str().unwrap()).await.unwrap();
     assert_eq!(to_json(&sessions), json!([olm]));
     for session in manifest["inbound"].as_array().unwrap() {
         let id = session["session_id"].as_str().unwrap();
-        let read = store
-            .inbound_group_session(&room_id, id)
-            .await
-            .unwrap()
-            .unwrap();
+        let read = store.inbound_group_session(&room_id, id).await.unwrap().unwrap();
         assert_eq!(&to_json(&read), session);
     }
+    assert_eq!(store.inbound_group_sessions_page(None, 10).await.unwrap().len(), 3);
     assert_eq!(
-        store
-            .inbound_group_sessions_page(None, 10)
-            .await
-            .unwrap()
-            .len(),
-        3
-    );
-    assert_eq!(
-        to_json(
-            &store
-                .outbound_group_session(&room_id)
-                .await
-                .unwrap()
-                .unwrap()
-        ),
+        to_json(&store.outbound_group_session(&room_id).await.unwrap().unwrap()),
         manifest["outbound"]
     );
     assert_eq!(
         to_json(&store.devices(&user("@peer:example.org")).await.unwrap()),
         json!([manifest["device"]])
     );
-    assert_eq!(
-        to_json(&store.tracked_users().await.unwrap()),
-        json!([manifest["tracked"]])
-    );
+    assert_eq!(to_json(&store.tracked_users().await.unwrap()), json!([manifest["tracked"]]));
     let request = store.key_request("fixture-request").await.unwrap();
     assert_eq!(to_json(&request), manifest["key_request"]);
     let withheld = store.withheld(&room_id, "withheld-session").await.unwrap();
     assert_eq!(to_json(&withheld), manifest["withheld"]);
     let index = &manifest["message_index"];
-    let read = store
-        .message_index(&room_id, index["session_id"].as_str().unwrap(), 5)
-        .await
-        .unwrap();
+    let read =
+        store.message_index(&room_id, index["session_id"].as_str().unwrap(), 5).await.unwrap();
     assert_eq!(to_json(&read), *index);
-    assert_eq!(
-        store.sync_token().await.unwrap().as_deref(),
-        Some("fixture_sync_token")
-    );
+    assert_eq!(store.sync_token().await.unwrap().as_deref(), Some("fixture_sync_token"));
 
     // The fixture is still usable as a store: the account moves on.
     let mut account = store.account().await.unwrap().unwrap();
     account.generation += 1;
-    store
-        .apply(Changes {
-            account: Some(account),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    store.apply(Changes { account: Some(account), ..Default::default() }).await.unwrap();
     assert_eq!(store.account().await.unwrap().unwrap().generation, 4);
-    assert_eq!(
-        digest(&original).unwrap(),
-        original_digest,
-        "the committed fixture changed"
-    );
+    assert_eq!(digest(&original).unwrap(), original_digest, "the committed fixture changed");
 }

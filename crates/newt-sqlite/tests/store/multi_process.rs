@@ -3,7 +3,7 @@
 //! then tries an account write from a stale load. No "database is locked"
 //! ever reaches a caller, and the stale write is always refused.
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -45,12 +45,7 @@ fn child_env() -> (String, Duration) {
 fn report(report: &Report) {
     let mut stdout = std::io::stdout();
     // On a line of its own: libtest has printed "test ... " before it.
-    writeln!(
-        stdout,
-        "\nREPORT {}",
-        serde_json::to_string(report).unwrap()
-    )
-    .unwrap();
+    writeln!(stdout, "\nREPORT {}", serde_json::to_string(report).unwrap()).unwrap();
     stdout.flush().unwrap();
 }
 
@@ -74,10 +69,7 @@ fn child_account_writer() {
         };
         account.generation += 1;
         account.uploaded_one_time_key_count = account.generation;
-        match rt.block_on(store.apply(Changes {
-            account: Some(account),
-            ..Default::default()
-        })) {
+        match rt.block_on(store.apply(Changes { account: Some(account), ..Default::default() })) {
             Ok(()) => out.ok += 1,
             // Only possible if the other process wrote the account: it must not.
             Err(StoreError::StaleGeneration { .. }) => out.stale += 1,
@@ -102,9 +94,8 @@ fn child_session_writer() {
     let mut i = 0u64;
     while Instant::now() < end {
         i += 1;
-        let sessions: Vec<_> = (0..SESSIONS_PER_COMMIT)
-            .map(|_| inbound(&room_id, "sender"))
-            .collect();
+        let sessions: Vec<_> =
+            (0..SESSIONS_PER_COMMIT).map(|_| inbound(&room_id, "sender")).collect();
         let ids: Vec<String> = sessions.iter().map(|s| s.session_id.clone()).collect();
         let changes = Changes {
             inbound_group_sessions: sessions,
@@ -143,10 +134,7 @@ fn stale_attempt(rt: &tokio::runtime::Runtime, store: &SqliteStore, out: &mut Re
     }
     loaded.generation += 1;
     loaded.uploaded_one_time_key_count = STALE_MARKER;
-    match rt.block_on(store.apply(Changes {
-        account: Some(loaded),
-        ..Default::default()
-    })) {
+    match rt.block_on(store.apply(Changes { account: Some(loaded), ..Default::default() })) {
         Err(StoreError::StaleGeneration { .. }) => out.stale += 1,
         Ok(()) => out.errors.push("a stale account write was accepted".into()),
         Err(e) => out.errors.push(e.to_string()),
@@ -154,6 +142,10 @@ fn stale_attempt(rt: &tokio::runtime::Runtime, store: &SqliteStore, out: &mut Re
 }
 
 fn finish(mut child: std::process::Child, name: &str) -> Report {
+    // Drain the pipes while waiting: a report larger than the pipe buffer
+    // would otherwise block the child in its last write, forever.
+    let stdout = drain(child.stdout.take().unwrap());
+    let stderr = drain(child.stderr.take().unwrap());
     let deadline = Instant::now() + RUN + Duration::from_secs(20);
     while child.try_wait().unwrap().is_none() {
         if Instant::now() > deadline {
@@ -162,20 +154,7 @@ fn finish(mut child: std::process::Child, name: &str) -> Report {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    let mut stdout = String::new();
-    let mut stderr = String::new();
-    child
-        .stdout
-        .take()
-        .unwrap()
-        .read_to_string(&mut stdout)
-        .unwrap();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut stderr)
-        .unwrap();
+    let (stdout, stderr) = (stdout.join().unwrap(), stderr.join().unwrap());
     let line = stdout
         .lines()
         .find_map(|l| l.find("REPORT ").map(|at| &l[at + "REPORT ".len()..]))
@@ -185,10 +164,7 @@ fn finish(mut child: std::process::Child, name: &str) -> Report {
 
 fn setup(path: &Path) {
     let store = SqliteStore::open(path, StoreKey::Raw(KEY)).unwrap();
-    let changes = Changes {
-        account: Some(account(ME, MY_DEVICE, 0)),
-        ..Default::default()
-    };
+    let changes = Changes { account: Some(account(ME, MY_DEVICE, 0)), ..Default::default() };
     runtime().block_on(store.apply(changes)).unwrap();
 }
 
@@ -197,10 +173,8 @@ fn two_processes_share_one_store() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("shared.sqlite");
     setup(&path);
-    let env = [
-        (CHILD_PATH, path.display().to_string()),
-        (CHILD_MILLIS, RUN.as_millis().to_string()),
-    ];
+    let env =
+        [(CHILD_PATH, path.display().to_string()), (CHILD_MILLIS, RUN.as_millis().to_string())];
     let accounts = spawn_child("multi_process::child_account_writer", &env);
     let sessions = spawn_child("multi_process::child_session_writer", &env);
     let accounts = finish(accounts, "account writer");
@@ -214,11 +188,7 @@ fn two_processes_share_one_store() {
         assert!(errors.is_empty(), "errors surfaced: {errors:?}");
     }
     assert_eq!(accounts.stale, 0, "the stale writer overwrote the account");
-    assert!(
-        accounts.ok > 20 && sessions.ok > 10,
-        "{accounts:?} / {} commits",
-        sessions.ok
-    );
+    assert!(accounts.ok > 20 && sessions.ok > 10, "{accounts:?} / {} commits", sessions.ok);
     assert!(sessions.stale >= 1, "no stale write was attempted");
 
     let rt = runtime();
@@ -229,17 +199,12 @@ fn two_processes_share_one_store() {
     assert_ne!(account.uploaded_one_time_key_count, STALE_MARKER);
     let room_id = room("!shared:example.org");
     for id in &sessions.sessions {
-        assert!(rt
-            .block_on(store.inbound_group_session(&room_id, id))
-            .unwrap()
-            .is_some());
+        assert!(rt.block_on(store.inbound_group_session(&room_id, id)).unwrap().is_some());
     }
     let mut count = 0;
     let mut cursor = None;
     loop {
-        let page = rt
-            .block_on(store.inbound_group_sessions_page(cursor, 100))
-            .unwrap();
+        let page = rt.block_on(store.inbound_group_sessions_page(cursor, 100)).unwrap();
         let Some(last) = page.last() else { break };
         cursor = Some((last.room_id.clone(), last.session_id.clone()));
         count += page.len();

@@ -16,10 +16,7 @@ fn make_store(path: &Path, key: StoreKey) {
     let room_id = room("!r:example.org");
     let changes = Changes {
         inbound_group_sessions: (0..40).map(|_| inbound(&room_id, "sender")).collect(),
-        tracked_users: vec![TrackedUser {
-            user_id: user("@kept:example.org"),
-            outdated: false,
-        }],
+        tracked_users: vec![TrackedUser { user_id: user("@kept:example.org"), outdated: false }],
         ..Default::default()
     };
     rt.block_on(store.apply(changes)).unwrap();
@@ -33,10 +30,7 @@ fn open_fails(path: &Path, key: StoreKey) -> StoreError {
     let err = SqliteStore::open(path, key).unwrap_err();
     let after: Vec<_> = files.iter().map(|f| digest(f)).collect();
     assert_eq!(before[0], after[0], "{} changed", path.display());
-    assert!(
-        after[1].is_none() || after[1] == before[1],
-        "a WAL was left: {err:?}"
-    );
+    assert!(after[1].is_none() || after[1] == before[1], "a WAL was left: {err:?}");
     err
 }
 
@@ -51,14 +45,8 @@ fn wrong_raw_key_is_refused_and_nothing_is_written() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("store.sqlite");
     make_store(&path, StoreKey::Raw([1; 32]));
-    assert!(matches!(
-        open_fails(&path, StoreKey::Raw([2; 32])),
-        StoreError::WrongKey
-    ));
-    assert!(matches!(
-        open_fails(&path, StoreKey::Passphrase("x".into())),
-        StoreError::WrongKey
-    ));
+    assert!(matches!(open_fails(&path, StoreKey::Raw([2; 32])), StoreError::WrongKey));
+    assert!(matches!(open_fails(&path, StoreKey::Passphrase("x".into())), StoreError::WrongKey));
     still_opens(&path, StoreKey::Raw([1; 32]));
 }
 
@@ -71,10 +59,7 @@ fn wrong_passphrase_is_refused_and_nothing_is_written() {
         open_fails(&path, StoreKey::Passphrase("wrong".into())),
         StoreError::WrongKey
     ));
-    assert!(matches!(
-        open_fails(&path, StoreKey::Raw([0; 32])),
-        StoreError::WrongKey
-    ));
+    assert!(matches!(open_fails(&path, StoreKey::Raw([0; 32])), StoreError::WrongKey));
     still_opens(&path, StoreKey::Passphrase("right".into()));
 }
 
@@ -84,18 +69,11 @@ fn truncated_file_is_refused_untouched() {
     let path = dir.path().join("store.sqlite");
     make_store(&path, StoreKey::Raw([1; 32]));
     let bytes = std::fs::read(&path).unwrap();
-    assert!(
-        bytes.len() > 8 * 4096,
-        "store too small to truncate: {}",
-        bytes.len()
-    );
+    assert!(bytes.len() > 8 * 4096, "store too small to truncate: {}", bytes.len());
     for cut in [bytes.len() - 4096, bytes.len() / 2, 4096, 50] {
         std::fs::write(&path, &bytes[..cut]).unwrap();
         let err = open_fails(&path, StoreKey::Raw([1; 32]));
-        assert!(
-            matches!(err, StoreError::Corrupt(_)),
-            "cut at {cut}: {err:?}"
-        );
+        assert!(matches!(err, StoreError::Corrupt(_)), "cut at {cut}: {err:?}");
     }
 }
 
@@ -103,9 +81,8 @@ fn truncated_file_is_refused_untouched() {
 fn not_a_database_is_refused_untouched() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("store.sqlite");
-    let noise: Vec<u8> = (0..16384u32)
-        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
-        .collect();
+    let noise: Vec<u8> =
+        (0..16384u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
     for contents in [noise, b"hello, I am a text file\n".to_vec(), vec![0; 4096]] {
         std::fs::write(&path, &contents).unwrap();
         let err = open_fails(&path, StoreKey::Raw([1; 32]));
@@ -134,16 +111,7 @@ fn newer_schema_version_is_refused_untouched() {
     conn.pragma_update(None, "user_version", 2).unwrap();
     drop(conn);
     let err = open_fails(&path, StoreKey::Raw([1; 32]));
-    assert!(
-        matches!(
-            err,
-            StoreError::TooNew {
-                found: 2,
-                supported: 1
-            }
-        ),
-        "{err:?}"
-    );
+    assert!(matches!(err, StoreError::TooNew { found: 2, supported: 1 }), "{err:?}");
     // Even with a wrong key, the version verdict comes first.
     let err = open_fails(&path, StoreKey::Raw([2; 32]));
     assert!(matches!(err, StoreError::TooNew { .. }), "{err:?}");

@@ -42,45 +42,24 @@ async fn records_survive_reopening() {
         store.apply(changes).await.unwrap();
     }
     let store = SqliteStore::open(&path, StoreKey::Raw([1; 32])).unwrap();
-    assert_eq!(
-        to_json(&store.account().await.unwrap().unwrap()),
-        expected.0
-    );
+    assert_eq!(to_json(&store.account().await.unwrap().unwrap()), expected.0);
     assert_eq!(
         to_json(&store.olm_sessions(&sender_key).await.unwrap()),
         serde_json::json!([expected.1])
     );
-    let read = store
-        .inbound_group_session(&room_id, &first_session)
-        .await
-        .unwrap()
-        .unwrap();
+    let read = store.inbound_group_session(&room_id, &first_session).await.unwrap().unwrap();
     assert_eq!(to_json(&read), expected.2[0]);
-    let mut all: Vec<_> = store
-        .inbound_group_sessions_page(None, 1000)
-        .await
-        .unwrap()
-        .iter()
-        .map(to_json)
-        .collect();
+    let mut all: Vec<_> =
+        store.inbound_group_sessions_page(None, 1000).await.unwrap().iter().map(to_json).collect();
     let mut want = expected.2.clone();
     all.sort_by_key(|v| v.to_string());
     want.sort_by_key(|v| v.to_string());
     assert_eq!(all, want);
     assert_eq!(
-        to_json(
-            &store
-                .outbound_group_session(&room_id)
-                .await
-                .unwrap()
-                .unwrap()
-        ),
+        to_json(&store.outbound_group_session(&room_id).await.unwrap().unwrap()),
         expected.3
     );
-    assert_eq!(
-        store.devices(&user("@peer:example.org")).await.unwrap(),
-        vec![dev]
-    );
+    assert_eq!(store.devices(&user("@peer:example.org")).await.unwrap(), vec![dev]);
     assert_eq!(store.sync_token().await.unwrap().as_deref(), Some("token"));
 }
 
@@ -88,17 +67,11 @@ async fn records_survive_reopening() {
 async fn changing_the_passphrase_rewraps_the_key() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("store.sqlite");
-    let alice = TrackedUser {
-        user_id: user("@alice:example.org"),
-        outdated: true,
-    };
+    let alice = TrackedUser { user_id: user("@alice:example.org"), outdated: true };
     {
         let store = SqliteStore::open(&path, StoreKey::Passphrase("first".into())).unwrap();
         store
-            .apply(Changes {
-                tracked_users: vec![alice.clone()],
-                ..Default::default()
-            })
+            .apply(Changes { tracked_users: vec![alice.clone()], ..Default::default() })
             .await
             .unwrap();
         store.change_passphrase("second").unwrap();
@@ -109,13 +82,7 @@ async fn changing_the_passphrase_rewraps_the_key() {
             session_id: "s".into(),
             sent: false,
         };
-        store
-            .apply(Changes {
-                key_requests: vec![request],
-                ..Default::default()
-            })
-            .await
-            .unwrap();
+        store.apply(Changes { key_requests: vec![request], ..Default::default() }).await.unwrap();
     }
     let wrong = SqliteStore::open(&path, StoreKey::Passphrase("first".into()));
     assert!(matches!(wrong, Err(StoreError::WrongKey)), "{wrong:?}");
@@ -140,19 +107,13 @@ async fn two_handles_in_one_process_see_each_other() {
     let path = dir.path().join("store.sqlite");
     let a = SqliteStore::open(&path, StoreKey::Raw([3; 32])).unwrap();
     let b = SqliteStore::open(&path, StoreKey::Raw([3; 32])).unwrap();
-    a.apply(Changes {
-        account: Some(account("@me:example.org", "DEV", 0)),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    a.apply(Changes { account: Some(account("@me:example.org", "DEV", 0)), ..Default::default() })
+        .await
+        .unwrap();
     assert_eq!(b.account().await.unwrap().unwrap().generation, 0);
-    b.apply(Changes {
-        account: Some(account("@me:example.org", "DEV", 1)),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    b.apply(Changes { account: Some(account("@me:example.org", "DEV", 1)), ..Default::default() })
+        .await
+        .unwrap();
     // `a` still believes generation 0: its write is stale.
     let stale = a
         .apply(Changes {
@@ -161,13 +122,7 @@ async fn two_handles_in_one_process_see_each_other() {
         })
         .await;
     assert!(
-        matches!(
-            stale,
-            Err(StoreError::StaleGeneration {
-                expected: 0,
-                found: 1
-            })
-        ),
+        matches!(stale, Err(StoreError::StaleGeneration { expected: 0, found: 1 })),
         "{stale:?}"
     );
 }
@@ -181,10 +136,7 @@ async fn swapped_ciphertexts_are_rejected() {
     let ids: Vec<String> = sessions.iter().map(|s| s.session_id.clone()).collect();
     {
         let store = SqliteStore::open(&path, StoreKey::Raw([5; 32])).unwrap();
-        let changes = Changes {
-            inbound_group_sessions: sessions,
-            ..Default::default()
-        };
+        let changes = Changes { inbound_group_sessions: sessions, ..Default::default() };
         store.apply(changes).await.unwrap();
     }
     // Someone with write access to the file swaps the two sealed values.

@@ -45,9 +45,9 @@ impl Needles {
                 self.key(label, &bytes);
             }
             Value::Array(items) => items.iter().for_each(|v| self.pickle(label, v)),
-            Value::Object(map) => map
-                .iter()
-                .for_each(|(k, v)| self.pickle(&format!("{label}.{k}"), v)),
+            Value::Object(map) => {
+                map.iter().for_each(|(k, v)| self.pickle(&format!("{label}.{k}"), v))
+            }
             Value::String(s) if s.len() >= 16 => self.text(label, s),
             _ => {}
         }
@@ -138,10 +138,7 @@ async fn fill(path: &Path, key: StoreKey, needles: &mut Needles) -> SqliteStore 
         inbound_group_sessions: sessions,
         outbound_group_sessions: vec![out],
         devices: vec![dev],
-        tracked_users: vec![TrackedUser {
-            user_id: user(peer_user),
-            outdated: true,
-        }],
+        tracked_users: vec![TrackedUser { user_id: user(peer_user), outdated: true }],
         key_requests: vec![request],
         withheld: vec![withheld],
         message_indices: vec![index],
@@ -162,36 +159,22 @@ async fn no_plaintext_on_disk() {
     needles.text("passphrase", PASSPHRASE);
 
     let raw_store = fill(&raw_path, StoreKey::Raw(RAW_KEY), &mut needles).await;
-    let pass_store = fill(
-        &pass_path,
-        StoreKey::Passphrase(PASSPHRASE.into()),
-        &mut needles,
-    )
-    .await;
+    let pass_store = fill(&pass_path, StoreKey::Passphrase(PASSPHRASE.into()), &mut needles).await;
     assert!(needles.0.len() > 100, "only {} needles", needles.0.len());
 
     let mut files: Vec<_> = store_files(&raw_path).into();
     files.extend(store_files(&pass_path));
     // The scanner works: the data is in the WAL now, and the header is found.
-    assert!(
-        std::fs::metadata(&files[1]).unwrap().len() > 0,
-        "WAL is empty"
-    );
+    assert!(std::fs::metadata(&files[1]).unwrap().len() > 0, "WAL is empty");
     let mut control = Needles(Vec::new());
     control.text("sqlite header", "SQLite format 3");
     assert_eq!(control.found_in(&files[..1]).len(), 1);
 
     let open_hits = needles.found_in(&files);
-    assert!(
-        open_hits.is_empty(),
-        "plaintext on disk while open: {open_hits:#?}"
-    );
+    assert!(open_hits.is_empty(), "plaintext on disk while open: {open_hits:#?}");
 
     drop(raw_store);
     drop(pass_store);
     let closed_hits = needles.found_in(&files);
-    assert!(
-        closed_hits.is_empty(),
-        "plaintext on disk after close: {closed_hits:#?}"
-    );
+    assert!(closed_hits.is_empty(), "plaintext on disk after close: {closed_hits:#?}");
 }
