@@ -169,7 +169,7 @@ enum Pending {
         devices: Vec<(UserId, DeviceId, String, u32)>,
         withheld: Vec<(UserId, DeviceId, String)>,
     },
-    KeyRequest,
+    KeyRequest(String),
     Other,
 }
 
@@ -693,21 +693,25 @@ impl Machine {
             });
             st.in_flight.insert(id, Pending::KeysQuery(outdated));
         }
-        // Key requests not yet sent, to all our own devices.
-        let mut changes = Changes::default();
-        for mut request in self.store().unsent_key_requests().await? {
+        // Key requests not yet sent (and not in flight), to all our own
+        // devices. They are marked sent only when the caller reports success.
+        for request in self.store().unsent_key_requests().await? {
+            let in_flight = st
+                .in_flight
+                .values()
+                .any(|p| matches!(p, Pending::KeyRequest(id) if *id == request.request_id));
+            if in_flight {
+                continue;
+            }
             let content = request_content(&self.inner.device_id, &request, None, false);
             let id = st.next_id();
-            st.in_flight.insert(id.clone(), Pending::KeyRequest);
+            st.in_flight.insert(id.clone(), Pending::KeyRequest(request.request_id.clone()));
             out.push(to_device_request(
                 id,
                 "m.room_key_request",
                 [(self.inner.user_id.clone(), "*".to_owned(), content)],
             ));
-            request.sent = true;
-            changes.key_requests.push(request);
         }
-        self.commit(&mut st, changes, false).await?;
         for r in std::mem::take(&mut st.queued) {
             if !st.in_flight.contains_key(&r.id) {
                 st.in_flight.insert(r.id.clone(), Pending::Other);
@@ -784,7 +788,15 @@ impl Machine {
                 };
                 self.commit(&mut st, changes, false).await
             }
-            Pending::KeyRequest | Pending::Other => Ok(()),
+            Pending::KeyRequest(request_id) => {
+                let Some(mut request) = self.store().key_request(&request_id).await? else {
+                    return Ok(()); // answered meanwhile
+                };
+                request.sent = true;
+                let changes = Changes { key_requests: vec![request], ..Default::default() };
+                self.commit(&mut st, changes, false).await
+            }
+            Pending::Other => Ok(()),
         }
     }
 
