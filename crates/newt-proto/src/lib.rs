@@ -29,6 +29,7 @@ pub mod account;
 pub mod changes;
 pub mod devices;
 pub mod export;
+pub mod identities;
 pub mod ids;
 pub mod json;
 pub mod key_requests;
@@ -37,6 +38,7 @@ pub mod olm;
 pub mod records;
 pub mod sharing;
 pub mod trust;
+pub mod verification;
 
 pub use vodozemac;
 

@@ -1,0 +1,1 @@
+//! Cross-signing identities (being written).

@@ -1,0 +1,1 @@
+//! Device verification (being written).
