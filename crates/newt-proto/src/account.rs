@@ -88,6 +88,11 @@ impl OwnAccount {
         }
     }
 
+    /// The generation of the stored record this account corresponds to.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
     /// Our user ID.
     pub fn user_id(&self) -> &UserId {
         &self.user_id

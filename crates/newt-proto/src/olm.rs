@@ -35,6 +35,8 @@ pub struct OlmSession {
     pub created_at: u64,
     /// Last successful decryption (ms), or creation time.
     pub last_used_at: u64,
+    /// The generation it was loaded at (0 for a new session).
+    pub generation: u64,
 }
 
 impl OlmSession {
@@ -45,10 +47,17 @@ impl OlmSession {
             session: Session::from_pickle(r.pickle),
             created_at: r.created_at,
             last_used_at: r.last_used_at,
+            generation: r.generation,
         }
     }
 
-    /// To a record for storing.
+    /// A session created now.
+    pub fn new(sender_key: String, session: Session, now: u64) -> Self {
+        Self { sender_key, session, created_at: now, last_used_at: now, generation: 0 }
+    }
+
+    /// To a record for storing: the next generation after the one it was
+    /// loaded at, so the store can refuse a write from stale state.
     pub fn to_record(&self) -> OlmSessionRecord {
         OlmSessionRecord {
             sender_key: self.sender_key.clone(),
@@ -56,6 +65,7 @@ impl OlmSession {
             pickle: self.session.pickle(),
             created_at: self.created_at,
             last_used_at: self.last_used_at,
+            generation: self.generation + 1,
         }
     }
 }
@@ -228,12 +238,7 @@ fn decrypt_message(
                 };
             }
             let (session, plaintext) = create_inbound(own, sender_key, pre_key)?;
-            sessions.push(OlmSession {
-                sender_key: sender_key.to_owned(),
-                session,
-                created_at: now,
-                last_used_at: now,
-            });
+            sessions.push(OlmSession::new(sender_key.to_owned(), session, now));
             Ok((plaintext, sessions.len() - 1, true))
         }
         OlmMessage::Normal(_) => {
@@ -496,13 +501,7 @@ fn session_from_key(
         .inner()
         .create_outbound_session(SessionConfig::version_1(), identity, otk)
         .map_err(|e| ClaimError::Session(e.to_string()))?;
-    Ok(OlmSession {
-        sender_key: device.curve25519.clone(),
-        session,
-        created_at: now,
-        last_used_at: now,
-    }
-    .to_record())
+    Ok(OlmSession::new(device.curve25519.clone(), session, now).to_record())
 }
 
 #[cfg(test)]

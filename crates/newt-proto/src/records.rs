@@ -63,6 +63,11 @@ pub struct OlmSessionRecord {
     pub created_at: u64,
     /// Last successful decryption (ms), or creation time if none yet.
     pub last_used_at: u64,
+    /// Incremented on every write, like the account's: a store refuses a
+    /// write based on an older state of the session (another process
+    /// advanced the ratchet meanwhile).
+    #[serde(default)]
+    pub generation: u64,
 }
 
 impl fmt::Debug for OlmSessionRecord {
@@ -73,6 +78,7 @@ impl fmt::Debug for OlmSessionRecord {
             .field("pickle", &"<redacted>")
             .field("created_at", &self.created_at)
             .field("last_used_at", &self.last_used_at)
+            .field("generation", &self.generation)
             .finish()
     }
 }

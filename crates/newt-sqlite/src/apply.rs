@@ -8,8 +8,8 @@ use rusqlite::types::Value;
 use rusqlite::{params_from_iter, Connection, TransactionBehavior};
 use serde::Serialize;
 
-use newt_proto::records::AccountRecord;
-use newt_store::{check_generation, Changes, StoreError};
+use newt_proto::records::{AccountRecord, OlmSessionRecord};
+use newt_store::{check_generation, check_generation_value, Changes, StoreError};
 
 use crate::cipher::{Cipher, Kind};
 use crate::retry::TxError;
@@ -34,6 +34,8 @@ struct Write {
 /// again if the database was busy).
 pub(crate) struct Prepared {
     account: Option<AccountRecord>,
+    /// (sender key hash, session hash, incoming generation) of each Olm session.
+    olm_generations: Vec<(Value, Value, u64)>,
     writes: Vec<Write>,
 }
 
@@ -69,11 +71,13 @@ pub(crate) fn prepare(cipher: &Cipher, changes: Changes) -> Result<Prepared, Sto
     if let Some(account) = &changes.account {
         writes.push(upsert(cipher, &SINGLETONS, vec![Value::Text(ACCOUNT.into())], account)?);
     }
+    let mut olm_generations = Vec::with_capacity(changes.olm_sessions.len());
     for s in &changes.olm_sessions {
         let keys = vec![
             cipher.key(Kind::SenderKey, &s.sender_key),
             cipher.key(Kind::OlmSession, &s.session_id),
         ];
+        olm_generations.push((keys[0].clone(), keys[1].clone(), s.generation));
         writes.push(upsert(cipher, &OLM_SESSIONS, keys, s)?);
     }
     for s in &changes.inbound_group_sessions {
@@ -134,7 +138,7 @@ pub(crate) fn prepare(cipher: &Cipher, changes: Changes) -> Result<Prepared, Sto
     if let Some(token) = &changes.sync_token {
         writes.push(upsert(cipher, &SINGLETONS, vec![Value::Text(SYNC_TOKEN.into())], token)?);
     }
-    Ok(Prepared { account: changes.account, writes })
+    Ok(Prepared { account: changes.account, olm_generations, writes })
 }
 
 fn upsert<T: Serialize>(
@@ -173,6 +177,17 @@ pub(crate) fn commit(
             }
         }
         check_generation(stored.as_ref(), incoming)?;
+    }
+    for (sender, session, generation) in &prepared.olm_generations {
+        let stored: Option<OlmSessionRecord> = query(
+            &tx,
+            cipher,
+            &OLM_SESSIONS,
+            &OLM_SESSIONS.select_sql("WHERE sender_key_hash = ?1 AND session_hash = ?2"),
+            &[sender.clone(), session.clone()],
+        )?
+        .pop();
+        check_generation_value(stored.map(|s| s.generation), *generation)?;
     }
     for write in &prepared.writes {
         tx.prepare_cached(&write.sql)?.execute(params_from_iter(&write.params))?;

@@ -164,6 +164,22 @@ async fn olm_sessions_by_sender_key(store: impl Store) {
     // An upsert replaces by (sender key, session ID) ...
     let mut updated = olm_session(&mut bob, 999);
     updated.session_id = bob_ids[1].clone();
+    // A write based on a stale copy of the session is refused, atomically.
+    let stale = olm_session(&mut bob, 998);
+    let mut stale = OlmSessionRecord { session_id: bob_ids[1].clone(), generation: 0, ..stale };
+    stale.last_used_at = 998;
+    let err = store
+        .apply(Changes {
+            olm_sessions: vec![stale],
+            tracked_users: vec![tracked(ALICE, true)],
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::StaleGeneration { found: 0, .. }), "{err:?}");
+    assert!(store.tracked_users().await.unwrap().is_empty());
+    // The next generation is accepted.
+    updated.generation = 1;
     let updated_json = to_json(&updated);
     apply(&store, Changes { olm_sessions: vec![updated], ..Default::default() }).await;
     let read = store.olm_sessions(&bob_key).await.unwrap();
@@ -635,6 +651,7 @@ fn olm_session(peer: &mut Account, created_at: u64) -> OlmSessionRecord {
         pickle: session.pickle(),
         created_at,
         last_used_at: created_at,
+        generation: 0,
     }
 }
 

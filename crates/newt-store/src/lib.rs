@@ -80,9 +80,10 @@ pub type SessionCursor = Option<(RoomId, String)>;
 /// [`apply`](Store::apply).
 ///
 /// Implementations must make `apply` atomic (all or nothing), and apply the
-/// account's generation check: if `changes.account` is set and its
-/// `generation` is not exactly one more than the stored one, `apply` fails
-/// with [`StoreError::StaleGeneration`] and writes nothing.
+/// generation check ([`check_generation_value`]) to the account and to every
+/// Olm session in `changes`: if a stored record's `generation` is not
+/// exactly one less than the incoming one, `apply` fails with
+/// [`StoreError::StaleGeneration`] and writes nothing.
 #[cfg_attr(not(target_arch = "wasm32"), async_trait::async_trait)]
 #[cfg_attr(target_arch = "wasm32", async_trait::async_trait(?Send))]
 pub trait Store: StoreBounds {
@@ -161,13 +162,17 @@ pub fn check_generation(
     stored: Option<&AccountRecord>,
     incoming: &AccountRecord,
 ) -> Result<(), StoreError> {
-    let expected = stored.map(|a| a.generation + 1).unwrap_or(incoming.generation);
-    if incoming.generation == expected {
-        Ok(())
-    } else {
-        Err(StoreError::StaleGeneration {
-            expected: incoming.generation.saturating_sub(1),
-            found: stored.map(|a| a.generation).unwrap_or(0),
-        })
+    check_generation_value(stored.map(|a| a.generation), incoming.generation)
+}
+
+/// The generation rule for any record that carries one (the account, Olm
+/// sessions): nothing stored accepts any generation; otherwise the incoming
+/// record must be exactly one past the stored one.
+pub fn check_generation_value(stored: Option<u64>, incoming: u64) -> Result<(), StoreError> {
+    match stored {
+        Some(g) if incoming != g + 1 => {
+            Err(StoreError::StaleGeneration { expected: incoming.saturating_sub(1), found: g })
+        }
+        _ => Ok(()),
     }
 }

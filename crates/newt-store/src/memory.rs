@@ -12,7 +12,7 @@ use newt_proto::records::{
 };
 use serde_json::Value;
 
-use crate::{check_generation, Changes, SessionCursor, Store, StoreError};
+use crate::{check_generation, check_generation_value, Changes, SessionCursor, Store, StoreError};
 
 type Key2 = (String, String);
 
@@ -177,6 +177,12 @@ impl Store for MemoryStore {
                 }
             }
             check_generation(stored.as_ref(), account)?;
+        }
+        for s in &changes.olm_sessions {
+            let key = (s.sender_key.clone(), s.session_id.clone());
+            let stored =
+                inner.olm_sessions.get(&key).map(from_value::<OlmSessionRecord>).transpose()?;
+            check_generation_value(stored.map(|r| r.generation), s.generation)?;
         }
         let account = changes.account.as_ref().map(to_value).transpose()?;
         let olm = changes

@@ -318,6 +318,18 @@ impl Machine {
         }
     }
 
+    /// Reloads the account if another process (sharing the store) wrote a
+    /// newer generation, so this process never acts on a stale account
+    /// (e.g. uploading one-time keys the other process already uploaded).
+    async fn refresh_account(&self, st: &mut State) -> Result<(), Error> {
+        if let Some(record) = self.store().account().await? {
+            if record.generation > st.account.generation() {
+                st.account = OwnAccount::from_record(record);
+            }
+        }
+        Ok(())
+    }
+
     /// Starts tracking the device lists of `users` (e.g. the members of an
     /// encrypted room). New users are queried on the next
     /// [`outgoing_requests`](Self::outgoing_requests).
@@ -342,6 +354,7 @@ impl Machine {
     /// consumed and `next_batch` are committed together.
     pub async fn receive_sync(&self, sync: SyncChanges) -> Result<SyncOutcome, Error> {
         let mut st = self.inner.state.lock().await;
+        self.refresh_account(&mut st).await?;
         let now = now_ms();
         let mut changes = Changes::default();
         let mut account_changed = false;
@@ -667,6 +680,7 @@ impl Machine {
     /// [`mark_request_sent`](Self::mark_request_sent).
     pub async fn outgoing_requests(&self) -> Result<Vec<OutgoingRequest>, Error> {
         let mut st = self.inner.state.lock().await;
+        self.refresh_account(&mut st).await?;
         let mut out = Vec::new();
         let upload_in_flight = st.in_flight.values().any(|p| matches!(p, Pending::KeysUpload));
         if !upload_in_flight {

@@ -59,6 +59,7 @@ pub(crate) fn olm_session(peer: &mut Account) -> OlmSessionRecord {
         pickle: session.pickle(),
         created_at: 1_700_000_000_000,
         last_used_at: 1_700_000_000_000,
+        generation: 0,
     }
 }
 
