@@ -3,7 +3,8 @@
 //! connections (as two processes would), each with its own in-memory
 //! `Machine`. Every conflict surfaces as `StaleGeneration` (never "database
 //! is locked", never a silently lost ratchet step); retrying the operation
-//! succeeds, and no Olm message is lost in either direction.
+//! succeeds, no Olm message is lost in either direction, and no one-time
+//! key ID is uploaded twice.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -142,5 +143,7 @@ async fn app_and_extension_share_one_store() {
     let e = bob.send_text(&bob_rooms[0], "hi both").await.unwrap();
     assert_eq!(app.decrypt(&bob_rooms[0], &e).await.unwrap().content["body"], "hi both");
     assert_eq!(ext.decrypt(&bob_rooms[0], &e).await.unwrap().content["body"], "hi both");
+    // Both processes upload keys for the same device: never the same key twice.
+    assert_eq!(router.duplicate_one_time_key_uploads().unwrap(), 0);
     eprintln!("generation conflicts retried: extension {ext_conflicts}, app {app_conflicts}");
 }

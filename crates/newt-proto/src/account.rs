@@ -28,7 +28,12 @@ pub struct OwnAccount {
     uploaded_one_time_key_count: u64,
     fallback_key_created_at: Option<u64>,
     generation: u64,
+    upload_lease_since: Option<u64>,
 }
+
+/// How long an upload lease keeps other processes from uploading the same
+/// keys (ms). A process that dies mid-upload delays the next upload by this.
+pub const UPLOAD_LEASE_MS: u64 = 60_000;
 
 impl std::fmt::Debug for OwnAccount {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -51,6 +56,7 @@ impl OwnAccount {
             uploaded_one_time_key_count: 0,
             fallback_key_created_at: None,
             generation: 0,
+            upload_lease_since: None,
         }
     }
 
@@ -64,6 +70,7 @@ impl OwnAccount {
             uploaded_one_time_key_count: record.uploaded_one_time_key_count,
             fallback_key_created_at: record.fallback_key_created_at,
             generation: record.generation,
+            upload_lease_since: record.upload_lease_since,
         }
     }
 
@@ -85,6 +92,7 @@ impl OwnAccount {
             uploaded_one_time_key_count: self.uploaded_one_time_key_count,
             fallback_key_created_at: self.fallback_key_created_at,
             generation: self.generation,
+            upload_lease_since: self.upload_lease_since,
         }
     }
 
@@ -248,11 +256,23 @@ impl OwnAccount {
         out
     }
 
+    /// Whether another holder's upload lease is still running at `now`.
+    pub fn upload_leased(&self, now: u64) -> bool {
+        self.upload_lease_since.is_some_and(|t| now.saturating_sub(t) < UPLOAD_LEASE_MS)
+    }
+
+    /// Takes the upload lease; persist the account before handing out the
+    /// upload, so a second process sharing the store sees it.
+    pub fn take_upload_lease(&mut self, now: u64) {
+        self.upload_lease_since = Some(now);
+    }
+
     /// Records a successful upload of `body` (built by
     /// [`keys_upload_body`](Self::keys_upload_body)) with the server's
     /// response `one_time_key_counts`.
     pub fn mark_keys_uploaded(&mut self, response_count: Option<u64>) {
         self.shared = true;
+        self.upload_lease_since = None;
         self.inner.mark_keys_as_published();
         if let Some(count) = response_count {
             self.uploaded_one_time_key_count = count;

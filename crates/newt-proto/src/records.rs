@@ -35,6 +35,10 @@ pub struct AccountRecord {
     /// another process changed the account.
     #[serde(default)]
     pub generation: u64,
+    /// When a process took the right to upload the pending keys (ms): other
+    /// processes sharing the store do not upload them meanwhile.
+    #[serde(default)]
+    pub upload_lease_since: Option<u64>,
 }
 
 impl fmt::Debug for AccountRecord {

@@ -46,6 +46,8 @@ type DeviceKey = (String, String);
 struct State {
     device_keys: BTreeMap<DeviceKey, Value>,
     one_time_keys: BTreeMap<DeviceKey, VecDeque<(String, Value)>>,
+    uploaded_key_ids: BTreeMap<DeviceKey, std::collections::BTreeSet<String>>,
+    duplicate_key_uploads: u64,
     fallback_keys: BTreeMap<DeviceKey, (String, Value, bool)>,
     inbox: BTreeMap<DeviceKey, Vec<Value>>,
     changed: BTreeMap<DeviceKey, BTreeSet<String>>,
@@ -165,6 +167,12 @@ impl Router {
         Ok(event)
     }
 
+    /// How many one-time keys were uploaded under a key ID the same device
+    /// had already uploaded (a well-behaved client never does).
+    pub fn duplicate_one_time_key_uploads(&self) -> Result<u64, RouterError> {
+        Ok(self.lock()?.duplicate_key_uploads)
+    }
+
     /// Every event of a room, in order.
     pub fn room_events(&self, room_id: &str) -> Result<Vec<Value>, RouterError> {
         Ok(self.lock()?.rooms.get(room_id).cloned().unwrap_or_default())
@@ -185,11 +193,16 @@ impl State {
             }
         }
         if let Some(otks) = body.get("one_time_keys").and_then(Value::as_object) {
+            let seen = self.uploaded_key_ids.entry(me.clone()).or_default();
             let queue = self.one_time_keys.entry(me.clone()).or_default();
             for (id, key) in otks {
-                if !queue.iter().any(|(k, _)| k == id) {
-                    queue.push_back((id.clone(), key.clone()));
+                // A real server rejects a re-used key ID; count them so tests
+                // can assert a client never does it.
+                if !seen.insert(id.clone()) {
+                    self.duplicate_key_uploads += 1;
+                    continue;
                 }
+                queue.push_back((id.clone(), key.clone()));
             }
         }
         if let Some(fallback) = body.get("fallback_keys").and_then(Value::as_object) {

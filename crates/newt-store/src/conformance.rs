@@ -634,6 +634,7 @@ fn account(user_id: &str, device_id: &str, generation: u64) -> AccountRecord {
         uploaded_one_time_key_count: 0,
         fallback_key_created_at: None,
         generation,
+        upload_lease_since: None,
     }
 }
 

@@ -683,11 +683,22 @@ impl Machine {
         self.refresh_account(&mut st).await?;
         let mut out = Vec::new();
         let upload_in_flight = st.in_flight.values().any(|p| matches!(p, Pending::KeysUpload));
-        if !upload_in_flight {
+        let now = now_ms();
+        if !upload_in_flight && !st.account.upload_leased(now) {
             if let Some(body) = st.account.keys_upload_body() {
-                let id = st.next_id();
-                st.in_flight.insert(id.clone(), Pending::KeysUpload);
-                out.push(OutgoingRequest { id, kind: RequestKind::KeysUpload { body } });
+                // Take the upload lease in the store first: if another process
+                // sharing the store took it (or changed the account), the
+                // commit fails with StaleGeneration and we do not upload.
+                st.account.take_upload_lease(now);
+                match self.commit(&mut st, Changes::default(), true).await {
+                    Ok(()) => {
+                        let id = st.next_id();
+                        st.in_flight.insert(id.clone(), Pending::KeysUpload);
+                        out.push(OutgoingRequest { id, kind: RequestKind::KeysUpload { body } });
+                    }
+                    Err(Error::Store(StoreError::StaleGeneration { .. })) => {}
+                    Err(e) => return Err(e),
+                }
             }
         }
         let outdated: BTreeSet<UserId> = self

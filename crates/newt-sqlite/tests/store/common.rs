@@ -42,6 +42,7 @@ pub(crate) fn account(user_id: &str, device_id: &str, generation: u64) -> Accoun
         uploaded_one_time_key_count: 0,
         fallback_key_created_at: Some(1_700_000_000_000),
         generation,
+        upload_lease_since: None,
     }
 }
 
