@@ -757,7 +757,13 @@ async fn export_import_round_trip_and_bad_passphrase() {
     a.share_room_key(&room(), &users, &RoomSettings::default()).await.unwrap();
     b.sync().await.unwrap();
     let e = a.send_text(&room(), "history").await.unwrap();
-    let file = b.machine.export_room_keys("pass", 1000).await.unwrap();
+    let mut counts = Vec::new();
+    let bytes =
+        b.machine.export_room_keys_to(Vec::new(), "pass", 1000, |n| counts.push(n)).await.unwrap();
+    assert_eq!(counts, vec![1]);
+    let file = String::from_utf8(bytes).unwrap();
+    assert!(file.starts_with("-----BEGIN MEGOLM SESSION DATA-----\n"));
+    assert!(file.ends_with("-----END MEGOLM SESSION DATA-----\n"));
     let fresh = dev(&router, "@bob:hs", "B9").await;
     assert!(matches!(
         fresh.machine.import_room_keys(&file, "wrong", |_, _| {}).await,

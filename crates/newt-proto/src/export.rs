@@ -167,6 +167,9 @@ pub enum ExportError {
     /// The operating system's random number generator failed while writing.
     #[error("no randomness available: {0}")]
     Rng(String),
+    /// Writing the export failed.
+    #[error("could not write the key export: {0}")]
+    Io(String),
 }
 
 /// Encrypts `keys` into a key export file protected by `passphrase`.
@@ -174,22 +177,145 @@ pub enum ExportError {
 /// `rounds` is the PBKDF2 iteration count; use at least
 /// [`MIN_RECOMMENDED_ROUNDS`]. The salt and IV come from the OS RNG.
 /// The output is padded base64 wrapped at 128 characters, between the header
-/// and footer lines, with a trailing newline.
+/// and footer lines, with a trailing newline. For many keys, prefer
+/// [`ExportWriter`], which never holds more than one key's JSON.
 pub fn encrypt_export(
     keys: &[ExportedRoomKey],
     passphrase: &str,
     rounds: u32,
 ) -> Result<String, ExportError> {
-    if rounds == 0 {
-        return Err(ExportError::ZeroRounds);
+    let mut writer = ExportWriter::new(Vec::new(), passphrase, rounds)?;
+    for key in keys {
+        writer.push(key)?;
     }
-    // Reserve up front so serialising does not reallocate and leave
-    // unzeroised copies of session keys behind.
-    let mut payload =
-        Zeroizing::new(Vec::with_capacity(HEADER_LEN + estimated_json_len(keys) + MAC_LEN));
-    payload.resize(HEADER_LEN, 0);
-    serde_json::to_writer(&mut *payload, keys).map_err(json_error)?;
-    seal(payload, passphrase, rounds)
+    let bytes = writer.finish()?;
+    String::from_utf8(bytes).map_err(|_| ExportError::Io("non-UTF-8 output".into()))
+}
+
+/// Raw bytes per armoured line: 96 bytes are 128 base64 characters, with no
+/// padding inside the body.
+const LINE_BYTES: usize = LINE_LEN / 4 * 3;
+
+/// Writes a key export file one key at a time: the JSON of each key is
+/// encrypted (AES-CTR is a stream cipher), MACed and base64-armoured as it
+/// comes, so exporting 100,000 sessions holds one session at a time, not all.
+///
+/// ```
+/// use newt_proto::export::{decrypt_export, ExportWriter};
+/// let writer = ExportWriter::new(Vec::new(), "passphrase", 1)?;
+/// let file = String::from_utf8(writer.finish()?).unwrap_or_default();
+/// assert!(decrypt_export(&file, "passphrase")?.is_empty());
+/// # Ok::<(), newt_proto::export::ExportError>(())
+/// ```
+pub struct ExportWriter<W: std::io::Write> {
+    out: W,
+    cipher: Aes256Ctr,
+    mac: HmacSha256,
+    /// Raw (encrypted) bytes not yet armoured: fewer than `LINE_BYTES`.
+    pending: Vec<u8>,
+    /// Reused buffer for one key's JSON (zeroised on drop).
+    scratch: Zeroizing<Vec<u8>>,
+    keys_written: usize,
+}
+
+impl<W: std::io::Write> ExportWriter<W> {
+    /// Starts an export into `out`, protected by `passphrase` with `rounds`
+    /// PBKDF2 iterations.
+    pub fn new(mut out: W, passphrase: &str, rounds: u32) -> Result<Self, ExportError> {
+        if rounds == 0 {
+            return Err(ExportError::ZeroRounds);
+        }
+        let mut salt = [0u8; SALT_LEN];
+        let mut iv = [0u8; IV_LEN];
+        OsRng.try_fill_bytes(&mut salt).map_err(|e| ExportError::Rng(e.to_string()))?;
+        OsRng.try_fill_bytes(&mut iv).map_err(|e| ExportError::Rng(e.to_string()))?;
+        // Clear bit 63 so that 64- and 128-bit CTR counters agree (see `Aes256Ctr`).
+        iv[8] &= 0x7f;
+        let mut header = [0u8; HEADER_LEN];
+        header[0] = VERSION;
+        header[1..1 + SALT_LEN].copy_from_slice(&salt);
+        header[1 + SALT_LEN..1 + SALT_LEN + IV_LEN].copy_from_slice(&iv);
+        header[1 + SALT_LEN + IV_LEN..].copy_from_slice(&rounds.to_be_bytes());
+        let keys = DerivedKeys::new(passphrase, &salt, rounds);
+        let cipher = keys.cipher(&iv);
+        let mac = keys.mac(&header);
+        out.write_all(HEADER.as_bytes()).map_err(io_error)?;
+        out.write_all(b"\n").map_err(io_error)?;
+        let mut writer = Self {
+            out,
+            cipher,
+            mac,
+            pending: Vec::with_capacity(2 * LINE_BYTES),
+            scratch: Zeroizing::new(Vec::with_capacity(1024)),
+            keys_written: 0,
+        };
+        writer.emit(&header, false)?;
+        Ok(writer)
+    }
+
+    /// Adds one key.
+    pub fn push(&mut self, key: &ExportedRoomKey) -> Result<(), ExportError> {
+        self.scratch.clear();
+        self.scratch.push(if self.keys_written == 0 { b'[' } else { b',' });
+        serde_json::to_writer(&mut *self.scratch, key).map_err(json_error)?;
+        self.keys_written += 1;
+        let mut chunk = std::mem::take(&mut self.scratch);
+        self.seal_and_emit(&mut chunk)?;
+        self.scratch = chunk;
+        Ok(())
+    }
+
+    /// How many keys were written so far.
+    pub fn keys_written(&self) -> usize {
+        self.keys_written
+    }
+
+    /// Closes the JSON array, appends the MAC and the footer, and returns
+    /// the output.
+    pub fn finish(mut self) -> Result<W, ExportError> {
+        let mut tail =
+            Zeroizing::new(if self.keys_written == 0 { b"[]".to_vec() } else { b"]".to_vec() });
+        self.seal_and_emit(&mut tail)?;
+        let mac = self.mac.clone().finalize().into_bytes();
+        self.emit(&mac, true)?;
+        self.out.write_all(FOOTER.as_bytes()).map_err(io_error)?;
+        self.out.write_all(b"\n").map_err(io_error)?;
+        self.out.flush().map_err(io_error)?;
+        Ok(self.out)
+    }
+
+    fn seal_and_emit(&mut self, plaintext: &mut [u8]) -> Result<(), ExportError> {
+        self.cipher.apply_keystream(plaintext);
+        self.mac.update(plaintext);
+        self.emit(plaintext, false)
+    }
+
+    /// Armours whole lines of `bytes` (and, when `last`, the remainder).
+    fn emit(&mut self, bytes: &[u8], last: bool) -> Result<(), ExportError> {
+        use base64::Engine as _;
+        self.pending.extend_from_slice(bytes);
+        let whole = self.pending.len() / LINE_BYTES * LINE_BYTES;
+        let mut line = String::with_capacity(LINE_LEN + 1);
+        for chunk in self.pending[..whole].chunks(LINE_BYTES) {
+            line.clear();
+            base64::engine::general_purpose::STANDARD.encode_string(chunk, &mut line);
+            line.push('\n');
+            self.out.write_all(line.as_bytes()).map_err(io_error)?;
+        }
+        self.pending.drain(..whole);
+        if last && !self.pending.is_empty() {
+            line.clear();
+            base64::engine::general_purpose::STANDARD.encode_string(&self.pending, &mut line);
+            line.push('\n');
+            self.out.write_all(line.as_bytes()).map_err(io_error)?;
+            self.pending.clear();
+        }
+        Ok(())
+    }
+}
+
+fn io_error(e: std::io::Error) -> ExportError {
+    ExportError::Io(e.to_string())
 }
 
 /// Encrypts arbitrary bytes in the key export container.
@@ -472,26 +598,6 @@ fn json_error(error: serde_json::Error) -> ExportError {
             error.column()
         )),
     }
-}
-
-/// A generous guess at the serialised size of `keys`, so the buffer holding
-/// them need not grow.
-fn estimated_json_len(keys: &[ExportedRoomKey]) -> usize {
-    keys.iter()
-        .map(|k| {
-            let strings = k.algorithm.len()
-                + k.room_id.len()
-                + k.sender_key.len()
-                + k.session_id.len()
-                + k.session_key.len()
-                + k.sender_claimed_keys.iter().map(|(a, b)| a.len() + b.len() + 8).sum::<usize>()
-                + k.forwarding_curve25519_key_chain.iter().map(|c| c.len() + 4).sum::<usize>();
-            // Field names and punctuation take about 200 bytes; escaping can
-            // at most double a string (\" or \\), and \u00XX is rare.
-            2 * strings + 256
-        })
-        .sum::<usize>()
-        + 2
 }
 
 #[cfg(test)]

@@ -15,7 +15,7 @@ use serde_json::{json, Map, Value};
 use newt_proto::account::{OwnAccount, SIGNED_CURVE25519};
 use newt_proto::changes::Changes;
 use newt_proto::devices::{handle_keys_query, keys_query_body, parse_device_keys, RejectedDevice};
-use newt_proto::export::{decrypt_export, encrypt_export, ExportedRoomKey};
+use newt_proto::export::{decrypt_export, ExportWriter};
 use newt_proto::ids::{DeviceId, RoomId, UserId};
 use newt_proto::key_requests::{
     accept_forwarded_key, answer_request, parse_request, request_content, KeyShareError,
@@ -1169,19 +1169,34 @@ impl Machine {
 
     /// Exports every inbound session to a key export file protected by
     /// `passphrase` (PBKDF2 with `rounds` iterations; use ≥ 100,000).
-    /// Sessions are read from the store page by page.
     pub async fn export_room_keys(&self, passphrase: &str, rounds: u32) -> Result<String, Error> {
-        let mut keys: Vec<ExportedRoomKey> = Vec::new();
+        let bytes = self.export_room_keys_to(Vec::new(), passphrase, rounds, |_| {}).await?;
+        String::from_utf8(bytes).map_err(|_| Error::BadResponse("export is not UTF-8"))
+    }
+
+    /// Streams every inbound session into `out` as a key export file.
+    /// Sessions are read from the store a page at a time and written one at
+    /// a time, so memory stays flat however many there are; `progress` gets
+    /// the running count.
+    pub async fn export_room_keys_to<W: std::io::Write>(
+        &self,
+        out: W,
+        passphrase: &str,
+        rounds: u32,
+        mut progress: impl FnMut(usize),
+    ) -> Result<W, Error> {
+        let mut writer = ExportWriter::new(out, passphrase, rounds)?;
         let mut cursor = None;
         loop {
             let page = self.store().inbound_group_sessions_page(cursor.clone(), 1000).await?;
             let Some(last) = page.last() else { break };
             cursor = Some((last.room_id.clone(), last.session_id.clone()));
             for r in &page {
-                keys.push(export_session(r)?);
+                writer.push(&export_session(r)?)?;
             }
+            progress(writer.keys_written());
         }
-        Ok(encrypt_export(&keys, passphrase, rounds)?)
+        Ok(writer.finish()?)
     }
 
     /// Imports a key export file. `progress(done, total)` is called as keys
