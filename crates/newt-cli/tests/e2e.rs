@@ -712,6 +712,17 @@ impl Store for FlakyStore {
     async fn sync_token(&self) -> Result<Option<String>, StoreError> {
         self.inner.sync_token().await
     }
+    async fn identity(
+        &self,
+        u: &newt_proto::ids::UserId,
+    ) -> Result<Option<newt_proto::identities::IdentityRecord>, StoreError> {
+        self.inner.identity(u).await
+    }
+    async fn private_identity(
+        &self,
+    ) -> Result<Option<newt_proto::identities::PrivateIdentityRecord>, StoreError> {
+        self.inner.private_identity().await
+    }
     async fn apply(&self, c: Changes) -> Result<(), StoreError> {
         if self.fail.load(Ordering::SeqCst) {
             return Err(StoreError::Backend("disk full".into()));

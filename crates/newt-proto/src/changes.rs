@@ -4,6 +4,7 @@
 //! `Changes` value; the driver commits it with one atomic `Store::apply`.
 //! New features add fields here, not new store write methods.
 
+use crate::identities::{IdentityRecord, PrivateIdentityRecord};
 use crate::ids::{DeviceId, RoomId, UserId};
 use crate::records::{
     AccountRecord, DeviceRecord, InboundGroupSessionRecord, KeyRequestRecord, MessageIndexRecord,
@@ -43,6 +44,10 @@ pub struct Changes {
     pub message_indices: Vec<MessageIndexRecord>,
     /// The sync token (`next_batch`) whose to-device events this commit covers.
     pub sync_token: Option<String>,
+    /// Public cross-signing identities (ours and other users'), keyed by user ID.
+    pub identities: Vec<IdentityRecord>,
+    /// Our private cross-signing keys, if they changed (bootstrap, import).
+    pub private_identity: Option<PrivateIdentityRecord>,
 }
 
 impl Changes {
@@ -62,6 +67,8 @@ impl Changes {
             && self.withheld.is_empty()
             && self.message_indices.is_empty()
             && self.sync_token.is_none()
+            && self.identities.is_empty()
+            && self.private_identity.is_none()
     }
 
     /// Appends `other` to `self`; later entries win on apply.
@@ -83,6 +90,10 @@ impl Changes {
         self.message_indices.extend(other.message_indices);
         if other.sync_token.is_some() {
             self.sync_token = other.sync_token;
+        }
+        self.identities.extend(other.identities);
+        if other.private_identity.is_some() {
+            self.private_identity = other.private_identity;
         }
     }
 }

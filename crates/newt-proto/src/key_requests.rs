@@ -11,6 +11,7 @@ use std::collections::BTreeMap;
 use serde_json::{json, Value};
 
 use crate::export::ExportedRoomKey;
+use crate::identities::TrustRoot;
 use crate::ids::{DeviceId, RoomId, UserId};
 use crate::megolm::{export_session, session_from_export, MegolmError};
 use crate::olm::DecryptedToDevice;
@@ -132,8 +133,10 @@ pub fn parse_request(
 
 /// Decides whether to answer `request`, and with what `m.forwarded_room_key`
 /// content. `requester` is the requesting device as we know it; `session`
-/// the wanted session if we have it.
+/// the wanted session if we have it; `root` decides whether the requester
+/// is trusted (locally verified or cross-signed by our verified identity).
 pub fn answer_request(
+    root: &TrustRoot<'_>,
     own_user: &UserId,
     own_curve25519: &str,
     request: &IncomingKeyRequest,
@@ -144,7 +147,7 @@ pub fn answer_request(
         return Err(KeyShareError::NotOwnUser(request.sender.to_string()));
     }
     let device = requester.ok_or(KeyShareError::UntrustedDevice)?;
-    if !is_trusted_own_device(own_user, own_curve25519, device) {
+    if !is_trusted_own_device(root, own_user, own_curve25519, device) {
         return Err(KeyShareError::UntrustedDevice);
     }
     let session = session.ok_or(KeyShareError::NotFound)?;
@@ -168,8 +171,9 @@ fn forwarded_content(key: &ExportedRoomKey, forwarder_curve25519: &str) -> Value
 
 /// Accepts an `m.forwarded_room_key` that arrived over Olm (`event`), if
 /// it answers `pending` (our request for that session, looked up by the
-/// caller) and comes from a trusted own device.
+/// caller) and comes from a trusted own device (decided by `root`).
 pub fn accept_forwarded_key(
+    root: &TrustRoot<'_>,
     own_user: &UserId,
     own_curve25519: &str,
     event: &DecryptedToDevice,
@@ -181,7 +185,7 @@ pub fn accept_forwarded_key(
     let device = event.sender_device.as_ref().ok_or(KeyShareError::UntrustedDevice)?;
     // The device must be the one behind the Olm channel and be trusted.
     if device.curve25519 != event.sender_key
-        || !is_trusted_own_device(own_user, own_curve25519, device)
+        || !is_trusted_own_device(root, own_user, own_curve25519, device)
     {
         return Err(KeyShareError::UntrustedDevice);
     }

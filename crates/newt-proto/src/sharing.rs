@@ -6,9 +6,11 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde_json::{json, Value};
 
 use crate::account::OwnAccount;
+use crate::identities::DeviceTrust;
 use crate::ids::UserId;
 use crate::megolm::OutboundSession;
 use crate::records::{DeviceRecord, LocalTrust};
+use crate::trust::is_cross_signed_or_verified;
 use crate::MEGOLM_V1;
 
 /// Which devices of the room's members receive room keys.
@@ -21,6 +23,22 @@ pub enum SharingPolicy {
     /// `m.blacklisted`). The default.
     #[default]
     ExcludeBlacklisted,
+    /// Only devices cross-signed by their owner (whether or not we verified
+    /// the owner) or verified by the user here; other devices get
+    /// `m.unverified`, blacklisted ones `m.blacklisted`.
+    CrossSignedOnly,
+    /// Only verified devices (locally, or cross-signed by an identity we
+    /// verified); other devices get `m.unverified`, blacklisted ones
+    /// `m.blacklisted`.
+    VerifiedOnly,
+}
+
+impl SharingPolicy {
+    /// Whether the policy looks at cross-signing (the driver then computes
+    /// each device's [`DeviceTrust`]; otherwise it may skip that work).
+    pub fn needs_device_trust(self) -> bool {
+        matches!(self, Self::CrossSignedOnly | Self::VerifiedOnly)
+    }
 }
 
 /// Codes of `m.room_key.withheld`.
@@ -74,11 +92,14 @@ pub struct SharePlan {
 /// Decides, for the devices of the room's members, who gets the key of
 /// `outbound` now. Devices that already have it (same Curve25519 key) or
 /// were already told it is withheld are skipped; so is this device.
+/// `device_trust` is only asked under policies that
+/// [need it](SharingPolicy::needs_device_trust).
 pub fn plan_share(
     own: &OwnAccount,
     outbound: &OutboundSession,
     devices: &[DeviceRecord],
     has_olm_session: impl Fn(&DeviceRecord) -> bool,
+    device_trust: impl Fn(&DeviceRecord) -> DeviceTrust,
     policy: SharingPolicy,
 ) -> SharePlan {
     let mut plan = SharePlan::default();
@@ -99,11 +120,19 @@ pub fn plan_share(
             continue;
         }
         let code = match policy {
-            SharingPolicy::ExcludeBlacklisted if d.local_trust == LocalTrust::Blacklisted => {
-                Some(WithheldCode::Blacklisted)
+            SharingPolicy::AllDevices => None,
+            _ if d.local_trust == LocalTrust::Blacklisted => Some(WithheldCode::Blacklisted),
+            SharingPolicy::ExcludeBlacklisted => None,
+            SharingPolicy::CrossSignedOnly => {
+                (!is_cross_signed_or_verified(device_trust(d))).then_some(WithheldCode::Unverified)
             }
-            _ if !has_olm_session(d) => Some(WithheldCode::NoOlm),
-            _ => None,
+            SharingPolicy::VerifiedOnly => {
+                (!device_trust(d).is_verified()).then_some(WithheldCode::Unverified)
+            }
+        };
+        let code = match code {
+            None if !has_olm_session(d) => Some(WithheldCode::NoOlm),
+            other => other,
         };
         match code {
             Some(code) => plan.withhold.push((d.clone(), code)),

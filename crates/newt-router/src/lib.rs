@@ -1,5 +1,6 @@
 //! An in-process stand-in for the parts of a homeserver that end-to-end
 //! encryption uses: `/keys/upload`, `/keys/query`, `/keys/claim`,
+//! `/keys/device_signing/upload`, `/keys/signatures/upload`,
 //! `/sendToDevice`, room messages, and the crypto fields of `/sync`.
 //!
 //! It is deliberately implementation-neutral: it speaks JSON bodies and
@@ -8,7 +9,9 @@
 //! like Synapse where it matters: one-time keys are handed out once each,
 //! in upload order, then the fallback key; device-list changes are
 //! announced to every other device; to-device messages are queued per
-//! device and delivered once.
+//! device and delivered once; user-signing keys and the signatures a
+//! user-signing key made are shown only to their owner. It checks no
+//! signatures and needs no UIA: tests use it to play a malicious server too.
 //!
 //! ```
 //! use newt_router::Router;
@@ -54,6 +57,8 @@ struct State {
     rooms: BTreeMap<String, Vec<Value>>,
     next_event: u64,
     next_batch: u64,
+    /// Cross-signing keys: user -> usage (`master`, ...) -> key object.
+    cross_signing: BTreeMap<String, BTreeMap<String, Value>>,
 }
 
 /// The router. Share it behind an `Arc` between simulated devices.
@@ -109,7 +114,9 @@ impl Router {
         let me = (user.to_owned(), device.to_owned());
         match (method, path) {
             ("POST", "/keys/upload") => Ok(st.upload(&me, body)),
-            ("POST", "/keys/query") => st.query(body),
+            ("POST", "/keys/query") => st.query(user, body),
+            ("POST", "/keys/device_signing/upload") => st.device_signing_upload(user, body),
+            ("POST", "/keys/signatures/upload") => st.signatures_upload(user, body),
             ("POST", "/keys/claim") => st.claim(body),
             ("PUT", p) if p.starts_with("/sendToDevice/") => {
                 let event_type = p
@@ -214,12 +221,109 @@ impl State {
         json!({ "one_time_key_counts": { "signed_curve25519": count } })
     }
 
-    fn query(&self, body: &Value) -> Result<Value, RouterError> {
+    /// Announces a change of `user`'s keys to every device, the user's own
+    /// included (cross-signing changes concern the user's other devices too).
+    fn announce(&mut self, user: &str) {
+        let all: Vec<DeviceKey> = self.device_keys.keys().cloned().collect();
+        for d in all {
+            self.changed.entry(d).or_default().insert(user.to_owned());
+        }
+    }
+
+    fn device_signing_upload(&mut self, user: &str, body: &Value) -> Result<Value, RouterError> {
+        let mut keys = BTreeMap::new();
+        for (field, usage) in [
+            ("master_key", "master"),
+            ("self_signing_key", "self_signing"),
+            ("user_signing_key", "user_signing"),
+        ] {
+            if let Some(key) = body.get(field).filter(|k| k.is_object()) {
+                if key.get("user_id").and_then(Value::as_str) != Some(user) {
+                    return Err(RouterError::BadRequest("cross-signing key of another user"));
+                }
+                keys.insert(usage.to_owned(), key.clone());
+            }
+        }
+        if keys.is_empty() {
+            return Err(RouterError::BadRequest("no cross-signing key"));
+        }
+        self.cross_signing.entry(user.to_owned()).or_default().extend(keys);
+        self.announce(user);
+        Ok(json!({}))
+    }
+
+    /// Merges the signatures `signer` made (only those) into stored device
+    /// keys and cross-signing keys.
+    fn signatures_upload(&mut self, signer: &str, body: &Value) -> Result<Value, RouterError> {
+        let users = body.as_object().ok_or(RouterError::BadRequest("body"))?;
+        let mut failures = Map::new();
+        let mut touched = BTreeSet::new();
+        for (user, per_key) in users {
+            let Some(per_key) = per_key.as_object() else { continue };
+            for (key_id, object) in per_key {
+                let Some(Value::Object(new)) = object.get("signatures").and_then(|s| s.get(signer))
+                else {
+                    continue;
+                };
+                let target = match self.device_keys.get_mut(&(user.clone(), key_id.clone())) {
+                    Some(device) => Some(device),
+                    None => self.cross_signing.get_mut(user).and_then(|keys| {
+                        keys.values_mut().find(|k| {
+                            k.get("keys")
+                                .and_then(Value::as_object)
+                                .is_some_and(|m| m.values().any(|v| v.as_str() == Some(key_id)))
+                        })
+                    }),
+                };
+                let Some(target) = target else {
+                    if let Value::Object(per_user) =
+                        failures.entry(user.clone()).or_insert_with(|| json!({}))
+                    {
+                        per_user.insert(
+                            key_id.clone(),
+                            json!({ "errcode": "M_NOT_FOUND", "error": "unknown key" }),
+                        );
+                    }
+                    continue;
+                };
+                if !target.get("signatures").is_some_and(Value::is_object) {
+                    target["signatures"] = json!({});
+                }
+                let sigs = &mut target["signatures"];
+                if !sigs.get(signer).is_some_and(Value::is_object) {
+                    sigs[signer] = json!({});
+                }
+                if let Some(Value::Object(existing)) = sigs.get_mut(signer) {
+                    existing.extend(new.clone());
+                }
+                touched.insert(user.clone());
+            }
+        }
+        for user in touched {
+            self.announce(&user);
+        }
+        Ok(json!({ "failures": failures }))
+    }
+
+    /// `requester`'s view of `owner`'s cross-signing key `usage`: a master
+    /// key keeps only the owner's and the requester's signatures.
+    fn cross_signing_key(&self, requester: &str, owner: &str, usage: &str) -> Option<Value> {
+        let mut key = self.cross_signing.get(owner)?.get(usage)?.clone();
+        if usage == "master" {
+            if let Some(Value::Object(sigs)) = key.get_mut("signatures") {
+                sigs.retain(|signer, _| signer == owner || signer == requester);
+            }
+        }
+        Some(key)
+    }
+
+    fn query(&self, requester: &str, body: &Value) -> Result<Value, RouterError> {
         let users = body
             .get("device_keys")
             .and_then(Value::as_object)
             .ok_or(RouterError::BadRequest("device_keys"))?;
         let mut out = Map::new();
+        let (mut master, mut self_signing, mut user_signing) = (Map::new(), Map::new(), Map::new());
         for (user, wanted) in users {
             let wanted: Vec<&str> = wanted
                 .as_array()
@@ -232,8 +336,26 @@ impl State {
                 }
             }
             out.insert(user.clone(), Value::Object(devices));
+            for (usage, map) in [
+                ("master", &mut master),
+                ("self_signing", &mut self_signing),
+                ("user_signing", &mut user_signing),
+            ] {
+                if usage == "user_signing" && user != requester {
+                    continue;
+                }
+                if let Some(key) = self.cross_signing_key(requester, user, usage) {
+                    map.insert(user.clone(), key);
+                }
+            }
         }
-        Ok(json!({ "device_keys": out, "failures": {} }))
+        Ok(json!({
+            "device_keys": out,
+            "master_keys": master,
+            "self_signing_keys": self_signing,
+            "user_signing_keys": user_signing,
+            "failures": {},
+        }))
     }
 
     fn claim(&mut self, body: &Value) -> Result<Value, RouterError> {
@@ -317,6 +439,46 @@ mod tests {
         let sync = r.sync("@b:hs", "B").unwrap();
         assert_eq!(sync.one_time_key_count, 0);
         assert!(sync.unused_fallback_key_types.is_empty());
+    }
+
+    #[test]
+    fn cross_signing_keys_and_hidden_user_signing_signatures() {
+        let r = Router::new();
+        for (u, d) in [("@a:hs", "A"), ("@b:hs", "B")] {
+            r.handle(u, d, "POST", "/keys/upload", &json!({"device_keys": {"device_id": d}}))
+                .unwrap();
+        }
+        let key = |u: &str, usage: &str, k: &str| json!({"user_id": u, "usage": [usage], "keys": {format!("ed25519:{k}"): k}});
+        r.handle(
+            "@a:hs",
+            "A",
+            "POST",
+            "/keys/device_signing/upload",
+            &json!({
+                "master_key": key("@a:hs", "master", "AM"),
+                "self_signing_key": key("@a:hs", "self_signing", "AS"),
+                "user_signing_key": key("@a:hs", "user_signing", "AU"),
+            }),
+        )
+        .unwrap();
+        assert_eq!(r.sync("@b:hs", "B").unwrap().changed, vec!["@a:hs".to_owned()]);
+        // B signs A's master key with its USK: only B sees that signature.
+        let sig = json!({"@a:hs": {"AM": {"signatures": {"@b:hs": {"ed25519:BU": "sig"}}}}});
+        let out = r.handle("@b:hs", "B", "POST", "/keys/signatures/upload", &sig).unwrap();
+        assert_eq!(out["failures"], json!({}));
+        let q = json!({"device_keys": {"@a:hs": []}});
+        let by_b = r.handle("@b:hs", "B", "POST", "/keys/query", &q).unwrap();
+        assert_eq!(by_b["master_keys"]["@a:hs"]["signatures"]["@b:hs"]["ed25519:BU"], "sig");
+        assert!(by_b["user_signing_keys"].get("@a:hs").is_none());
+        assert_eq!(by_b["self_signing_keys"]["@a:hs"]["keys"]["ed25519:AS"], "AS");
+        let by_a = r.handle("@a:hs", "A", "POST", "/keys/query", &q).unwrap();
+        assert!(by_a["master_keys"]["@a:hs"]["signatures"].get("@b:hs").is_none());
+        assert_eq!(by_a["user_signing_keys"]["@a:hs"]["keys"]["ed25519:AU"], "AU");
+        // An SSK signature on A's device lands in its device keys.
+        let dev = json!({"@a:hs": {"A": {"signatures": {"@a:hs": {"ed25519:AS": "dsig"}}}}});
+        r.handle("@a:hs", "A", "POST", "/keys/signatures/upload", &dev).unwrap();
+        let by_b = r.handle("@b:hs", "B", "POST", "/keys/query", &q).unwrap();
+        assert_eq!(by_b["device_keys"]["@a:hs"]["A"]["signatures"]["@a:hs"]["ed25519:AS"], "dsig");
     }
 
     #[test]

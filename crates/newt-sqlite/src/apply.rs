@@ -14,8 +14,8 @@ use newt_store::{check_generation, check_generation_value, Changes, StoreError};
 use crate::cipher::{Cipher, Kind};
 use crate::retry::TxError;
 use crate::schema::{
-    Table, DEVICES, INBOUND, KEY_REQUESTS, MESSAGE_INDICES, OLM_SESSIONS, OUTBOUND, SINGLETONS,
-    TRACKED_USERS, WITHHELD,
+    Table, DEVICES, IDENTITIES, INBOUND, KEY_REQUESTS, MESSAGE_INDICES, OLM_SESSIONS, OUTBOUND,
+    SINGLETONS, TRACKED_USERS, WITHHELD,
 };
 use crate::store::query;
 
@@ -23,6 +23,8 @@ use crate::store::query;
 pub(crate) const ACCOUNT: &str = "account";
 /// The `singletons` name of the sync token.
 pub(crate) const SYNC_TOKEN: &str = "sync_token";
+/// The `singletons` name of our private cross-signing keys (schema v2).
+pub(crate) const PRIVATE_IDENTITY: &str = "private_identity";
 
 /// One prepared statement execution.
 struct Write {
@@ -137,6 +139,22 @@ pub(crate) fn prepare(cipher: &Cipher, changes: Changes) -> Result<Prepared, Sto
     }
     if let Some(token) = &changes.sync_token {
         writes.push(upsert(cipher, &SINGLETONS, vec![Value::Text(SYNC_TOKEN.into())], token)?);
+    }
+    for i in &changes.identities {
+        writes.push(upsert(
+            cipher,
+            &IDENTITIES,
+            vec![cipher.key(Kind::User, i.user_id.as_str())],
+            i,
+        )?);
+    }
+    if let Some(private) = &changes.private_identity {
+        writes.push(upsert(
+            cipher,
+            &SINGLETONS,
+            vec![Value::Text(PRIVATE_IDENTITY.into())],
+            private,
+        )?);
     }
     Ok(Prepared { account: changes.account, olm_generations, writes })
 }

@@ -95,7 +95,9 @@
 //! The schema version is `PRAGMA user_version`; `PRAGMA application_id`
 //! marks the file as a newt store. Migrations run in order at open, one
 //! transaction each. `tests/fixtures/v1.sqlite` is a store written by schema
-//! version 1 and is opened by the tests of every later version. A file that
+//! version 1 and is opened by the tests of every later version (it migrates
+//! to version 2, which adds the `identities` table for cross-signing; our
+//! private cross-signing keys are a sealed singleton). A file that
 //! is not an SQLite database, is truncated, belongs to another program, or
 //! was written by a newer version is refused with a typed error and left
 //! untouched.

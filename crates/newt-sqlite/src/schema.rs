@@ -1,4 +1,5 @@
-//! The schema: its version, its migrations, and the tables of version 1.
+//! The schema: its version, its migrations, and the tables of versions 1
+//! and 2.
 //!
 //! The version lives in SQLite's `PRAGMA user_version`, next to
 //! `PRAGMA application_id` = "newt", which tells a newt store apart from any
@@ -18,7 +19,7 @@ use crate::cipher::Cipher;
 use crate::retry::{with_retry, TxError};
 
 /// The schema version this build writes.
-pub(crate) const SCHEMA_VERSION: u32 = 1;
+pub(crate) const SCHEMA_VERSION: u32 = 2;
 /// `PRAGMA application_id` of a newt store: "newt" in ASCII.
 pub(crate) const APPLICATION_ID: i32 = 0x6e65_7774;
 
@@ -31,7 +32,8 @@ pub(crate) struct Migration {
 }
 
 /// Every schema step, oldest first.
-pub(crate) const MIGRATIONS: &[Migration] = &[Migration { version: 1, run: create_v1 }];
+pub(crate) const MIGRATIONS: &[Migration] =
+    &[Migration { version: 1, run: create_v1 }, Migration { version: 2, run: create_v2 }];
 
 /// A table: its name and key columns, in the order they enter the associated
 /// data of its sealed `value`.
@@ -42,7 +44,7 @@ pub(crate) struct Table {
     pub(crate) keys: &'static [&'static str],
 }
 
-/// The account and the sync token, by name.
+/// The account, the sync token and our private cross-signing keys, by name.
 pub(crate) const SINGLETONS: Table = Table { name: "singletons", keys: &["name"] };
 /// Olm sessions by (sender key, session ID).
 pub(crate) const OLM_SESSIONS: Table =
@@ -64,6 +66,8 @@ pub(crate) const WITHHELD: Table = Table { name: "withheld", keys: &["room_hash"
 /// Replay-detection records by (room, session ID, index).
 pub(crate) const MESSAGE_INDICES: Table =
     Table { name: "message_indices", keys: &["room_hash", "session_hash", "message_index"] };
+/// Public cross-signing identities by user (schema v2).
+pub(crate) const IDENTITIES: Table = Table { name: "identities", keys: &["user_hash"] };
 
 impl Table {
     /// `INSERT OR REPLACE` of every key column and the value.
@@ -163,6 +167,21 @@ fn create_v1(tx: &Transaction<'_>, _cipher: &Cipher) -> Result<(), TxError> {
     Ok(())
 }
 
+/// Schema version 2: cross-signing. Public identities get their own table
+/// keyed by the user hash; our private keys are one more singleton
+/// (`private_identity`), so they need no table.
+const V2: &str = "
+CREATE TABLE identities (
+    user_hash BLOB PRIMARY KEY NOT NULL,
+    value BLOB NOT NULL
+);
+";
+
+fn create_v2(tx: &Transaction<'_>, _cipher: &Cipher) -> Result<(), TxError> {
+    tx.execute_batch(V2)?;
+    Ok(())
+}
+
 /// The identifying pragmas of an opened file.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Header {
@@ -250,21 +269,30 @@ mod tests {
     use super::*;
     use crate::keys::{self, StoreKey};
 
-    /// Version 2 as a test sees it: a step that must run once, after v1, and
-    /// see v1's data.
-    fn v2_hook(tx: &Transaction<'_>, _cipher: &Cipher) -> Result<(), TxError> {
+    /// A future version 3 as a test sees it: a step that must run once,
+    /// after v1 and v2, and see their data and tables.
+    fn v3_hook(tx: &Transaction<'_>, _cipher: &Cipher) -> Result<(), TxError> {
         let inbound: i64 =
             tx.query_row("SELECT count(*) FROM inbound_group_sessions", [], |r| r.get(0))?;
-        tx.execute_batch("CREATE TABLE v2_marker (seen_inbound INTEGER NOT NULL)")?;
-        tx.execute("INSERT INTO v2_marker (seen_inbound) VALUES (?1)", [inbound])?;
+        let identities: i64 = tx.query_row("SELECT count(*) FROM identities", [], |r| r.get(0))?;
+        tx.execute_batch(
+            "CREATE TABLE v3_marker (seen_inbound INTEGER NOT NULL, seen_identities INTEGER NOT NULL)",
+        )?;
+        tx.execute(
+            "INSERT INTO v3_marker (seen_inbound, seen_identities) VALUES (?1, ?2)",
+            [inbound, identities],
+        )?;
         Ok(())
     }
 
     /// The passphrase `tests/fixture.rs` wrote the fixture with.
     const FIXTURE_PASSPHRASE: &str = "newt schema v1 fixture";
 
-    const WITH_V2: &[Migration] =
-        &[Migration { version: 1, run: create_v1 }, Migration { version: 2, run: v2_hook }];
+    const WITH_V3: &[Migration] = &[
+        Migration { version: 1, run: create_v1 },
+        Migration { version: 2, run: create_v2 },
+        Migration { version: 3, run: v3_hook },
+    ];
 
     fn fixture_copy() -> (tempfile::TempDir, std::path::PathBuf) {
         let dir = tempfile::tempdir().unwrap();
@@ -282,7 +310,23 @@ mod tests {
     }
 
     #[test]
-    fn v1_fixture_migrates_to_v2_in_order() {
+    fn v1_fixture_migrates_to_v2() {
+        let (_dir, path) = fixture_copy();
+        let mut conn = Connection::open(&path).unwrap();
+        assert_eq!(header(&conn).unwrap().version, 1);
+        let cipher = unlock_fixture(&conn);
+        migrate(&mut conn, &cipher, MIGRATIONS).unwrap();
+        assert_eq!(header(&conn).unwrap().version, SCHEMA_VERSION);
+        let identities: i64 =
+            conn.query_row("SELECT count(*) FROM identities", [], |r| r.get(0)).unwrap();
+        assert_eq!(identities, 0);
+        // Idempotent.
+        migrate(&mut conn, &cipher, MIGRATIONS).unwrap();
+        assert_eq!(header(&conn).unwrap().version, 2);
+    }
+
+    #[test]
+    fn v1_fixture_migrates_through_v2_to_v3_in_order() {
         let (_dir, path) = fixture_copy();
         let mut conn = Connection::open(&path).unwrap();
         let before = header(&conn).unwrap();
@@ -290,25 +334,26 @@ mod tests {
         assert_eq!(before.application_id, APPLICATION_ID);
         let cipher = unlock_fixture(&conn);
 
-        migrate(&mut conn, &cipher, WITH_V2).unwrap();
-        assert_eq!(header(&conn).unwrap().version, 2);
-        // v1 did not run again (its CREATE TABLEs would have failed), v2 ran
-        // once and saw the fixture's sessions.
-        let seen: Vec<i64> = conn
-            .prepare("SELECT seen_inbound FROM v2_marker")
+        migrate(&mut conn, &cipher, WITH_V3).unwrap();
+        assert_eq!(header(&conn).unwrap().version, 3);
+        // v1 did not run again (its CREATE TABLEs would have failed), v2 and
+        // v3 ran once each, in order, and v3 saw the fixture's sessions and
+        // v2's table.
+        let seen: Vec<(i64, i64)> = conn
+            .prepare("SELECT seen_inbound, seen_identities FROM v3_marker")
             .unwrap()
-            .query_map([], |r| r.get(0))
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
             .unwrap()
             .collect::<Result<_, _>>()
             .unwrap();
-        assert_eq!(seen, vec![3]);
+        assert_eq!(seen, vec![(3, 0)]);
 
         // Migrating again is a no-op; an older build now refuses the store.
-        migrate(&mut conn, &cipher, WITH_V2).unwrap();
-        assert_eq!(header(&conn).unwrap().version, 2);
+        migrate(&mut conn, &cipher, WITH_V3).unwrap();
+        assert_eq!(header(&conn).unwrap().version, 3);
         assert!(matches!(
             migrate(&mut conn, &cipher, MIGRATIONS),
-            Err(StoreError::TooNew { found: 2, supported: 1 })
+            Err(StoreError::TooNew { found: 3, supported: 2 })
         ));
     }
 
@@ -318,12 +363,12 @@ mod tests {
         let mut conn = Connection::open(dir.path().join("new.sqlite")).unwrap();
         let cipher = Cipher::new(&[9; 32]).unwrap();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).unwrap();
-        create(&tx, &cipher, WITH_V2).unwrap();
+        create(&tx, &cipher, WITH_V3).unwrap();
         tx.commit().unwrap();
         let h = header(&conn).unwrap();
-        assert_eq!((h.version, h.application_id), (2, APPLICATION_ID));
+        assert_eq!((h.version, h.application_id), (3, APPLICATION_ID));
         let seen: i64 =
-            conn.query_row("SELECT seen_inbound FROM v2_marker", [], |r| r.get(0)).unwrap();
+            conn.query_row("SELECT seen_inbound FROM v3_marker", [], |r| r.get(0)).unwrap();
         assert_eq!(seen, 0);
     }
 
@@ -332,7 +377,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut conn = Connection::open(dir.path().join("new.sqlite")).unwrap();
         let cipher = Cipher::new(&[9; 32]).unwrap();
-        let gap: &[Migration] = &[Migration { version: 2, run: v2_hook }];
+        let gap: &[Migration] = &[Migration { version: 2, run: create_v2 }];
         assert!(migrate(&mut conn, &cipher, gap).is_err());
     }
 

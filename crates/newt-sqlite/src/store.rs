@@ -9,6 +9,7 @@ use rusqlite::types::Value;
 use rusqlite::{params_from_iter, Connection, TransactionBehavior};
 use serde::de::DeserializeOwned;
 
+use newt_proto::identities::{IdentityRecord, PrivateIdentityRecord};
 use newt_proto::ids::{RoomId, UserId};
 use newt_proto::records::{
     AccountRecord, DeviceRecord, InboundGroupSessionRecord, KeyRequestRecord, MessageIndexRecord,
@@ -16,13 +17,13 @@ use newt_proto::records::{
 };
 use newt_store::{Changes, SessionCursor, Store, StoreError};
 
-use crate::apply::{self, ACCOUNT, SYNC_TOKEN};
+use crate::apply::{self, ACCOUNT, PRIVATE_IDENTITY, SYNC_TOKEN};
 use crate::cipher::{Cipher, Kind};
 use crate::keys::{self, DataKey, StoreKey};
 use crate::retry::{install_busy_handler, sqlite_error, with_retry, TxError};
 use crate::schema::{
-    self, Table, APPLICATION_ID, DEVICES, INBOUND, KEY_REQUESTS, MESSAGE_INDICES, MIGRATIONS,
-    OLM_SESSIONS, OUTBOUND, SCHEMA_VERSION, SINGLETONS, TRACKED_USERS, WITHHELD,
+    self, Table, APPLICATION_ID, DEVICES, IDENTITIES, INBOUND, KEY_REQUESTS, MESSAGE_INDICES,
+    MIGRATIONS, OLM_SESSIONS, OUTBOUND, SCHEMA_VERSION, SINGLETONS, TRACKED_USERS, WITHHELD,
 };
 
 /// A [`Store`] in one SQLite file, encrypted at rest. See the
@@ -322,6 +323,15 @@ impl Store for SqliteStore {
         self.read_one(&SINGLETONS, "WHERE name = ?1", &[Value::Text(SYNC_TOKEN.into())])
     }
 
+    async fn identity(&self, user_id: &UserId) -> Result<Option<IdentityRecord>, StoreError> {
+        let user = self.cipher.key(Kind::User, user_id.as_str());
+        self.read_one(&IDENTITIES, "WHERE user_hash = ?1", &[user])
+    }
+
+    async fn private_identity(&self) -> Result<Option<PrivateIdentityRecord>, StoreError> {
+        self.read_one(&SINGLETONS, "WHERE name = ?1", &[Value::Text(PRIVATE_IDENTITY.into())])
+    }
+
     async fn apply(&self, changes: Changes) -> Result<(), StoreError> {
         if changes.is_empty() {
             return Ok(());
@@ -354,6 +364,7 @@ mod tests {
             (&KEY_REQUESTS, "WHERE sent = 0"),
             (&WITHHELD, "WHERE room_hash = ?1 AND session_hash = ?2"),
             (&MESSAGE_INDICES, "WHERE room_hash = ?1 AND session_hash = ?2 AND message_index = ?3"),
+            (&IDENTITIES, "WHERE user_hash = ?1"),
         ];
         for (table, tail) in cases {
             let sql = format!("EXPLAIN QUERY PLAN {}", table.select_sql(tail));

@@ -24,6 +24,7 @@ use std::collections::BTreeSet;
 use std::future::Future;
 use std::sync::OnceLock;
 
+use newt_proto::identities::{IdentityRecord, PrivateIdentityRecord};
 use newt_proto::ids::{DeviceId, RoomId, UserId};
 use newt_proto::records::{
     AccountRecord, DeviceRecord, InboundGroupSessionRecord, KeyRequestRecord, LocalTrust,
@@ -54,6 +55,8 @@ pub async fn run_all<S: Store, F: Future<Output = S>>(make: impl Fn() -> F) {
     check("withheld", withheld(make().await)).await;
     check("message_indices", message_indices(make().await)).await;
     check("sync_token", sync_token(make().await)).await;
+    check("identities_by_user", identities_by_user(make().await)).await;
+    check("private_identity", private_identity(make().await)).await;
     check("later_entry_wins", later_entry_wins(make().await)).await;
     check("empty_changes", empty_changes(make().await)).await;
     check("failed_apply_changes_nothing", failed_apply_changes_nothing(make().await)).await;
@@ -504,6 +507,46 @@ async fn sync_token(store: impl Store) {
     assert_eq!(store.sync_token().await.unwrap().as_deref(), Some("s4_5_6"));
 }
 
+async fn identities_by_user(store: impl Store) {
+    assert!(store.identity(&user(ALICE)).await.unwrap().is_none());
+    let alice = identity_record(ALICE, "master-a-1");
+    let bob = identity_record(BOB, "master-b-1");
+    apply(&store, Changes { identities: vec![alice.clone(), bob.clone()], ..Default::default() })
+        .await;
+    assert_eq!(store.identity(&user(ALICE)).await.unwrap(), Some(alice));
+    assert_eq!(store.identity(&user(BOB)).await.unwrap(), Some(bob.clone()));
+    assert!(store.identity(&user(CAROL)).await.unwrap().is_none());
+    // Upsert by user; within one commit the later entry wins.
+    let mut acked = identity_record(ALICE, "master-a-2");
+    acked.pinned_master_key = Some("master-a-2".into());
+    acked.previously_verified = true;
+    acked.user_signing_key = Some(json!({ "usage": ["user_signing"] }));
+    apply(
+        &store,
+        Changes {
+            identities: vec![identity_record(ALICE, "master-a-x"), acked.clone()],
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(store.identity(&user(ALICE)).await.unwrap(), Some(acked));
+    assert_eq!(store.identity(&user(BOB)).await.unwrap(), Some(bob));
+}
+
+async fn private_identity(store: impl Store) {
+    assert!(store.private_identity().await.unwrap().is_none());
+    let first = private_identity_record("seed-1");
+    apply(&store, Changes { private_identity: Some(first.clone()), ..Default::default() }).await;
+    assert_eq!(store.private_identity().await.unwrap(), Some(first.clone()));
+    // A commit without it leaves it.
+    apply(&store, Changes { sync_token: Some("t".into()), ..Default::default() }).await;
+    assert_eq!(store.private_identity().await.unwrap(), Some(first));
+    let mut second = private_identity_record("seed-2");
+    second.user_signing = None;
+    apply(&store, Changes { private_identity: Some(second.clone()), ..Default::default() }).await;
+    assert_eq!(store.private_identity().await.unwrap(), Some(second));
+}
+
 async fn later_entry_wins(store: impl Store) {
     let room_a = room(ROOM_A);
     let first = inbound(&room_a);
@@ -569,6 +612,8 @@ async fn failed_apply_changes_nothing(store: impl Store) {
     assert_eq!(after["account"]["generation"], json!(4));
     assert_eq!(after["sync_token"], json!("token-2"));
     assert_eq!(after["devices"][BOB], json!([]));
+    assert_eq!(after["identity"]["self_signing_key"]["n"], json!(2));
+    assert_eq!(after["private_identity"]["master"], json!("seed-2"));
 }
 
 // ---------------------------------------------------------------- helpers
@@ -724,6 +769,27 @@ fn key_request(id: &str, room_id: &RoomId, session_id: &str, sent: bool) -> KeyR
     }
 }
 
+fn identity_record(user_id: &str, master: &str) -> IdentityRecord {
+    IdentityRecord {
+        user_id: user(user_id),
+        master_key: json!({ "user_id": user_id, "usage": ["master"], "keys": { master: master } }),
+        self_signing_key: json!({ "user_id": user_id, "usage": ["self_signing"] }),
+        user_signing_key: None,
+        pinned_master_key: None,
+        previously_verified: false,
+        locally_verified: false,
+    }
+}
+
+fn private_identity_record(seed: &str) -> PrivateIdentityRecord {
+    PrivateIdentityRecord {
+        user_id: user(ALICE),
+        master: Some(seed.into()),
+        self_signing: Some(format!("{seed}-ssk")),
+        user_signing: Some(format!("{seed}-usk")),
+    }
+}
+
 fn withheld_record(room_id: &RoomId, session_id: &str, code: &str) -> WithheldRecord {
     WithheldRecord {
         room_id: room_id.clone(),
@@ -781,6 +847,12 @@ fn everything(n: u64) -> Changes {
         withheld: vec![withheld_record(&room_a, "inbound-b", &format!("m.code.{n}"))],
         message_indices: vec![message_index(&room_a, "inbound-b", 0, &format!("$event-{n}"))],
         sync_token: Some(format!("token-{n}")),
+        identities: vec![{
+            let mut i = identity_record(BOB, "master-b");
+            i.self_signing_key["n"] = json!(n);
+            i
+        }],
+        private_identity: Some(private_identity_record(&format!("seed-{n}"))),
     }
 }
 
@@ -830,5 +902,7 @@ async fn snapshot(store: &impl Store) -> Value {
         "withheld": to_json(&store.withheld(&room_a, "inbound-b").await.unwrap()),
         "index": to_json(&store.message_index(&room_a, "inbound-b", 0).await.unwrap()),
         "sync_token": store.sync_token().await.unwrap(),
+        "identity": to_json(&store.identity(&user(BOB)).await.unwrap()),
+        "private_identity": to_json(&store.private_identity().await.unwrap()),
     })
 }

@@ -32,6 +32,7 @@ mod memory;
 pub use memory::MemoryStore;
 pub use newt_proto::changes::Changes;
 
+use newt_proto::identities::{IdentityRecord, PrivateIdentityRecord};
 use newt_proto::ids::{RoomId, UserId};
 use newt_proto::records::{
     AccountRecord, DeviceRecord, InboundGroupSessionRecord, KeyRequestRecord, MessageIndexRecord,
@@ -140,6 +141,10 @@ pub trait Store: StoreBounds {
     ) -> Result<Option<MessageIndexRecord>, StoreError>;
     /// The last committed sync token.
     async fn sync_token(&self) -> Result<Option<String>, StoreError>;
+    /// The public cross-signing identity of `user_id` (ours or another user's).
+    async fn identity(&self, user_id: &UserId) -> Result<Option<IdentityRecord>, StoreError>;
+    /// Our private cross-signing keys, if we hold any.
+    async fn private_identity(&self) -> Result<Option<PrivateIdentityRecord>, StoreError>;
     /// Commits `changes` atomically.
     async fn apply(&self, changes: Changes) -> Result<(), StoreError>;
 }

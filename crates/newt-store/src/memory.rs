@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 
+use newt_proto::identities::{IdentityRecord, PrivateIdentityRecord};
 use newt_proto::ids::{RoomId, UserId};
 use newt_proto::records::{
     AccountRecord, DeviceRecord, InboundGroupSessionRecord, KeyRequestRecord, MessageIndexRecord,
@@ -28,6 +29,8 @@ struct Inner {
     withheld: BTreeMap<Key2, WithheldRecord>,
     indices: BTreeMap<(String, String, u32), MessageIndexRecord>,
     sync_token: Option<String>,
+    identities: BTreeMap<String, IdentityRecord>,
+    private_identity: Option<PrivateIdentityRecord>,
 }
 
 /// An in-memory [`Store`]: nothing survives the process. For tests, bots that
@@ -165,6 +168,14 @@ impl Store for MemoryStore {
         Ok(self.lock()?.sync_token.clone())
     }
 
+    async fn identity(&self, user_id: &UserId) -> Result<Option<IdentityRecord>, StoreError> {
+        Ok(self.lock()?.identities.get(user_id.as_str()).cloned())
+    }
+
+    async fn private_identity(&self) -> Result<Option<PrivateIdentityRecord>, StoreError> {
+        Ok(self.lock()?.private_identity.clone())
+    }
+
     async fn apply(&self, changes: Changes) -> Result<(), StoreError> {
         let mut inner = self.lock()?;
         // Validate and serialise everything before touching the maps: all or nothing.
@@ -237,6 +248,12 @@ impl Store for MemoryStore {
         }
         if let Some(token) = changes.sync_token {
             inner.sync_token = Some(token);
+        }
+        for i in changes.identities {
+            inner.identities.insert(i.user_id.to_string(), i);
+        }
+        if let Some(private) = changes.private_identity {
+            inner.private_identity = Some(private);
         }
         Ok(())
     }

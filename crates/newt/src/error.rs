@@ -2,7 +2,8 @@
 
 use newt_proto::devices::KeysQueryError;
 use newt_proto::export::ExportError;
-use newt_proto::ids::{IdError, RoomId};
+use newt_proto::identities::CrossSigningError;
+use newt_proto::ids::{IdError, RoomId, UserId};
 use newt_proto::megolm::MegolmError;
 use newt_store::StoreError;
 
@@ -46,4 +47,21 @@ pub enum Error {
     /// A key export entry could not be imported.
     #[error("invalid room key: {0}")]
     InvalidRoomKey(String),
+    /// A cross-signing operation failed (missing or mismatched private key,
+    /// invalid key material).
+    #[error(transparent)]
+    CrossSigning(#[from] CrossSigningError),
+    /// No cross-signing identity is known for the user (for our own: query
+    /// our user after bootstrapping, before importing keys).
+    #[error("no cross-signing identity known for {0}")]
+    NoIdentity(UserId),
+    /// The device is unknown (or deleted).
+    #[error("unknown device")]
+    UnknownDevice,
+    /// `share_room_key` refused: these members' identities changed after we
+    /// verified them, and the room blocks on that
+    /// ([`RoomSettings::block_on_verification_violation`](crate::RoomSettings)).
+    /// Acknowledge (or re-verify) each to continue.
+    #[error("identity verification violated for {0:?}")]
+    VerificationViolation(Vec<UserId>),
 }

@@ -41,8 +41,12 @@ mod requests;
 
 pub use error::Error;
 pub use machine::{
-    ImportSummary, KeysQueryReport, Machine, ProcessedToDevice, RoomSettings, SyncChanges,
-    SyncOutcome, ToDeviceError, ToDeviceOutcome,
+    IdentityRejection, ImportSummary, KeysQueryReport, Machine, ProcessedToDevice,
+    RejectedIdentity, RoomSettings, SyncChanges, SyncOutcome, ToDeviceError, ToDeviceOutcome,
+};
+pub use newt_proto::identities::{
+    BootstrapRequests, CrossSigningError, DeviceTrust, IdentityTrust, OwnIdentityTrust,
+    PrivateIdentityRecord,
 };
 pub use newt_proto::ids::{DeviceId, IdError, RoomId, UserId};
 pub use newt_proto::megolm::{DecryptedRoomEvent, MegolmError, RotationSettings};

@@ -16,6 +16,11 @@ use newt_proto::account::{OwnAccount, SIGNED_CURVE25519};
 use newt_proto::changes::Changes;
 use newt_proto::devices::{handle_keys_query, keys_query_body, parse_device_keys, RejectedDevice};
 use newt_proto::export::{decrypt_export, ExportWriter};
+use newt_proto::identities::{
+    signatures_upload_body, BootstrapRequests, CrossSigningError, CrossSigningKeys, DeviceTrust,
+    IdentityRecord, IdentityTrust, OwnIdentity, OwnIdentityTrust, PrivateCrossSigningIdentity,
+    PrivateIdentityRecord, TrustRoot, UserIdentity,
+};
 use newt_proto::ids::{DeviceId, RoomId, UserId};
 use newt_proto::key_requests::{
     accept_forwarded_key, answer_request, parse_request, request_content, KeyShareError,
@@ -33,6 +38,7 @@ use newt_proto::records::{
     ShareInfo, TrackedUser,
 };
 use newt_proto::sharing::{audience_shrank, plan_share, withheld_content, SharingPolicy};
+use newt_proto::trust::{with_cross_signing, SenderTrust};
 use newt_proto::OLM_V1;
 use newt_store::{Store, StoreError};
 
@@ -48,6 +54,8 @@ const UNWEDGE_INTERVAL_MS: u64 = 3600 * 1000;
 const TO_DEVICE_CHUNK: usize = 250;
 /// Sessions written per store transaction during an import.
 const IMPORT_BATCH: usize = 1000;
+/// `/keys/query` reports kept until [`Machine::take_keys_query_reports`].
+const MAX_REPORTS: usize = 64;
 
 /// What a sync delivered that the crypto layer needs.
 #[derive(Debug, Clone, Default)]
@@ -76,6 +84,11 @@ pub struct RoomSettings {
     pub policy: SharingPolicy,
     /// `shared_history` for new keys (history visibility `shared`/`world_readable`).
     pub shared_history: bool,
+    /// Refuse to share (with [`Error::VerificationViolation`]) while a member
+    /// whose identity we verified has a changed, unacknowledged identity
+    /// ([`IdentityTrust::VerificationViolation`]). When unset, a violation
+    /// is only reported by [`Machine::user_identity_state`].
+    pub block_on_verification_violation: bool,
 }
 
 /// What happened to one to-device event.
@@ -141,11 +154,45 @@ pub struct SyncOutcome {
     pub to_device: Vec<ProcessedToDevice>,
 }
 
-/// The result of [`Machine::handle_keys_query_response`] details.
+/// What a `/keys/query` response contained that newt refused; see
+/// [`Machine::take_keys_query_reports`].
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct KeysQueryReport {
     /// Devices refused (bad signature, mismatched IDs, changed key).
     pub rejected: Vec<RejectedDevice>,
+    /// Cross-signing identities refused (not stored; a previously stored
+    /// identity of the user is kept as it was).
+    pub rejected_identities: Vec<RejectedIdentity>,
+}
+
+impl KeysQueryReport {
+    /// Nothing was refused.
+    pub fn is_empty(&self) -> bool {
+        self.rejected.is_empty() && self.rejected_identities.is_empty()
+    }
+}
+
+/// A user's cross-signing keys that were refused.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RejectedIdentity {
+    /// The user.
+    pub user_id: UserId,
+    /// Why.
+    pub reason: IdentityRejection,
+}
+
+/// Why a user's cross-signing keys were refused.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum IdentityRejection {
+    /// A key is malformed, or a signature by the master key is missing or
+    /// wrong (e.g. a self-signing key the master key did not sign).
+    #[error(transparent)]
+    Invalid(#[from] CrossSigningError),
+    /// One of the user's device IDs equals a cross-signing key ID: the user's
+    /// identity and that device are refused (the key-ID namespaces clash).
+    #[error("device {0} has the ID of one of the user's cross-signing keys")]
+    DeviceIdCollision(String),
 }
 
 /// Summary of a key import.
@@ -183,6 +230,7 @@ struct State {
     claim_failures: BTreeMap<(UserId, DeviceId), u64>,
     last_unwedge: BTreeMap<String, u64>,
     wedged: BTreeSet<(UserId, DeviceId)>,
+    reports: Vec<KeysQueryReport>,
 }
 
 impl State {
@@ -262,6 +310,7 @@ impl Machine {
                     claim_failures: BTreeMap::new(),
                     last_unwedge: BTreeMap::new(),
                     wedged: BTreeSet::new(),
+                    reports: Vec::new(),
                 }),
             }),
         })
@@ -529,12 +578,18 @@ impl Machine {
                     None => None,
                 };
                 let own_curve = st.account.curve25519_key().to_base64();
-                match accept_forwarded_key(
-                    &self.inner.user_id,
-                    &own_curve,
-                    &decrypted,
-                    pending.as_ref(),
-                ) {
+                let (own_identity, private) = self.trust_material().await?;
+                let accepted = {
+                    let root = TrustRoot::new(&st.account, own_identity.as_ref(), private.as_ref());
+                    accept_forwarded_key(
+                        &root,
+                        &self.inner.user_id,
+                        &own_curve,
+                        &decrypted,
+                        pending.as_ref(),
+                    )
+                };
+                match accepted {
                     Ok(record) => {
                         if let Some(p) = pending {
                             changes.removed_key_requests.push(p.request_id.clone());
@@ -638,13 +693,19 @@ impl Machine {
             _ => None,
         };
         let own_curve = st.account.curve25519_key().to_base64();
-        let forwarded = match answer_request(
-            &self.inner.user_id,
-            &own_curve,
-            &request,
-            requester,
-            session.as_ref(),
-        ) {
+        let (own_identity, private) = self.trust_material().await?;
+        let answer = {
+            let root = TrustRoot::new(&st.account, own_identity.as_ref(), private.as_ref());
+            answer_request(
+                &root,
+                &self.inner.user_id,
+                &own_curve,
+                &request,
+                requester,
+                session.as_ref(),
+            )
+        };
+        let forwarded = match answer {
             Ok(c) => c,
             Err(e) => return Ok(ToDeviceOutcome::Rejected(e.into())),
         };
@@ -773,6 +834,10 @@ impl Machine {
                 }
                 let outcome = handle_keys_query(&st.account, &users, &known, response)?;
                 let mut changes = outcome.changes;
+                let mut report =
+                    KeysQueryReport { rejected: outcome.rejected, ..Default::default() };
+                self.handle_identities(&st.account, &users, response, &mut changes, &mut report)
+                    .await?;
                 // A change notice that arrived while the query was in flight
                 // makes this answer stale: keep the user outdated.
                 for t in &mut changes.tracked_users {
@@ -783,7 +848,14 @@ impl Machine {
                 for (u, d) in &outcome.new_devices {
                     st.claim_failures.remove(&(u.clone(), d.clone()));
                 }
-                self.commit(&mut st, changes, false).await
+                self.commit(&mut st, changes, false).await?;
+                if !report.is_empty() {
+                    if st.reports.len() >= MAX_REPORTS {
+                        st.reports.remove(0);
+                    }
+                    st.reports.push(report);
+                }
+                Ok(())
             }
             Pending::KeysClaim(requested) => {
                 self.handle_claim_response(&mut st, &requested, response).await
@@ -935,6 +1007,35 @@ impl Machine {
         for u in &members {
             devices_by_user.insert(u.clone(), self.store().devices(u).await?);
         }
+        let device_trust =
+            if settings.policy.needs_device_trust() || settings.block_on_verification_violation {
+                let (own_identity, private) = self.trust_material().await?;
+                let mut identities = BTreeMap::new();
+                for u in members.iter().filter(|u| **u != self.inner.user_id) {
+                    if let Some(i) = self.user_identity(u).await? {
+                        identities.insert(u.clone(), i);
+                    }
+                }
+                let root = TrustRoot::new(&st.account, own_identity.as_ref(), private.as_ref());
+                if settings.block_on_verification_violation {
+                    let violating: Vec<UserId> = identities
+                        .values()
+                        .filter(|i| root.identity_trust(i) == IdentityTrust::VerificationViolation)
+                        .map(|i| i.user_id().clone())
+                        .collect();
+                    if !violating.is_empty() {
+                        return Err(Error::VerificationViolation(violating));
+                    }
+                }
+                let mut trust = BTreeMap::new();
+                for d in devices_by_user.values().flatten() {
+                    let t = root.device_trust(identities.get(&d.user_id), d);
+                    trust.insert((d.user_id.clone(), d.device_id.clone()), t);
+                }
+                trust
+            } else {
+                BTreeMap::new()
+            };
         let mut changes = Changes::default();
         let mut outbound = match self.store().outbound_group_session(room_id).await? {
             Some(r) => {
@@ -977,6 +1078,12 @@ impl Machine {
             &outbound,
             &all,
             |d| sessions.get(&d.curve25519).is_some_and(|s| !s.is_empty()),
+            |d| {
+                device_trust
+                    .get(&(d.user_id.clone(), d.device_id.clone()))
+                    .copied()
+                    .unwrap_or(DeviceTrust::Unknown)
+            },
             settings.policy,
         );
         let room_key = outbound.room_key_content(settings.shared_history);
@@ -1106,8 +1213,28 @@ impl Machine {
         }
         let index = parsed.message.message_index();
         let seen = self.store().message_index(room_id, &parsed.session_id, index).await?;
-        let (decrypted, record) =
+        let (mut decrypted, record) =
             decrypt_room_event(room_id, &parsed, &session, &sender_devices, seen.as_ref())?;
+        if decrypted.trust == SenderTrust::Unverified {
+            // Known device, not verified here: it may be cross-signed by a
+            // verified identity. Only read identities when there is one.
+            let device = sender_devices
+                .iter()
+                .find(|d| Some(&d.device_id) == decrypted.sender_device.as_ref());
+            if let Some(device) = device {
+                let own_user = parsed.sender == self.inner.user_id;
+                let owner =
+                    if own_user { None } else { self.user_identity(&parsed.sender).await? };
+                if own_user || owner.is_some() {
+                    let (own_identity, private) = self.trust_material().await?;
+                    let root = TrustRoot::new(&st.account, own_identity.as_ref(), private.as_ref());
+                    decrypted.trust = with_cross_signing(
+                        decrypted.trust,
+                        Some(root.device_trust(owner.as_ref(), device)),
+                    );
+                }
+            }
+        }
         if let Some(record) = record {
             let changes = Changes { message_indices: vec![record], ..Default::default() };
             self.commit(&mut st, changes, false).await?;
@@ -1165,6 +1292,308 @@ impl Machine {
             ..Default::default()
         };
         self.commit(&mut st, changes, false).await
+    }
+
+    // ------------------------------------------------------------ cross-signing
+
+    /// Our public identity and our private keys, as stored (unreadable or
+    /// mismatched records count as absent: they grant no trust).
+    async fn trust_material(
+        &self,
+    ) -> Result<(Option<OwnIdentity>, Option<PrivateCrossSigningIdentity>), Error> {
+        let own = self
+            .store()
+            .identity(&self.inner.user_id)
+            .await?
+            .and_then(|r| OwnIdentity::from_record(&r).ok());
+        let private = self
+            .store()
+            .private_identity()
+            .await?
+            .filter(|r| r.user_id == self.inner.user_id)
+            .and_then(|r| PrivateCrossSigningIdentity::from_seeds(&r).ok());
+        Ok((own, private))
+    }
+
+    /// Another user's stored identity (re-checked), if any.
+    async fn user_identity(&self, user_id: &UserId) -> Result<Option<UserIdentity>, Error> {
+        Ok(self.store().identity(user_id).await?.and_then(|r| UserIdentity::from_record(&r).ok()))
+    }
+
+    /// The cross-signing part of a `/keys/query` answer: checks and stores
+    /// the identities of `users` (ours first, since it decides whether the
+    /// others are verified), and refuses invalid keys and users with a device
+    /// whose ID is one of their cross-signing key IDs.
+    async fn handle_identities(
+        &self,
+        account: &OwnAccount,
+        users: &BTreeSet<UserId>,
+        response: &Value,
+        changes: &mut Changes,
+        report: &mut KeysQueryReport,
+    ) -> Result<(), Error> {
+        let own_user = &self.inner.user_id;
+        let (mut own_identity, private) = self.trust_material().await?;
+        let ordered =
+            users.iter().filter(|u| *u == own_user).chain(users.iter().filter(|u| *u != own_user));
+        for user in ordered {
+            // Users the server did not answer for stay as they were.
+            let Some(devices) = response.get("device_keys").and_then(|d| d.get(user.as_str()))
+            else {
+                continue;
+            };
+            let keys = match CrossSigningKeys::from_keys_query(response, user) {
+                Ok(Some(keys)) => keys,
+                Ok(None) => continue,
+                Err(e) => {
+                    report.rejected_identities.push(RejectedIdentity {
+                        user_id: user.clone(),
+                        reason: IdentityRejection::Invalid(e),
+                    });
+                    continue;
+                }
+            };
+            let clash = devices
+                .as_object()
+                .and_then(|m| m.keys().find(|d| keys.collides_with_device(d)).cloned());
+            if let Some(device_id) = clash {
+                changes
+                    .devices
+                    .retain(|d| !(&d.user_id == user && d.device_id.as_str() == device_id));
+                report.rejected_identities.push(RejectedIdentity {
+                    user_id: user.clone(),
+                    reason: IdentityRejection::DeviceIdCollision(device_id),
+                });
+                continue;
+            }
+            let old = self.store().identity(user).await?;
+            let record = if user == own_user {
+                match OwnIdentity::updated_record(old.as_ref(), &keys) {
+                    Ok(record) => {
+                        own_identity = OwnIdentity::from_record(&record).ok();
+                        record
+                    }
+                    Err(e) => {
+                        report.rejected_identities.push(RejectedIdentity {
+                            user_id: user.clone(),
+                            reason: IdentityRejection::Invalid(e),
+                        });
+                        continue;
+                    }
+                }
+            } else {
+                let root = TrustRoot::new(account, own_identity.as_ref(), private.as_ref());
+                let probe = UserIdentity::updated_record(old.as_ref(), &keys, false);
+                let verified_now = UserIdentity::from_record(&probe)
+                    .is_ok_and(|p| root.identity_trust(&p) == IdentityTrust::Verified);
+                UserIdentity::updated_record(old.as_ref(), &keys, verified_now)
+            };
+            if old.as_ref() != Some(&record) {
+                changes.identities.push(record);
+            }
+        }
+        Ok(())
+    }
+
+    /// What `/keys/query` responses contained that newt refused (invalid
+    /// devices, invalid cross-signing keys, device-ID clashes), oldest first,
+    /// since the last call. Only non-empty reports are kept (at most 64).
+    pub async fn take_keys_query_reports(&self) -> Vec<KeysQueryReport> {
+        std::mem::take(&mut self.inner.state.lock().await.reports)
+    }
+
+    /// Creates a new cross-signing identity (master, self-signing and
+    /// user-signing keys) and returns the two request bodies that publish
+    /// it: `POST /keys/device_signing/upload` (the caller adds the UIA
+    /// `auth`), then `POST /keys/signatures/upload` (this device signed by
+    /// the new self-signing key). The private keys are stored before this
+    /// returns; calling it again replaces the identity (a reset: other users
+    /// see their pin change). After both uploads, the next `/keys/query` of
+    /// our own user (queued here) stores the public identity.
+    pub async fn bootstrap_cross_signing(&self) -> Result<BootstrapRequests, Error> {
+        let mut st = self.inner.state.lock().await;
+        let (private, requests) = PrivateCrossSigningIdentity::bootstrap(&st.account)?;
+        let mut changes =
+            Changes { private_identity: Some(private.export_seeds()), ..Default::default() };
+        self.mark_outdated(&mut st, &mut changes, self.inner.user_id.clone());
+        self.commit(&mut st, changes, false).await?;
+        Ok(requests)
+    }
+
+    fn mark_outdated(&self, st: &mut State, changes: &mut Changes, user_id: UserId) {
+        if st.queries_in_flight.contains(&user_id) {
+            st.changed_during_query.insert(user_id.clone());
+        }
+        changes.tracked_users.push(TrackedUser { user_id, outdated: true });
+    }
+
+    /// Our private cross-signing keys as unpadded base64 seeds (the
+    /// secret-storage encoding), if we hold any. The value is secret.
+    pub async fn export_cross_signing_keys(&self) -> Result<Option<PrivateIdentityRecord>, Error> {
+        Ok(self.store().private_identity().await?)
+    }
+
+    /// Imports private cross-signing keys (e.g. from another of our devices
+    /// or from secret storage). Each key present must match our published
+    /// identity, so our own identity must have been fetched first. Holding
+    /// the private master key makes this device trust our identity.
+    pub async fn import_cross_signing_keys(
+        &self,
+        keys: &PrivateIdentityRecord,
+    ) -> Result<(), Error> {
+        let mut st = self.inner.state.lock().await;
+        if keys.user_id != self.inner.user_id {
+            return Err(CrossSigningError::UserMismatch {
+                expected: self.inner.user_id.to_string(),
+                found: keys.user_id.to_string(),
+            }
+            .into());
+        }
+        let (own, _) = self.trust_material().await?;
+        let own = own.ok_or_else(|| Error::NoIdentity(self.inner.user_id.clone()))?;
+        let private = PrivateCrossSigningIdentity::import_checked(keys, &own)?;
+        let changes =
+            Changes { private_identity: Some(private.export_seeds()), ..Default::default() };
+        self.commit(&mut st, changes, false).await
+    }
+
+    /// Signs one of our own devices (this one or another) with our
+    /// self-signing key. Returns the `POST /keys/signatures/upload` body;
+    /// after it is uploaded, the device is cross-signed for everyone. Our
+    /// own user is queued for a re-query.
+    pub async fn cross_sign_own_device(&self, device_id: &DeviceId) -> Result<Value, Error> {
+        let mut st = self.inner.state.lock().await;
+        let (own, private) = self.trust_material().await?;
+        let private = private
+            .ok_or(CrossSigningError::MissingKey(newt_proto::identities::KeyUsage::SelfSigning))?;
+        if let Some(own) = &own {
+            private.matches(own)?;
+        }
+        let device_keys = if device_id == &self.inner.device_id {
+            st.account.device_keys()
+        } else {
+            self.store()
+                .devices(&self.inner.user_id)
+                .await?
+                .into_iter()
+                .find(|d| &d.device_id == device_id && !d.deleted)
+                .ok_or(Error::UnknownDevice)?
+                .keys
+        };
+        let signed = private.sign_device(&device_keys)?;
+        let mut changes = Changes::default();
+        self.mark_outdated(&mut st, &mut changes, self.inner.user_id.clone());
+        self.commit(&mut st, changes, false).await?;
+        Ok(signatures_upload_body([(self.inner.user_id.clone(), device_id.to_string(), signed)]))
+    }
+
+    /// Signs `user_id`'s master key with our user-signing key: the last step
+    /// of verifying a user (after comparing keys out of band; SAS and QR
+    /// flows are not yet driven by the machine). Returns the
+    /// `POST /keys/signatures/upload` body; once uploaded and re-queried
+    /// (queued here), the user's identity is [`IdentityTrust::Verified`].
+    pub async fn verify_user_identity(&self, user_id: &UserId) -> Result<Value, Error> {
+        let mut st = self.inner.state.lock().await;
+        if user_id == &self.inner.user_id {
+            return Err(Error::NoIdentity(user_id.clone()));
+        }
+        let identity =
+            self.user_identity(user_id).await?.ok_or_else(|| Error::NoIdentity(user_id.clone()))?;
+        let (own, private) = self.trust_material().await?;
+        let private = private
+            .ok_or(CrossSigningError::MissingKey(newt_proto::identities::KeyUsage::UserSigning))?;
+        if let Some(own) = &own {
+            private.matches(own)?;
+        }
+        let signed = private.sign_user(identity.master_key())?;
+        let mut changes = Changes::default();
+        self.mark_outdated(&mut st, &mut changes, user_id.clone());
+        self.commit(&mut st, changes, false).await?;
+        Ok(signatures_upload_body([(
+            user_id.clone(),
+            identity.master_key().public_key().to_base64(),
+            signed,
+        )]))
+    }
+
+    /// Whether this device trusts our own cross-signing identity; `None`
+    /// when we have none (or it was not fetched yet).
+    pub async fn own_identity_state(&self) -> Result<Option<OwnIdentityTrust>, Error> {
+        let st = self.inner.state.lock().await;
+        let (own, private) = self.trust_material().await?;
+        if own.is_none() {
+            return Ok(None);
+        }
+        let root = TrustRoot::new(&st.account, own.as_ref(), private.as_ref());
+        Ok(Some(root.own_identity_trust()))
+    }
+
+    /// Our view of `user_id`'s identity; `None` when the user has no known
+    /// cross-signing identity. For our own user: `Verified` when this
+    /// device trusts our identity, `Pinned` otherwise.
+    pub async fn user_identity_state(
+        &self,
+        user_id: &UserId,
+    ) -> Result<Option<IdentityTrust>, Error> {
+        if user_id == &self.inner.user_id {
+            return Ok(self.own_identity_state().await?.map(|t| match t {
+                OwnIdentityTrust::Verified => IdentityTrust::Verified,
+                OwnIdentityTrust::Unverified => IdentityTrust::Pinned,
+            }));
+        }
+        let st = self.inner.state.lock().await;
+        let Some(identity) = self.user_identity(user_id).await? else { return Ok(None) };
+        let (own, private) = self.trust_material().await?;
+        let root = TrustRoot::new(&st.account, own.as_ref(), private.as_ref());
+        Ok(Some(root.identity_trust(&identity)))
+    }
+
+    /// The user accepts `user_id`'s current identity: a `PinnedChanged`
+    /// identity is pinned again; a `VerificationViolation` loses its
+    /// verification and is pinned (verify again to restore it). Other
+    /// states are left alone.
+    pub async fn acknowledge_identity_change(&self, user_id: &UserId) -> Result<(), Error> {
+        let mut st = self.inner.state.lock().await;
+        let Some(mut identity) = self.user_identity(user_id).await? else {
+            return Err(Error::NoIdentity(user_id.clone()));
+        };
+        let (own, private) = self.trust_material().await?;
+        let state =
+            TrustRoot::new(&st.account, own.as_ref(), private.as_ref()).identity_trust(&identity);
+        let record: IdentityRecord = match state {
+            IdentityTrust::VerificationViolation => identity.withdraw_verification(),
+            IdentityTrust::PinnedChanged => identity.pin_current_master_key(),
+            IdentityTrust::Verified | IdentityTrust::Pinned => return Ok(()),
+        };
+        let changes = Changes { identities: vec![record], ..Default::default() };
+        self.commit(&mut st, changes, false).await
+    }
+
+    /// How much a device is trusted (local decision and cross-signing);
+    /// `None` for an unknown or deleted device. This device trusts itself.
+    pub async fn device_trust(
+        &self,
+        user_id: &UserId,
+        device_id: &DeviceId,
+    ) -> Result<Option<DeviceTrust>, Error> {
+        if user_id == &self.inner.user_id && device_id == &self.inner.device_id {
+            return Ok(Some(DeviceTrust::LocallyVerified));
+        }
+        let st = self.inner.state.lock().await;
+        let Some(device) = self
+            .store()
+            .devices(user_id)
+            .await?
+            .into_iter()
+            .find(|d| &d.device_id == device_id && !d.deleted)
+        else {
+            return Ok(None);
+        };
+        let owner =
+            if user_id == &self.inner.user_id { None } else { self.user_identity(user_id).await? };
+        let (own, private) = self.trust_material().await?;
+        let root = TrustRoot::new(&st.account, own.as_ref(), private.as_ref());
+        Ok(Some(root.device_trust(owner.as_ref(), &device)))
     }
 
     /// Exports every inbound session to a key export file protected by

@@ -1,5 +1,5 @@
-//! Persistent forms of cross-signing state (not yet part of
-//! [`Changes`](crate::changes::Changes); the driver stores them).
+//! Persistent forms of cross-signing state, written through
+//! [`Changes`](crate::changes::Changes) (`identities`, `private_identity`).
 //!
 //! New fields get `#[serde(default)]`. The private-key record has a
 //! redacting `Debug` and is zeroized on drop.

@@ -145,6 +145,9 @@ async fn v1_fixture_opens_and_reads_back() {
         store.message_index(&room_id, index["session_id"].as_str().unwrap(), 5).await.unwrap();
     assert_eq!(to_json(&read), *index);
     assert_eq!(store.sync_token().await.unwrap().as_deref(), Some("fixture_sync_token"));
+    // Opening migrated it to v2: the cross-signing reads work and are empty.
+    assert!(store.identity(&user("@peer:example.org")).await.unwrap().is_none());
+    assert!(store.private_identity().await.unwrap().is_none());
 
     // The fixture is still usable as a store: the account moves on.
     let mut account = store.account().await.unwrap().unwrap();

@@ -1,0 +1,60 @@
+//! matrix-sdk-crypto 0.18 accepts the cross-signing identity newt
+//! bootstraps and uploads (through newt-router): same master key, and
+//! newt's device cross-signed by its owner.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
+
+use std::sync::Arc;
+
+use newt_cli::SimDevice;
+use newt_interop::RefDevice;
+use newt_router::Router;
+use newt_store::MemoryStore;
+
+const ALICE: &str = "@alice:localhost";
+const NEWT_DEV: &str = "NEWTDEV";
+const BOB: &str = "@bob:localhost";
+const REF_DEV: &str = "REFDEV";
+
+#[tokio::test]
+async fn reference_accepts_newt_cross_signing_identity() {
+    let router = Arc::new(Router::new());
+    let newt = SimDevice::open(router.clone(), ALICE, NEWT_DEV, Arc::new(MemoryStore::new()))
+        .await
+        .unwrap();
+    let reference = RefDevice::open(router.clone(), BOB, REF_DEV).await.unwrap();
+    newt.flush().await.unwrap();
+    reference.flush().await.unwrap();
+
+    let requests = newt.machine.bootstrap_cross_signing().await.unwrap();
+    for (path, body) in [
+        ("/keys/device_signing/upload", &requests.device_signing_upload),
+        ("/keys/signatures/upload", &requests.signatures_upload),
+    ] {
+        router.handle(ALICE, NEWT_DEV, "POST", path, body).unwrap();
+    }
+    let master = requests.device_signing_upload["master_key"]["keys"]
+        .as_object()
+        .unwrap()
+        .values()
+        .next()
+        .unwrap()
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    let alice = RefDevice::user_id(ALICE).unwrap();
+    reference.machine.update_tracked_users([alice.as_ref()]).await.unwrap();
+    reference.flush().await.unwrap();
+    let identity = reference
+        .machine
+        .get_identity(&alice, None)
+        .await
+        .unwrap()
+        .expect("the reference stored newt's identity")
+        .other()
+        .expect("another user's identity");
+    assert_eq!(identity.master_key().get_first_key().unwrap().to_base64(), master);
+    let device =
+        reference.machine.get_device(&alice, NEWT_DEV.into(), None).await.unwrap().unwrap();
+    assert!(device.is_cross_signed_by_owner(), "newt's SSK signature on its device checks out");
+}
