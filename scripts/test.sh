@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # newt's test command: what the README promises and CI runs.
 #   scripts/test.sh          everything: format, lints, all tests including the
-#                            interop tests against matrix-sdk-crypto, wasm32 check
+#                            interop tests against matrix-sdk-crypto, wasm32 check,
+#                            the demo, and the benchmarks in smoke mode
 #   scripts/test.sh --quick  the default crates' tests only (no reference build)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,4 +24,6 @@ step "wasm32 build check of the core crates"
 cargo check --target wasm32-unknown-unknown -p newt-proto -p newt-store -p newt
 step "demo"
 cargo run -q -p newt-cli -- demo >/dev/null
+step "benchmarks, smoke mode (every workload once; no timings asserted)"
+benches/run.sh --smoke
 echo "all checks passed"

@@ -29,6 +29,9 @@ pub struct OwnAccount {
     fallback_key_created_at: Option<u64>,
     generation: u64,
     upload_lease_since: Option<u64>,
+    /// Our signed DeviceKeys: identity keys never change, so it is signed
+    /// once (it goes into every Olm plaintext as `sender_device_keys`).
+    signed_device_keys: std::sync::OnceLock<Value>,
 }
 
 /// How long an upload lease keeps other processes from uploading the same
@@ -57,6 +60,7 @@ impl OwnAccount {
             fallback_key_created_at: None,
             generation: 0,
             upload_lease_since: None,
+            signed_device_keys: std::sync::OnceLock::new(),
         }
     }
 
@@ -71,6 +75,7 @@ impl OwnAccount {
             fallback_key_created_at: record.fallback_key_created_at,
             generation: record.generation,
             upload_lease_since: record.upload_lease_since,
+            signed_device_keys: std::sync::OnceLock::new(),
         }
     }
 
@@ -144,6 +149,10 @@ impl OwnAccount {
 
     /// Our signed DeviceKeys object.
     pub fn device_keys(&self) -> Value {
+        self.signed_device_keys.get_or_init(|| self.build_device_keys()).clone()
+    }
+
+    fn build_device_keys(&self) -> Value {
         let keys = self.identity_keys();
         let mut value = json!({
             "user_id": self.user_id,
