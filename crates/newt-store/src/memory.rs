@@ -11,7 +11,9 @@ use newt_proto::records::{
     AccountRecord, DeviceRecord, InboundGroupSessionRecord, KeyRequestRecord, MessageIndexRecord,
     OlmSessionRecord, OutboundGroupSessionRecord, TrackedUser, WithheldRecord,
 };
-use serde_json::Value;
+/// A record serialised as JSON bytes: compact, and every read is an
+/// independent copy (pickles are not `Clone`).
+type Value = Vec<u8>;
 
 use crate::{check_generation, check_generation_value, Changes, SessionCursor, Store, StoreError};
 
@@ -52,11 +54,11 @@ impl MemoryStore {
 }
 
 fn to_value<T: serde::Serialize>(v: &T) -> Result<Value, StoreError> {
-    serde_json::to_value(v).map_err(|e| StoreError::Corrupt(e.to_string()))
+    serde_json::to_vec(v).map_err(|e| StoreError::Corrupt(e.to_string()))
 }
 
 fn from_value<T: serde::de::DeserializeOwned>(v: &Value) -> Result<T, StoreError> {
-    T::deserialize(v).map_err(|e| StoreError::Corrupt(e.to_string()))
+    serde_json::from_slice(v).map_err(|e| StoreError::Corrupt(e.to_string()))
 }
 
 #[cfg_attr(not(target_arch = "wasm32"), async_trait::async_trait)]
