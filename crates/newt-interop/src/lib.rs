@@ -19,14 +19,16 @@ use matrix_sdk_common::deserialized_responses::{
 };
 use matrix_sdk_crypto::store::types::RoomKeyInfo;
 use matrix_sdk_crypto::types::events::room::encrypted::EncryptedEvent;
-use matrix_sdk_crypto::types::requests::{AnyOutgoingRequest, ToDeviceRequest};
+use matrix_sdk_crypto::types::requests::{
+    AnyOutgoingRequest, OutgoingVerificationRequest, ToDeviceRequest,
+};
 use matrix_sdk_crypto::{
     CollectStrategy, DecryptionSettings, EncryptionSettings, EncryptionSyncChanges, OlmMachine,
     TrustRequirement,
 };
 use newt_router::Router;
 use ruma::api::auth_scheme::{AccessToken, SendAccessToken};
-use ruma::api::client::keys::{claim_keys, get_keys, upload_keys};
+use ruma::api::client::keys::{claim_keys, get_keys, upload_keys, upload_signatures};
 use ruma::api::client::sync::sync_events::DeviceLists;
 use ruma::api::client::to_device::send_event_to_device;
 use ruma::api::path_builder::VersionHistory;
@@ -191,8 +193,8 @@ impl RefDevice {
     }
 
     /// Translates one of the reference's outgoing requests into the wire
-    /// form. `None` for requests the router has no endpoint for (signature
-    /// upload, room messages).
+    /// form. `None` for requests the router has no endpoint for (room
+    /// messages).
     pub fn wire_request(request: &AnyOutgoingRequest) -> Result<Option<WireRequest>, Error> {
         Ok(Some(match request {
             AnyOutgoingRequest::KeysUpload(r) => to_wire(r.clone())?,
@@ -204,9 +206,8 @@ impl RefDevice {
             }
             AnyOutgoingRequest::KeysClaim(r) => to_wire(r.clone())?,
             AnyOutgoingRequest::ToDeviceRequest(r) => to_device_wire(r)?,
-            AnyOutgoingRequest::SignatureUpload(_) | AnyOutgoingRequest::RoomMessage(_) => {
-                return Ok(None)
-            }
+            AnyOutgoingRequest::SignatureUpload(r) => to_wire(r.clone())?,
+            AnyOutgoingRequest::RoomMessage(_) => return Ok(None),
         }))
     }
 
@@ -236,9 +237,11 @@ impl RefDevice {
                 let r: send_event_to_device::v3::Response = from_wire(&json)?;
                 self.machine.mark_request_as_sent(request_id, &r).await?;
             }
-            AnyOutgoingRequest::SignatureUpload(_) | AnyOutgoingRequest::RoomMessage(_) => {
-                return Ok(false)
+            AnyOutgoingRequest::SignatureUpload(_) => {
+                let r: upload_signatures::v3::Response = from_wire(&json)?;
+                self.machine.mark_request_as_sent(request_id, &r).await?;
             }
+            AnyOutgoingRequest::RoomMessage(_) => return Ok(false),
         }
         Ok(true)
     }
@@ -250,6 +253,20 @@ impl RefDevice {
         let r: send_event_to_device::v3::Response = from_wire(&json)?;
         self.machine.mark_request_as_sent(&request.txn_id, &r).await?;
         Ok(())
+    }
+
+    /// Sends a verification message (to-device only; in-room ones are not
+    /// routed).
+    pub async fn send_verification(
+        &self,
+        request: OutgoingVerificationRequest,
+    ) -> Result<(), Error> {
+        match request {
+            OutgoingVerificationRequest::ToDevice(r) => self.send_to_device(&r).await,
+            OutgoingVerificationRequest::InRoom(_) => {
+                Err("in-room verification is not routed".into())
+            }
+        }
     }
 
     /// Sends every outgoing request until none are left (skipped kinds do

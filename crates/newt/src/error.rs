@@ -58,6 +58,12 @@ pub enum Error {
     /// The device is unknown (or deleted).
     #[error("unknown device")]
     UnknownDevice,
+    /// No verification flow with this ID.
+    #[error("unknown verification flow {0}")]
+    UnknownFlow(String),
+    /// The verification flow is not in a state that allows this action.
+    #[error("verification: {0}")]
+    VerificationState(&'static str),
     /// `share_room_key` refused: these members' identities changed after we
     /// verified them, and the room blocks on that
     /// ([`RoomSettings::block_on_verification_violation`](crate::RoomSettings)).

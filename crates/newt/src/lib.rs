@@ -33,6 +33,10 @@
 //! 3. [`Machine::share_room_key`] gives to-device requests carrying the room key.
 //! 4. [`Machine::encrypt_room_event`] / [`Machine::decrypt_room_event`].
 //! 5. Every sync goes through [`Machine::receive_sync`] first.
+//!
+//! Devices are verified interactively with SAS over to-device messages:
+//! [`Machine::request_verification`], then `accept_verification`,
+//! `start_sas`, `sas_emoji`, `confirm_sas` (flows are kept in memory only).
 
 mod clock;
 mod error;
@@ -43,6 +47,7 @@ pub use error::Error;
 pub use machine::{
     IdentityRejection, ImportSummary, KeysQueryReport, Machine, ProcessedToDevice,
     RejectedIdentity, RoomSettings, SyncChanges, SyncOutcome, ToDeviceError, ToDeviceOutcome,
+    VerificationState,
 };
 pub use newt_proto::identities::{
     BootstrapRequests, CrossSigningError, DeviceTrust, IdentityTrust, OwnIdentityTrust,
@@ -53,4 +58,5 @@ pub use newt_proto::megolm::{DecryptedRoomEvent, MegolmError, RotationSettings};
 pub use newt_proto::records::LocalTrust;
 pub use newt_proto::sharing::SharingPolicy;
 pub use newt_proto::trust::SenderTrust;
+pub use newt_proto::verification::CancelCode;
 pub use requests::{OutgoingRequest, RequestKind};

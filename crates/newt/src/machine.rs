@@ -46,6 +46,13 @@ use crate::clock::now_ms;
 use crate::requests::{OutgoingRequest, RequestKind};
 use crate::Error;
 
+#[path = "verification.rs"]
+mod verification;
+pub use verification::VerificationState;
+
+/// To-device verification event types start with this.
+const VERIFICATION_PREFIX: &str = "m.key.verification.";
+
 /// How long a device whose key claim failed is left alone (ms).
 const CLAIM_FAILURE_BACKOFF_MS: u64 = 15 * 60 * 1000;
 /// At most one new session per device per hour to unwedge a broken channel.
@@ -231,6 +238,7 @@ struct State {
     last_unwedge: BTreeMap<String, u64>,
     wedged: BTreeSet<(UserId, DeviceId)>,
     reports: Vec<KeysQueryReport>,
+    flows: BTreeMap<(UserId, String), verification::Flow>,
 }
 
 impl State {
@@ -311,6 +319,7 @@ impl Machine {
                     last_unwedge: BTreeMap::new(),
                     wedged: BTreeSet::new(),
                     reports: Vec::new(),
+                    flows: BTreeMap::new(),
                 }),
             }),
         })
@@ -451,6 +460,7 @@ impl Machine {
         }
         changes.sync_token = sync.next_batch;
         self.commit(&mut st, changes, account_changed).await?;
+        self.poll_verification_timeouts(&mut st, now).await?;
         st.queued.extend(batch.requests);
         Ok(outcome)
     }
@@ -515,6 +525,9 @@ impl Machine {
                 },
                 "m.room_key_request" => {
                     self.handle_key_request(st, batch, &sender, &content, now).await?
+                }
+                t if t.starts_with(VERIFICATION_PREFIX) => {
+                    self.handle_verification_event(st, changes, &sender, t, &content, now).await?
                 }
                 _ => ToDeviceOutcome::ForApp,
             };
@@ -611,6 +624,10 @@ impl Machine {
                 self.handle_key_request(st, batch, &sender, &decrypted.content, now).await?
             }
             "m.dummy" => ToDeviceOutcome::Handled,
+            t if t.starts_with(VERIFICATION_PREFIX) => {
+                self.handle_verification_event(st, changes, &sender, t, &decrypted.content, now)
+                    .await?
+            }
             _ => ToDeviceOutcome::ForApp,
         };
         Ok(ProcessedToDevice {
@@ -743,6 +760,7 @@ impl Machine {
         let mut st = self.inner.state.lock().await;
         self.refresh_account(&mut st).await?;
         let mut out = Vec::new();
+        self.poll_verification_timeouts(&mut st, now_ms()).await?;
         let upload_in_flight = st.in_flight.values().any(|p| matches!(p, Pending::KeysUpload));
         let now = now_ms();
         if !upload_in_flight && !st.account.upload_leased(now) {
@@ -1488,8 +1506,8 @@ impl Machine {
     }
 
     /// Signs `user_id`'s master key with our user-signing key: the last step
-    /// of verifying a user (after comparing keys out of band; SAS and QR
-    /// flows are not yet driven by the machine). Returns the
+    /// of verifying a user after comparing keys out of band (a SAS flow,
+    /// [`Machine::request_verification`], does this on its own). Returns the
     /// `POST /keys/signatures/upload` body; once uploaded and re-queried
     /// (queued here), the user's identity is [`IdentityTrust::Verified`].
     pub async fn verify_user_identity(&self, user_id: &UserId) -> Result<Value, Error> {

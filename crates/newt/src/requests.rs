@@ -34,6 +34,12 @@ pub enum RequestKind {
         /// Request body.
         body: Value,
     },
+    /// `POST /_matrix/client/v3/keys/signatures/upload` (cross-signing
+    /// signatures made after a verification).
+    SignaturesUpload {
+        /// Request body.
+        body: Value,
+    },
     /// `PUT /_matrix/client/v3/sendToDevice/{event_type}/{txn_id}`.
     ToDevice {
         /// The event type in the URL.
@@ -52,6 +58,7 @@ impl RequestKind {
             Self::KeysUpload { .. } => ("POST", "/keys/upload".into()),
             Self::KeysQuery { .. } => ("POST", "/keys/query".into()),
             Self::KeysClaim { .. } => ("POST", "/keys/claim".into()),
+            Self::SignaturesUpload { .. } => ("POST", "/keys/signatures/upload".into()),
             Self::ToDevice { event_type, txn_id, .. } => {
                 ("PUT", format!("/sendToDevice/{event_type}/{txn_id}"))
             }
@@ -64,6 +71,7 @@ impl RequestKind {
             Self::KeysUpload { body }
             | Self::KeysQuery { body }
             | Self::KeysClaim { body }
+            | Self::SignaturesUpload { body }
             | Self::ToDevice { body, .. } => body,
         }
     }

@@ -347,7 +347,10 @@ impl Created {
 impl Started {
     fn on_accept(self, accept: &Value) -> SasStep {
         let checked = (|| {
-            if str_field(accept, "method")? != METHOD_SAS_V1
+            // The spec's `accept` has no `method` (matrix-sdk-crypto sends
+            // none); if one is present it must be ours.
+            let method = accept.get("method").map(|m| m.as_str());
+            if matches!(method, Some(m) if m != Some(METHOD_SAS_V1))
                 || str_field(accept, "key_agreement_protocol")? != KEY_AGREEMENT_V2
                 || str_field(accept, "hash")? != HASH_SHA256
             {

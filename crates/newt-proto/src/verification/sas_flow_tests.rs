@@ -373,3 +373,28 @@ fn device_id_clashing_with_cross_signing_key_is_refused() {
     bob.device = DeviceId::parse(bob.master.to_base64()).unwrap();
     assert_eq!(Created::new(ids(&alice, &bob), flow(), T0).err(), Some(CancelCode::KeyMismatch));
 }
+
+#[test]
+fn accept_without_method_is_fine_but_a_wrong_method_is_not() {
+    // The spec's `accept` has no `method`; matrix-sdk-crypto sends none.
+    let alice = side("@alice:hs", "ALICE");
+    let bob = side("@bob:hs", "BOB");
+    for (method, ok) in [(None, true), (Some(json!("m.sas.v1")), true), (Some(json!("m.x")), false)]
+    {
+        let SasState::Created(a) = created(&alice, &bob, flow()) else { unreachable!() };
+        let (a, start) = a.start();
+        let (_, mut accept) = deliver(created(&bob, &alice, flow()), &[start], T0);
+        let fields = accept[0].content.as_object_mut().unwrap();
+        match &method {
+            Some(m) => fields.insert("method".into(), m.clone()),
+            None => fields.remove("method"),
+        };
+        let (a, out) = deliver(SasState::Started(a), &accept, T0);
+        if ok {
+            assert!(matches!(a, SasState::KeySent(_)), "{method:?}");
+            assert_eq!(out[0].event_type, event_types::KEY);
+        } else {
+            assert_eq!(cancelled(&a).code, CancelCode::UnknownMethod);
+        }
+    }
+}
