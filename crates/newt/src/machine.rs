@@ -15,7 +15,7 @@ use serde_json::{json, Map, Value};
 use newt_proto::account::{OwnAccount, SIGNED_CURVE25519};
 use newt_proto::changes::Changes;
 use newt_proto::devices::{handle_keys_query, keys_query_body, parse_device_keys, RejectedDevice};
-use newt_proto::export::{decrypt_export, ExportWriter};
+use newt_proto::export::{ExportReader, ExportWriter};
 use newt_proto::identities::{
     signatures_upload_body, BootstrapRequests, CrossSigningError, CrossSigningKeys, DeviceTrust,
     IdentityRecord, IdentityTrust, OwnIdentity, OwnIdentityTrust, PrivateCrossSigningIdentity,
@@ -1646,50 +1646,57 @@ impl Machine {
         Ok(writer.finish()?)
     }
 
-    /// Imports a key export file. `progress(done, total)` is called as keys
-    /// are processed. Existing sessions are only replaced by ones that start
-    /// at a lower index.
+    /// Imports a key export file. Keys are checked and committed in batches
+    /// of 1,000; `progress(done, total)` is called after each batch is
+    /// committed (so `done` keys are durable). Existing sessions are only
+    /// replaced by ones that start at a lower index.
     pub async fn import_room_keys(
         &self,
         file: &str,
         passphrase: &str,
         mut progress: impl FnMut(usize, usize),
     ) -> Result<ImportSummary, Error> {
-        let keys = decrypt_export(file, passphrase)?;
-        let total = keys.len();
+        // Decrypt and validate once; then parse, check and commit one batch
+        // at a time, so memory holds the decrypted file and one batch.
+        let mut reader = ExportReader::open(file, passphrase)?;
+        let total = reader.total();
         let mut summary = ImportSummary { total, ..Default::default() };
         let mut st = self.inner.state.lock().await;
         let mut changes = Changes::default();
-        let mut seen: BTreeMap<(RoomId, String), usize> = BTreeMap::new();
-        for (i, key) in keys.iter().enumerate() {
-            match session_from_export(key, SessionSource::Imported) {
-                Ok(record) => {
-                    let k = (record.room_id.clone(), record.session_id.clone());
-                    let existing = match seen.get(&k) {
-                        Some(j) => {
-                            changes.inbound_group_sessions.get(*j).map(clone_record).transpose()?
-                        }
-                        None => self.store().inbound_group_session(&k.0, &k.1).await?,
-                    };
-                    let better = match &existing {
-                        None => true,
-                        Some(e) => should_replace(e, &record).unwrap_or(false),
-                    };
-                    if better {
-                        seen.insert(k, changes.inbound_group_sessions.len());
-                        changes.inbound_group_sessions.push(record);
-                        summary.imported += 1;
-                    } else {
-                        summary.skipped += 1;
+        loop {
+            let batch = reader.next_batch(IMPORT_BATCH)?;
+            if batch.is_empty() {
+                break;
+            }
+            // Within a batch, a later copy of the same session competes with
+            // the earlier one, not with the store.
+            let mut seen: BTreeMap<(RoomId, String), usize> = BTreeMap::new();
+            for key in &batch {
+                let Ok(record) = session_from_export(key, SessionSource::Imported) else {
+                    summary.skipped += 1;
+                    continue;
+                };
+                let k = (record.room_id.clone(), record.session_id.clone());
+                let existing = match seen.get(&k) {
+                    Some(j) => {
+                        changes.inbound_group_sessions.get(*j).map(clone_record).transpose()?
                     }
+                    None => self.store().inbound_group_session(&k.0, &k.1).await?,
+                };
+                let better = match &existing {
+                    None => true,
+                    Some(e) => should_replace(e, &record).unwrap_or(false),
+                };
+                if better {
+                    seen.insert(k, changes.inbound_group_sessions.len());
+                    changes.inbound_group_sessions.push(record);
+                    summary.imported += 1;
+                } else {
+                    summary.skipped += 1;
                 }
-                Err(_) => summary.skipped += 1,
             }
-            if changes.inbound_group_sessions.len() >= IMPORT_BATCH {
-                seen.clear();
-                self.commit(&mut st, std::mem::take(&mut changes), false).await?;
-            }
-            progress(i + 1, total);
+            self.commit(&mut st, std::mem::take(&mut changes), false).await?;
+            progress(reader.done(), total);
         }
         self.commit(&mut st, changes, false).await?;
         Ok(summary)
