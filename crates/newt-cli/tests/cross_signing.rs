@@ -6,51 +6,24 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod common;
+use common::*;
+
 use std::sync::Arc;
 
 use newt::{
     DeviceTrust, Error, IdentityRejection, IdentityTrust, MegolmError, OwnIdentityTrust, RoomId,
-    RoomSettings, SenderTrust, SharingPolicy, UserId,
+    RoomSettings, SenderTrust, SharingPolicy,
 };
 use newt_cli::{SimDevice, SimError};
 use newt_proto::account::OwnAccount;
 use newt_proto::identities::{CrossSigningError, KeyUsage, PrivateCrossSigningIdentity};
-use newt_proto::ids::DeviceId;
 use newt_router::Router;
 use newt_store::MemoryStore;
-use serde_json::{json, Value};
+use serde_json::json;
 
 fn room(name: &str) -> RoomId {
     RoomId::parse(format!("!{name}:hs")).unwrap()
-}
-
-fn uid(s: &str) -> UserId {
-    UserId::parse(s).unwrap()
-}
-
-fn did(s: &str) -> DeviceId {
-    DeviceId::parse(s).unwrap()
-}
-
-async fn dev(router: &Arc<Router>, user: &str, device: &str) -> SimDevice {
-    let d =
-        SimDevice::open(router.clone(), user, device, Arc::new(MemoryStore::new())).await.unwrap();
-    d.flush().await.unwrap();
-    d
-}
-
-/// Everyone syncs and tracks everyone.
-async fn settle(devices: &[&SimDevice], users: &[UserId]) {
-    for d in devices {
-        d.sync().await.unwrap();
-        d.machine.update_tracked_users(users.iter().cloned()).await.unwrap();
-        d.flush().await.unwrap();
-    }
-}
-
-/// A raw request from `d` (for the bodies newt returns but does not send).
-fn post(d: &SimDevice, path: &str, body: &Value) -> Value {
-    d.router().handle(d.user.as_str(), d.device.as_str(), "POST", path, body).unwrap()
 }
 
 /// Bootstraps (or resets) `d`'s identity, uploads it and fetches it back.

@@ -4,13 +4,16 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod common;
+use common::*;
+
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use newt::{
     Error, LocalTrust, MegolmError, RoomId, RoomSettings, RotationSettings, SenderTrust,
-    SharingPolicy, ToDeviceError, ToDeviceOutcome, UserId,
+    SharingPolicy, ToDeviceError, ToDeviceOutcome,
 };
 use newt_cli::{SimDevice, SimError};
 use newt_proto::account::OwnAccount;
@@ -25,26 +28,6 @@ use serde_json::{json, Value};
 
 fn room() -> RoomId {
     RoomId::parse("!room:hs").unwrap()
-}
-
-fn uid(s: &str) -> UserId {
-    UserId::parse(s).unwrap()
-}
-
-async fn dev(router: &Arc<Router>, user: &str, device: &str) -> SimDevice {
-    let d =
-        SimDevice::open(router.clone(), user, device, Arc::new(MemoryStore::new())).await.unwrap();
-    d.flush().await.unwrap();
-    d
-}
-
-/// Everyone syncs and tracks everyone.
-async fn settle(devices: &[&SimDevice], users: &[UserId]) {
-    for d in devices {
-        d.sync().await.unwrap();
-        d.machine.update_tracked_users(users.iter().cloned()).await.unwrap();
-        d.flush().await.unwrap();
-    }
 }
 
 /// An attacker device: a real account and real Olm, arbitrary plaintext.

@@ -5,46 +5,19 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod common;
+use common::*;
+
 use std::sync::Arc;
 
 use newt::{
     CancelCode, DeviceTrust, LocalTrust, OwnIdentityTrust, RequestKind, RoomId, RoomSettings,
-    UserId, VerificationState,
+    VerificationState,
 };
 use newt_cli::SimDevice;
-use newt_proto::ids::DeviceId;
 use newt_proto::vodozemac::sas::Sas;
 use newt_router::Router;
-use newt_store::MemoryStore;
-use serde_json::{json, Value};
-
-fn uid(s: &str) -> UserId {
-    UserId::parse(s).unwrap()
-}
-
-fn did(s: &str) -> DeviceId {
-    DeviceId::parse(s).unwrap()
-}
-
-async fn dev(router: &Arc<Router>, user: &str, device: &str) -> SimDevice {
-    let d =
-        SimDevice::open(router.clone(), user, device, Arc::new(MemoryStore::new())).await.unwrap();
-    d.flush().await.unwrap();
-    d
-}
-
-/// Everyone syncs and tracks everyone.
-async fn settle(devices: &[&SimDevice], users: &[UserId]) {
-    for d in devices {
-        d.sync().await.unwrap();
-        d.machine.update_tracked_users(users.iter().cloned()).await.unwrap();
-        d.flush().await.unwrap();
-    }
-}
-
-fn post(d: &SimDevice, path: &str, body: &Value) -> Value {
-    d.router().handle(d.user.as_str(), d.device.as_str(), "POST", path, body).unwrap()
-}
+use serde_json::json;
 
 /// A1 bootstraps cross-signing (it holds the private keys).
 async fn bootstrap(d: &SimDevice) {

@@ -1,0 +1,44 @@
+//! Helpers shared by the driver's integration tests.
+
+#![allow(dead_code, clippy::unwrap_used)]
+
+use std::sync::Arc;
+
+use newt::UserId;
+use newt_cli::SimDevice;
+use newt_proto::ids::DeviceId;
+use newt_router::Router;
+use newt_store::MemoryStore;
+use serde_json::Value;
+
+/// A user ID known to be valid.
+pub(crate) fn uid(s: &str) -> UserId {
+    UserId::parse(s).unwrap()
+}
+
+/// A device ID known to be valid.
+pub(crate) fn did(s: &str) -> DeviceId {
+    DeviceId::parse(s).unwrap()
+}
+
+/// A device on a fresh memory store, keys uploaded.
+pub(crate) async fn dev(router: &Arc<Router>, user: &str, device: &str) -> SimDevice {
+    let d =
+        SimDevice::open(router.clone(), user, device, Arc::new(MemoryStore::new())).await.unwrap();
+    d.flush().await.unwrap();
+    d
+}
+
+/// Everyone syncs and tracks everyone.
+pub(crate) async fn settle(devices: &[&SimDevice], users: &[UserId]) {
+    for d in devices {
+        d.sync().await.unwrap();
+        d.machine.update_tracked_users(users.iter().cloned()).await.unwrap();
+        d.flush().await.unwrap();
+    }
+}
+
+/// A raw POST from `d` (for bodies newt returns but does not send itself).
+pub(crate) fn post(d: &SimDevice, path: &str, body: &Value) -> Value {
+    d.router().handle(d.user.as_str(), d.device.as_str(), "POST", path, body).unwrap()
+}
