@@ -925,7 +925,10 @@ impl Machine {
         let mut st = self.inner.state.lock().await;
         let now = now_ms();
         let own_curve = st.account.curve25519_key().to_base64();
-        let mut missing: Vec<(UserId, DeviceId)> = st.wedged.iter().cloned().collect();
+        if st.in_flight.values().any(|p| matches!(p, Pending::KeysClaim(_))) {
+            return Ok(None);
+        }
+        let mut missing: BTreeSet<(UserId, DeviceId)> = st.wedged.iter().cloned().collect();
         let users: BTreeSet<UserId> = users.into_iter().collect();
         for u in &users {
             for d in self.store().devices(u).await? {
@@ -933,23 +936,20 @@ impl Machine {
                     continue;
                 }
                 let key = (d.user_id.clone(), d.device_id.clone());
-                if st.claim_failures.get(&key).is_some_and(|until| *until > now) {
+                if missing.contains(&key)
+                    || st.claim_failures.get(&key).is_some_and(|until| *until > now)
+                {
                     continue;
                 }
-                if self.store().olm_sessions(&d.curve25519).await?.is_empty()
-                    && !missing.contains(&key)
-                {
-                    missing.push(key);
+                if self.store().olm_sessions(&d.curve25519).await?.is_empty() {
+                    missing.insert(key);
                 }
             }
         }
         if missing.is_empty() {
             return Ok(None);
         }
-        let claimed_in_flight = st.in_flight.values().any(|p| matches!(p, Pending::KeysClaim(_)));
-        if claimed_in_flight {
-            return Ok(None);
-        }
+        let missing: Vec<(UserId, DeviceId)> = missing.into_iter().collect();
         let id = st.next_id();
         let body = keys_claim_body(&missing);
         st.in_flight.insert(id.clone(), Pending::KeysClaim(missing));
