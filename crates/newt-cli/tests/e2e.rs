@@ -836,3 +836,36 @@ async fn garbage_from_the_network_is_a_typed_error_not_a_panic() {
     let e = a.send_text(&room(), "still fine").await.unwrap();
     assert_eq!(b.decrypt(&room(), &e).await.unwrap().content["body"], "still fine");
 }
+
+#[tokio::test]
+async fn large_share_is_recorded_once_all_chunks_are_sent() {
+    let router = Arc::new(Router::new());
+    let a = dev(&router, "@alice:hs", "A").await;
+    // 300 devices of Bob, uploaded directly (real keys and signatures).
+    for i in 0..300 {
+        RawDevice::new(&router, "@bob:hs", &format!("B{i}"));
+    }
+    let users = [uid("@alice:hs"), uid("@bob:hs")];
+    settle(&[&a], &users).await;
+    let claim = a.machine.get_missing_sessions(users.iter().cloned()).await.unwrap().unwrap();
+    a.send(&claim).await.unwrap();
+    let settings = RoomSettings::default();
+    let reqs = a.machine.share_room_key(&room(), users.iter().cloned(), &settings).await.unwrap();
+    let count = |reqs: &[newt::OutgoingRequest]| -> usize {
+        reqs.iter()
+            .map(|r| r.kind.body()["messages"]["@bob:hs"].as_object().map_or(0, |m| m.len()))
+            .sum()
+    };
+    assert_eq!(reqs.len(), 2, "300 messages in chunks of 250");
+    assert_eq!(count(&reqs), 300);
+    // Only the first chunk reported: nothing recorded yet, a new share covers all again.
+    a.send(&reqs[0]).await.unwrap();
+    let again = a.machine.share_room_key(&room(), users.iter().cloned(), &settings).await.unwrap();
+    assert_eq!(count(&again), 300);
+    // All chunks of that share reported: recorded once, the next share sends nothing.
+    for r in &again {
+        a.send(r).await.unwrap();
+    }
+    let none = a.machine.share_room_key(&room(), users.iter().cloned(), &settings).await.unwrap();
+    assert_eq!(count(&none), 0);
+}

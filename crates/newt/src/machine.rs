@@ -217,9 +217,9 @@ enum Pending {
     KeysUpload,
     KeysQuery(BTreeSet<UserId>),
     KeysClaim(Vec<(UserId, DeviceId)>),
+    /// One to-device chunk of a room key share; `batch` names the share.
     RoomKeyShare {
-        room_id: RoomId,
-        session_id: String,
+        batch: String,
         devices: Vec<(UserId, DeviceId, String, u32)>,
         withheld: Vec<(UserId, DeviceId, String)>,
     },
@@ -239,6 +239,20 @@ struct State {
     wedged: BTreeSet<(UserId, DeviceId)>,
     reports: Vec<KeysQueryReport>,
     flows: BTreeMap<(UserId, String), verification::Flow>,
+    share_batches: BTreeMap<String, ShareBatch>,
+}
+
+/// The chunks of one `share_room_key` call: who got the key is recorded in
+/// the outbound session once, when the last chunk is reported sent (one
+/// write per share instead of one per chunk). If some chunk is never
+/// reported, nothing is recorded and the next share sends the key again,
+/// which is harmless.
+struct ShareBatch {
+    room_id: RoomId,
+    session_id: String,
+    remaining: usize,
+    devices: Vec<(UserId, DeviceId, String, u32)>,
+    withheld: Vec<(UserId, DeviceId, String)>,
 }
 
 impl State {
@@ -320,6 +334,7 @@ impl Machine {
                     wedged: BTreeSet::new(),
                     reports: Vec::new(),
                     flows: BTreeMap::new(),
+                    share_batches: BTreeMap::new(),
                 }),
             }),
         })
@@ -878,15 +893,23 @@ impl Machine {
             Pending::KeysClaim(requested) => {
                 self.handle_claim_response(&mut st, &requested, response).await
             }
-            Pending::RoomKeyShare { room_id, session_id, devices, withheld } => {
-                let Some(record) = self.store().outbound_group_session(&room_id).await? else {
+            Pending::RoomKeyShare { batch, devices, withheld } => {
+                let Some(b) = st.share_batches.get_mut(&batch) else { return Ok(()) };
+                b.devices.extend(devices);
+                b.withheld.extend(withheld);
+                b.remaining -= 1;
+                if b.remaining > 0 {
+                    return Ok(());
+                }
+                let Some(b) = st.share_batches.remove(&batch) else { return Ok(()) };
+                let Some(record) = self.store().outbound_group_session(&b.room_id).await? else {
                     return Ok(());
                 };
-                if record.session_id != session_id {
+                if record.session_id != b.session_id {
                     return Ok(()); // rotated meanwhile
                 }
                 let mut session = OutboundSession::from_record(record);
-                for (u, d, sender_key, message_index) in devices {
+                for (u, d, sender_key, message_index) in b.devices {
                     session
                         .meta
                         .shared_with
@@ -894,7 +917,7 @@ impl Machine {
                         .or_default()
                         .insert(d, ShareInfo { sender_key, message_index });
                 }
-                for (u, d, code) in withheld {
+                for (u, d, code) in b.withheld {
                     session.meta.withheld_to.entry(u).or_default().insert(d, code);
                 }
                 let changes = Changes {
@@ -1133,36 +1156,37 @@ impl Machine {
         self.commit(&mut st, changes, false).await?;
 
         let mut out = Vec::new();
-        let mut chunks = messages.chunks(TO_DEVICE_CHUNK).peekable();
+        let batch = st.next_id();
+        let chunk_count = messages.chunks(TO_DEVICE_CHUNK).count()
+            + withheld_messages.chunks(TO_DEVICE_CHUNK).count();
+        if chunk_count > 0 {
+            st.share_batches.insert(
+                batch.clone(),
+                ShareBatch {
+                    room_id: room_id.clone(),
+                    session_id: session_id.clone(),
+                    remaining: chunk_count,
+                    devices: Vec::new(),
+                    withheld: Vec::new(),
+                },
+            );
+        }
         let mut shared_iter = shared.into_iter();
-        while let Some(chunk) = chunks.next() {
+        for chunk in messages.chunks(TO_DEVICE_CHUNK) {
             let id = st.next_id();
             let devices: Vec<_> = shared_iter.by_ref().take(chunk.len()).collect();
-            let w =
-                if chunks.peek().is_none() { std::mem::take(&mut withheld) } else { Vec::new() };
-            st.in_flight.insert(
-                id.clone(),
-                Pending::RoomKeyShare {
-                    room_id: room_id.clone(),
-                    session_id: session_id.clone(),
-                    devices,
-                    withheld: w,
-                },
-            );
+            let pending =
+                Pending::RoomKeyShare { batch: batch.clone(), devices, withheld: Vec::new() };
+            st.in_flight.insert(id.clone(), pending);
             out.push(to_device_request(id, "m.room.encrypted", chunk.to_vec()));
         }
+        let mut withheld_iter = withheld.into_iter();
         for chunk in withheld_messages.chunks(TO_DEVICE_CHUNK) {
             let id = st.next_id();
-            let w = std::mem::take(&mut withheld);
-            st.in_flight.insert(
-                id.clone(),
-                Pending::RoomKeyShare {
-                    room_id: room_id.clone(),
-                    session_id: session_id.clone(),
-                    devices: Vec::new(),
-                    withheld: w,
-                },
-            );
+            let w: Vec<_> = withheld_iter.by_ref().take(chunk.len()).collect();
+            let pending =
+                Pending::RoomKeyShare { batch: batch.clone(), devices: Vec::new(), withheld: w };
+            st.in_flight.insert(id.clone(), pending);
             out.push(to_device_request(id, "m.room_key.withheld", chunk.to_vec()));
         }
         Ok(out)
