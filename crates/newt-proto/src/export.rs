@@ -225,17 +225,7 @@ impl<W: std::io::Write> ExportWriter<W> {
         if rounds == 0 {
             return Err(ExportError::ZeroRounds);
         }
-        let mut salt = [0u8; SALT_LEN];
-        let mut iv = [0u8; IV_LEN];
-        OsRng.try_fill_bytes(&mut salt).map_err(|e| ExportError::Rng(e.to_string()))?;
-        OsRng.try_fill_bytes(&mut iv).map_err(|e| ExportError::Rng(e.to_string()))?;
-        // Clear bit 63 so that 64- and 128-bit CTR counters agree (see `Aes256Ctr`).
-        iv[8] &= 0x7f;
-        let mut header = [0u8; HEADER_LEN];
-        header[0] = VERSION;
-        header[1..1 + SALT_LEN].copy_from_slice(&salt);
-        header[1 + SALT_LEN..1 + SALT_LEN + IV_LEN].copy_from_slice(&iv);
-        header[1 + SALT_LEN + IV_LEN..].copy_from_slice(&rounds.to_be_bytes());
+        let (header, salt, iv) = fresh_header(rounds)?;
         let keys = DerivedKeys::new(passphrase, &salt, rounds);
         let cipher = keys.cipher(&iv);
         let mac = keys.mac(&header);
@@ -493,19 +483,7 @@ fn seal(
     passphrase: &str,
     rounds: u32,
 ) -> Result<String, ExportError> {
-    let mut salt = [0u8; SALT_LEN];
-    let mut iv = [0u8; IV_LEN];
-    OsRng.try_fill_bytes(&mut salt).map_err(|e| ExportError::Rng(e.to_string()))?;
-    OsRng.try_fill_bytes(&mut iv).map_err(|e| ExportError::Rng(e.to_string()))?;
-    // Clear bit 63 so that 64- and 128-bit CTR counters agree (see `Aes256Ctr`).
-    iv[8] &= 0x7f;
-
-    let mut header = [0u8; HEADER_LEN];
-    header[0] = VERSION;
-    header[1..1 + SALT_LEN].copy_from_slice(&salt);
-    header[1 + SALT_LEN..1 + SALT_LEN + IV_LEN].copy_from_slice(&iv);
-    header[1 + SALT_LEN + IV_LEN..].copy_from_slice(&rounds.to_be_bytes());
-
+    let (header, salt, iv) = fresh_header(rounds)?;
     let keys = DerivedKeys::new(passphrase, &salt, rounds);
     let (head, body) = payload.split_at_mut(HEADER_LEN);
     head.copy_from_slice(&header);
@@ -514,6 +492,26 @@ fn seal(
     payload.extend_from_slice(&mac);
 
     Ok(armor(&base64::engine::general_purpose::STANDARD.encode(&*payload)))
+}
+
+/// A container header with the salt and IV it holds.
+type FreshHeader = ([u8; HEADER_LEN], [u8; SALT_LEN], [u8; IV_LEN]);
+
+/// A new container header (version, random salt, random IV with bit 63
+/// cleared, rounds), with the salt and IV it holds.
+fn fresh_header(rounds: u32) -> Result<FreshHeader, ExportError> {
+    let mut salt = [0u8; SALT_LEN];
+    let mut iv = [0u8; IV_LEN];
+    OsRng.try_fill_bytes(&mut salt).map_err(|e| ExportError::Rng(e.to_string()))?;
+    OsRng.try_fill_bytes(&mut iv).map_err(|e| ExportError::Rng(e.to_string()))?;
+    // Clear bit 63 so that 64- and 128-bit CTR counters agree (see `Aes256Ctr`).
+    iv[8] &= 0x7f;
+    let mut header = [0u8; HEADER_LEN];
+    header[0] = VERSION;
+    header[1..1 + SALT_LEN].copy_from_slice(&salt);
+    header[1 + SALT_LEN..1 + SALT_LEN + IV_LEN].copy_from_slice(&iv);
+    header[1 + SALT_LEN + IV_LEN..].copy_from_slice(&rounds.to_be_bytes());
+    Ok((header, salt, iv))
 }
 
 fn armor(encoded: &str) -> String {
