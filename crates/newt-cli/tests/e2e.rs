@@ -466,6 +466,21 @@ async fn forwarded_key_rules() {
     assert_eq!(d.trust, SenderTrust::Unauthenticated);
 }
 
+/// A plain `m.room_key_request` from `from` to `to` for the session of `event`.
+fn send_key_request(
+    router: &Router,
+    from: (&str, &str),
+    to: (&str, &str),
+    request_id: &str,
+    event: &Value,
+) {
+    let content = json!({"action": "request", "requesting_device_id": from.1, "request_id": request_id,
+        "body": {"algorithm": "m.megolm.v1.aes-sha2", "room_id": "!room:hs",
+                 "session_id": event["content"]["session_id"]}});
+    let body = json!({"messages": {to.0: {to.1: content}}});
+    router.handle(from.0, from.1, "PUT", "/sendToDevice/m.room_key_request/1", &body).unwrap();
+}
+
 #[tokio::test]
 async fn key_requests_answered_only_for_verified_own_devices() {
     let router = Arc::new(Router::new());
@@ -508,17 +523,7 @@ async fn key_requests_answered_only_for_verified_own_devices() {
     assert_eq!(rejected(&req.outcome), &ToDeviceError::KeyShare(KeyShareError::UntrustedDevice));
 
     // Bob asks A1 for the same key: refused (not our user).
-    let b_req = json!({"action": "request", "requesting_device_id": "B", "request_id": "r1",
-        "body": {"algorithm": "m.megolm.v1.aes-sha2", "room_id": "!room:hs", "session_id": e["content"]["session_id"]}});
-    router
-        .handle(
-            "@bob:hs",
-            "B",
-            "PUT",
-            "/sendToDevice/m.room_key_request/1",
-            &json!({"messages": {"@alice:hs": {"A1": b_req}}}),
-        )
-        .unwrap();
+    send_key_request(&router, ("@bob:hs", "B"), ("@alice:hs", "A1"), "r1", &e);
     let out = a1.sync().await.unwrap();
     assert!(matches!(
         rejected(&out.to_device[0].outcome),
@@ -534,17 +539,7 @@ async fn key_requests_answered_only_for_verified_own_devices() {
         .set_local_trust(&uid("@alice:hs"), &DeviceId::parse("A1").unwrap(), LocalTrust::Verified)
         .await
         .unwrap();
-    let retry = json!({"action": "request", "requesting_device_id": "A2", "request_id": "again",
-        "body": {"algorithm": "m.megolm.v1.aes-sha2", "room_id": "!room:hs", "session_id": e["content"]["session_id"]}});
-    router
-        .handle(
-            "@alice:hs",
-            "A2",
-            "PUT",
-            "/sendToDevice/m.room_key_request/2",
-            &json!({"messages": {"@alice:hs": {"A1": retry}}}),
-        )
-        .unwrap();
+    send_key_request(&router, ("@alice:hs", "A2"), ("@alice:hs", "A1"), "again", &e);
     let out = a1.sync().await.unwrap();
     assert_eq!(out.to_device[0].outcome, ToDeviceOutcome::KeyRequestAnswered);
     let out = a2.sync().await.unwrap();
@@ -868,4 +863,24 @@ async fn large_share_is_recorded_once_all_chunks_are_sent() {
     }
     let none = a.machine.share_room_key(&room(), users.iter().cloned(), &settings).await.unwrap();
     assert_eq!(count(&none), 0);
+}
+
+#[tokio::test]
+async fn opening_a_store_of_another_account_is_refused() {
+    let router = Arc::new(Router::new());
+    let store = Arc::new(MemoryStore::new());
+    let a = SimDevice::open(router.clone(), "@alice:hs", "A", store.clone()).await.unwrap();
+    let keys = a.machine.identity_keys().await;
+    drop(a);
+    for (user, device) in [("@mallory:hs", "A"), ("@alice:hs", "OTHER")] {
+        match SimDevice::open(router.clone(), user, device, store.clone()).await {
+            Err(SimError::Newt(Error::AccountMismatch { user_id, device_id })) => {
+                assert_eq!((user_id.as_str(), device_id.as_str()), ("@alice:hs", "A"));
+            }
+            other => panic!("{user}/{device}: expected AccountMismatch, got {other:?}"),
+        }
+    }
+    // The rightful owner still opens it, with the same identity keys.
+    let again = SimDevice::open(router, "@alice:hs", "A", store).await.unwrap();
+    assert_eq!(again.machine.identity_keys().await, keys);
 }

@@ -351,13 +351,7 @@ impl ExportReader {
     /// Decrypts `file` with `passphrase` and validates every entry.
     pub fn open(file: &str, passphrase: &str) -> Result<Self, ExportError> {
         let plaintext = decrypt_export_bytes(file, passphrase)?;
-        let total = match for_each_key(&plaintext, |mut key| {
-            key.session_key.zeroize();
-            ControlFlow::<Infallible>::Continue(())
-        })? {
-            ControlFlow::Continue(total) => total,
-            ControlFlow::Break(never) => match never {},
-        };
+        let total = validate_and_count(&plaintext)?;
         // Validated above as one JSON array: position after the `[`.
         let start = plaintext.iter().position(|b| *b == b'[').map_or(0, |p| p + 1);
         Ok(Self { plaintext, pos: start, total, done: 0 })
@@ -441,14 +435,7 @@ pub fn decrypt_export_with<B>(
     mut on_key: impl FnMut(ExportedRoomKey, usize, usize) -> ControlFlow<B>,
 ) -> Result<ControlFlow<B, usize>, ExportError> {
     let plaintext = decrypt_export_bytes(file, passphrase)?;
-    // First pass: validate every entry and count them, dropping each at once.
-    let total = match for_each_key(&plaintext, |mut key| {
-        key.session_key.zeroize();
-        ControlFlow::<Infallible>::Continue(())
-    })? {
-        ControlFlow::Continue(total) => total,
-        ControlFlow::Break(never) => match never {},
-    };
+    let total = validate_and_count(&plaintext)?;
     let mut done = 0;
     for_each_key(&plaintext, |key| {
         done += 1;
@@ -620,6 +607,19 @@ impl DerivedKeys {
 }
 
 /// Streams the entries of a JSON array of keys into `f`, one at a time.
+/// First pass over decrypted JSON: validates every entry and counts them,
+/// dropping (and zeroising) each at once, so no key is handed out from a
+/// file with a bad entry.
+fn validate_and_count(json: &[u8]) -> Result<usize, ExportError> {
+    match for_each_key(json, |mut key| {
+        key.session_key.zeroize();
+        ControlFlow::<Infallible>::Continue(())
+    })? {
+        ControlFlow::Continue(total) => Ok(total),
+        ControlFlow::Break(never) => match never {},
+    }
+}
+
 fn for_each_key<B>(
     json: &[u8],
     f: impl FnMut(ExportedRoomKey) -> ControlFlow<B>,

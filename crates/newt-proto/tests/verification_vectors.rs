@@ -5,7 +5,7 @@
 // Helpers outside `#[test]` functions are test code too.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::path::PathBuf;
+mod support;
 
 use hmac::{Hmac, Mac as _};
 use newt_proto::ids::{DeviceId, UserId};
@@ -20,17 +20,7 @@ use serde_json::Value;
 use sha2::Sha256;
 use vodozemac::{Curve25519PublicKey, Curve25519SecretKey};
 
-fn load(name: &str) -> Value {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../test-vectors").join(name);
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let value: Value = serde_json::from_str(&text).unwrap();
-    assert!(value.get("provenance").is_some(), "{name} has no provenance");
-    value
-}
-
-fn s<'a>(v: &'a Value, field: &str) -> &'a str {
-    v[field].as_str().unwrap_or_else(|| panic!("missing string field {field}"))
-}
+use support::{load, str_field as s};
 
 fn hex(s: &str) -> Vec<u8> {
     assert!(s.len().is_multiple_of(2));
