@@ -5,8 +5,8 @@
 use std::sync::Arc;
 
 use newt::{
-    DecryptedRoomEvent, DeviceId, Machine, OutgoingRequest, RoomId, RoomSettings, SyncChanges,
-    SyncOutcome, UserId,
+    DecryptedRoomEvent, DeviceId, Machine, OutgoingRequest, RequestKind, RoomId, RoomSettings,
+    SyncChanges, SyncOutcome, UserId,
 };
 use newt_router::Router;
 use newt_store::Store;
@@ -57,7 +57,16 @@ impl SimDevice {
     }
 
     /// Sends one request through the router and reports the response.
+    /// In-room messages are encrypted (every simulated room is encrypted)
+    /// and posted to the room.
     pub async fn send(&self, request: &OutgoingRequest) -> Result<(), SimError> {
+        if let RequestKind::RoomMessage { room_id, event_type, body, .. } = &request.kind {
+            let room = RoomId::parse(room_id)?;
+            let event = self.send_event(&room, event_type, body.clone()).await?;
+            let response = serde_json::json!({ "event_id": event["event_id"] });
+            self.machine.mark_request_sent(&request.id, &response).await?;
+            return Ok(());
+        }
         let (method, path) = request.kind.method_and_path();
         let response = self.router.handle(
             self.user.as_str(),
@@ -137,7 +146,17 @@ impl SimDevice {
     /// Encrypts and sends a text message; returns the event as the server stores it.
     pub async fn send_text(&self, room: &RoomId, body: &str) -> Result<Value, SimError> {
         let content = serde_json::json!({ "msgtype": "m.text", "body": body });
-        let encrypted = self.machine.encrypt_room_event(room, "m.room.message", content).await?;
+        self.send_event(room, "m.room.message", content).await
+    }
+
+    /// Encrypts and sends an event; returns the event as the server stores it.
+    pub async fn send_event(
+        &self,
+        room: &RoomId,
+        event_type: &str,
+        content: Value,
+    ) -> Result<Value, SimError> {
+        let encrypted = self.machine.encrypt_room_event(room, event_type, content).await?;
         Ok(self.router.send_room_event(
             room.as_str(),
             self.user.as_str(),

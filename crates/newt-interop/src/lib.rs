@@ -218,6 +218,10 @@ impl RefDevice {
         request_id: &TransactionId,
         request: &AnyOutgoingRequest,
     ) -> Result<bool, Error> {
+        if let AnyOutgoingRequest::RoomMessage(r) = request {
+            self.send_room_message(request_id, &r.room_id, &r.content).await?;
+            return Ok(true);
+        }
         let Some(wire) = Self::wire_request(request)? else { return Ok(false) };
         let json = self.route(&wire)?;
         match request {
@@ -255,18 +259,81 @@ impl RefDevice {
         Ok(())
     }
 
-    /// Sends a verification message (to-device only; in-room ones are not
-    /// routed).
+    /// Sends a verification message: to-device, or encrypted into its room.
     pub async fn send_verification(
         &self,
         request: OutgoingVerificationRequest,
     ) -> Result<(), Error> {
         match request {
             OutgoingVerificationRequest::ToDevice(r) => self.send_to_device(&r).await,
-            OutgoingVerificationRequest::InRoom(_) => {
-                Err("in-room verification is not routed".into())
+            OutgoingVerificationRequest::InRoom(r) => {
+                self.send_room_message(&r.txn_id, &r.room_id, &r.content).await
             }
         }
+    }
+
+    /// Encrypts an in-room message, posts it, and marks the request sent
+    /// with the event ID the router gave it.
+    async fn send_room_message(
+        &self,
+        request_id: &TransactionId,
+        room: &RoomId,
+        content: &AnyMessageLikeEventContent,
+    ) -> Result<(), Error> {
+        let event_type = ruma::events::MessageLikeEventContent::event_type(content).to_string();
+        let json = serde_json::to_value(content)?;
+        let event = self.send_event(room, &event_type, &json).await?;
+        let event_id: ruma::OwnedEventId =
+            event["event_id"].as_str().ok_or("no event_id")?.try_into()?;
+        let response = ruma::api::client::message::send_message_event::v3::Response::new(event_id);
+        self.machine.mark_request_as_sent(request_id, &response).await?;
+        Ok(())
+    }
+
+    /// Feeds the room events after `*seen` to the reference's verification
+    /// machine (decrypting encrypted ones), then flushes what it queued.
+    pub async fn feed_room(&self, room: &RoomId, seen: &mut usize) -> Result<(), Error> {
+        let events = self.router.room_events(room.as_str())?;
+        for event in events.get(*seen..).unwrap_or_default() {
+            let clear = if event["type"] == "m.room.encrypted" {
+                self.decrypt(room, event).await?.event
+            } else {
+                event.clone()
+            };
+            let parsed: ruma::events::AnyMessageLikeEvent = serde_json::from_value(clear)?;
+            self.machine.receive_verification_event(&parsed).await?;
+        }
+        *seen = events.len();
+        self.flush().await?;
+        Ok(())
+    }
+
+    /// Creates and uploads a cross-signing identity (master, self-signing
+    /// and user-signing keys) and signs this device with it.
+    pub async fn bootstrap_cross_signing(&self) -> Result<(), Error> {
+        let requests = self.machine.bootstrap_cross_signing(false).await?;
+        if let Some(upload) = &requests.upload_keys_req {
+            self.send(upload.request_id(), upload.request()).await?;
+        }
+        let keys = &requests.upload_signing_keys_req;
+        let body = serde_json::json!({
+            "master_key": keys.master_key,
+            "self_signing_key": keys.self_signing_key,
+            "user_signing_key": keys.user_signing_key,
+        });
+        self.router.handle(
+            self.user.as_str(),
+            self.device.as_str(),
+            "POST",
+            "/keys/device_signing/upload",
+            &body,
+        )?;
+        self.send(
+            &TransactionId::new(),
+            &AnyOutgoingRequest::SignatureUpload(requests.upload_signatures_req.clone()),
+        )
+        .await?;
+        Ok(())
     }
 
     /// Sends every outgoing request until none are left (skipped kinds do

@@ -167,7 +167,7 @@ impl Router {
             "sender": sender,
             "content": content,
             "event_id": format!("$event{}", st.next_event),
-            "origin_server_ts": 1_700_000_000_000u64 + st.next_event,
+            "origin_server_ts": now_ms(),
             "room_id": room_id,
         });
         st.rooms.entry(room_id.to_owned()).or_default().push(event.clone());
@@ -184,6 +184,14 @@ impl Router {
     pub fn room_events(&self, room_id: &str) -> Result<Vec<Value>, RouterError> {
         Ok(self.lock()?.rooms.get(room_id).cloned().unwrap_or_default())
     }
+}
+
+/// Wall-clock milliseconds, as a homeserver stamps `origin_server_ts`.
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
 }
 
 impl State {

@@ -61,6 +61,9 @@ pub enum Error {
     /// No verification flow with this ID.
     #[error("unknown verification flow {0}")]
     UnknownFlow(String),
+    /// A scanned QR code cannot be used in this flow (the flow is unchanged).
+    #[error("QR code: {0}")]
+    QrScan(#[from] newt_proto::verification::qr_flow::ScanError),
     /// The verification flow is not in a state that allows this action.
     #[error("verification: {0}")]
     VerificationState(&'static str),

@@ -34,9 +34,95 @@
 //! 4. [`Machine::encrypt_room_event`] / [`Machine::decrypt_room_event`].
 //! 5. Every sync goes through [`Machine::receive_sync`] first.
 //!
-//! Devices are verified interactively with SAS over to-device messages:
-//! [`Machine::request_verification`], then `accept_verification`,
-//! `start_sas`, `sas_emoji`, `confirm_sas` (flows are kept in memory only).
+//! ## Trust
+//!
+//! Every trust question is answered in one place (the cross-signing chain
+//! of [`newt_proto::identities::TrustRoot`] plus the user's local
+//! decisions), and surfaces as four small enums:
+//!
+//! | question | API | states |
+//! |---|---|---|
+//! | do I trust my own master key? | [`Machine::own_identity_state`] | [`OwnIdentityTrust`]: `Verified` (we hold the private key, or verified it), `Unverified` |
+//! | what about another user? | [`Machine::user_identity_state`] | [`IdentityTrust`]: `Verified` (our user-signing key signed it), `Pinned` (first seen, TOFU), `PinnedChanged` (changed since pinned: warn), `VerificationViolation` (was verified, changed: must be acknowledged) |
+//! | and one device? | [`Machine::device_trust`] | [`DeviceTrust`]: `LocallyVerified`, `CrossSignedByVerifiedOwner`, `CrossSignedByPinnedOwner`, `CrossSignedByUntrustedOwner`, `NotCrossSigned`, `Unknown`, `Blacklisted` |
+//! | who sent this message? | [`DecryptedRoomEvent::trust`] | [`SenderTrust`]: `Verified`, `Unverified`, `UnknownDevice`, `Unauthenticated` (forwarded/imported key) |
+//!
+//! [`Machine::acknowledge_identity_change`] pins a changed identity (ending
+//! `PinnedChanged` / `VerificationViolation`). Who receives room keys is the
+//! room's [`SharingPolicy`] (`AllDevices`, `ExcludeBlacklisted` (default),
+//! `CrossSignedOnly`, `VerifiedOnly`: devices left out get an
+//! `m.room_key.withheld` with `m.unverified` or `m.blacklisted`), and
+//! [`RoomSettings::block_on_verification_violation`] refuses to share while
+//! a verified member's identity changed:
+//!
+//! ```
+//! # futures::executor::block_on(async {
+//! use std::sync::Arc;
+//! use newt::{
+//!     DeviceId, DeviceTrust, Machine, OwnIdentityTrust, RoomSettings, SenderTrust,
+//!     SharingPolicy, UserId,
+//! };
+//! use newt_store::MemoryStore;
+//!
+//! let alice = UserId::parse("@alice:example.org")?;
+//! let machine =
+//!     Machine::open(Arc::new(MemoryStore::new()), alice.clone(), DeviceId::parse("A1")?).await?;
+//! assert_eq!(machine.own_identity_state().await?, None, "no cross-signing yet");
+//!
+//! // Create the cross-signing keys; the app uploads the two bodies (the
+//! // first behind user-interactive auth).
+//! let upload = machine.bootstrap_cross_signing().await?;
+//! assert!(upload.device_signing_upload.get("master_key").is_some());
+//! assert_eq!(machine.own_identity_state().await?, Some(OwnIdentityTrust::Verified));
+//! // Our own device is always trusted.
+//! let me = DeviceId::parse("A1")?;
+//! assert_eq!(machine.device_trust(&alice, &me).await?, Some(DeviceTrust::LocallyVerified));
+//!
+//! // Only verified devices get this room's keys, and sending stops while a
+//! // verified member's identity changed until the user acknowledges it.
+//! let settings = RoomSettings {
+//!     policy: SharingPolicy::VerifiedOnly,
+//!     block_on_verification_violation: true,
+//!     ..RoomSettings::default()
+//! };
+//! assert!(settings.policy.needs_device_trust());
+//!
+//! // How an app might label a decrypted message.
+//! fn badge(trust: SenderTrust) -> &'static str {
+//!     match trust {
+//!         SenderTrust::Verified => "",
+//!         SenderTrust::Unverified => "unverified device",
+//!         SenderTrust::UnknownDevice => "unknown device",
+//!         SenderTrust::Unauthenticated => "authenticity not guaranteed",
+//!     }
+//! }
+//! assert_eq!(badge(SenderTrust::Unauthenticated), "authenticity not guaranteed");
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! # }).unwrap();
+//! ```
+//!
+//! ## Verification
+//!
+//! Interactive verification ([`VerificationState`]) proves keys and feeds
+//! the trust above: a finished flow marks the other device verified (our
+//! own: signed with our self-signing key) and the other user's master key
+//! signed with our user-signing key (a `/keys/signatures/upload` request).
+//!
+//! - To-device with one device: [`Machine::request_verification`]; with all
+//!   our other devices: [`Machine::request_own_verification`] (the first to
+//!   answer takes it, the others get `m.accepted`).
+//! - In a room with another user: [`Machine::room_verification_request_content`],
+//!   then [`Machine::room_verification_request_sent`]; room events go through
+//!   [`Machine::receive_room_verification_event`], messages to send come out
+//!   as [`RequestKind::RoomMessage`].
+//! - Then [`Machine::accept_verification`] (theirs), and either SAS
+//!   ([`Machine::start_sas`], [`Machine::sas_emoji`] / [`Machine::sas_decimals`],
+//!   [`Machine::confirm_sas`] or [`Machine::sas_mismatch`]) or QR
+//!   ([`Machine::qr_code`] to show, [`Machine::scan_qr_code`] to scan,
+//!   [`Machine::confirm_qr_scanned`] when the other side scanned ours).
+//!
+//! Flows are kept in memory only: a restart forgets them (the other side
+//! times out after 10 minutes, or the user starts again).
 
 mod clock;
 mod error;
@@ -47,7 +133,7 @@ pub use error::Error;
 pub use machine::{
     IdentityRejection, ImportSummary, KeysQueryReport, Machine, ProcessedToDevice,
     RejectedIdentity, RoomSettings, SyncChanges, SyncOutcome, ToDeviceError, ToDeviceOutcome,
-    VerificationState,
+    VerificationFlow, VerificationState,
 };
 pub use newt_proto::identities::{
     BootstrapRequests, CrossSigningError, DeviceTrust, IdentityTrust, OwnIdentityTrust,
@@ -58,5 +144,6 @@ pub use newt_proto::megolm::{DecryptedRoomEvent, MegolmError, RotationSettings};
 pub use newt_proto::records::LocalTrust;
 pub use newt_proto::sharing::SharingPolicy;
 pub use newt_proto::trust::SenderTrust;
+pub use newt_proto::verification::qr_flow::ScanError;
 pub use newt_proto::verification::CancelCode;
 pub use requests::{OutgoingRequest, RequestKind};

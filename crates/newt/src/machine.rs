@@ -48,7 +48,7 @@ use crate::Error;
 
 #[path = "verification.rs"]
 mod verification;
-pub use verification::VerificationState;
+pub use verification::{VerificationFlow, VerificationState};
 
 /// To-device verification event types start with this.
 const VERIFICATION_PREFIX: &str = "m.key.verification.";

@@ -49,6 +49,20 @@ pub enum RequestKind {
         /// Request body: `{"messages": {user: {device: content}}}`.
         body: Value,
     },
+    /// `PUT /_matrix/client/v3/rooms/{room_id}/send/{event_type}/{txn_id}`:
+    /// an in-room verification message. In an encrypted room, encrypt it
+    /// first ([`Machine::encrypt_room_event`](crate::Machine::encrypt_room_event)
+    /// with `event_type` and `body`) and send the `m.room.encrypted` result.
+    RoomMessage {
+        /// The room.
+        room_id: String,
+        /// The event type (e.g. `m.key.verification.ready`).
+        event_type: String,
+        /// The transaction ID in the URL (use the request `id`).
+        txn_id: String,
+        /// The event content (with its `m.relates_to`).
+        body: Value,
+    },
 }
 
 impl RequestKind {
@@ -62,6 +76,9 @@ impl RequestKind {
             Self::ToDevice { event_type, txn_id, .. } => {
                 ("PUT", format!("/sendToDevice/{event_type}/{txn_id}"))
             }
+            Self::RoomMessage { room_id, event_type, txn_id, .. } => {
+                ("PUT", format!("/rooms/{room_id}/send/{event_type}/{txn_id}"))
+            }
         }
     }
 
@@ -72,7 +89,8 @@ impl RequestKind {
             | Self::KeysQuery { body }
             | Self::KeysClaim { body }
             | Self::SignaturesUpload { body }
-            | Self::ToDevice { body, .. } => body,
+            | Self::ToDevice { body, .. }
+            | Self::RoomMessage { body, .. } => body,
         }
     }
 }

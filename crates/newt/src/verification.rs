@@ -1,21 +1,36 @@
-//! SAS verification (`m.sas.v1`) over to-device messages, driven by the
-//! [`Machine`]: the request/ready handshake here, the SAS itself in
-//! [`newt_proto::verification::sas_flow`].
+//! Interactive verification driven by the [`Machine`]: the
+//! request/ready handshake, then SAS ([`newt_proto::verification::sas_flow`])
+//! or QR codes ([`newt_proto::verification::qr_flow`]).
 //!
-//! Flows are kept in memory only, keyed by (other user, transaction ID): a
-//! restart forgets them (the other side times out or the user starts
-//! again). The keys being verified are fixed when the flow is created (our
-//! request) or accepted (their request), from the stored device and
-//! identity; what a finished flow proved is written to the store.
+//! Transports:
+//! - **to-device**, with one device ([`Machine::request_verification`]) or
+//!   fanned out to all our other devices ([`Machine::request_own_verification`]:
+//!   the first to answer wins, the others get `m.accepted`);
+//! - **in a room** with another user ([`Machine::room_verification_request_content`],
+//!   then [`Machine::room_verification_request_sent`] with the event ID,
+//!   which becomes the flow ID; incoming room events go through
+//!   [`Machine::receive_room_verification_event`]).
+//!
+//! Flows are kept in memory only, keyed by (other user, flow ID): a restart
+//! forgets them (the other side times out or the user starts again). The
+//! keys being verified are fixed when the other device is known (our
+//! request to one device: at once; a fanned-out or in-room request: when
+//! the `ready` names the device; their request: when we accept), from the
+//! stored device and identity; what a finished flow proved is written to
+//! the store.
 
 use newt_proto::vodozemac::Ed25519PublicKey;
 use serde_json::{json, Map, Value};
 
 use newt_proto::changes::Changes;
 use newt_proto::identities::{signatures_upload_body, OwnIdentity, OwnIdentityTrust, TrustRoot};
-use newt_proto::ids::{DeviceId, UserId};
+use newt_proto::ids::{DeviceId, RoomId, UserId};
 use newt_proto::records::LocalTrust;
 use newt_proto::verification::emoji::Emoji;
+use newt_proto::verification::qr::METHOD_RECIPROCATE_V1;
+use newt_proto::verification::qr_flow::{
+    self, QrState, QrStep, Shown, METHOD_QR_SCAN_V1, METHOD_QR_SHOW_V1,
+};
 use newt_proto::verification::sas::{ExpectedKeys, METHOD_SAS_V1};
 use newt_proto::verification::sas_flow::{
     Cancelled, Created, SasIds, SasState, SasStep, VerifiedKeys,
@@ -33,6 +48,11 @@ use crate::Error;
 const REQUEST_MAX_AGE_MS: u64 = VERIFICATION_TIMEOUT_MS;
 /// A request whose timestamp is this far in the future is ignored (ms).
 const REQUEST_MAX_FUTURE_MS: u64 = 5 * 60 * 1000;
+/// The methods we offer in `request` and `ready`.
+const METHODS: [&str; 4] =
+    [METHOD_SAS_V1, METHOD_QR_SHOW_V1, METHOD_QR_SCAN_V1, METHOD_RECIPROCATE_V1];
+/// `msgtype` of an in-room request.
+const MSGTYPE_REQUEST: &str = "m.key.verification.request";
 
 /// Where a verification flow stands, as the application sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -42,13 +62,18 @@ pub enum VerificationState {
     Requested,
     /// The other device asked; [`Machine::accept_verification`] answers.
     RequestReceived,
-    /// Both sides are ready: either side may start SAS.
+    /// Both sides are ready: either side may start SAS, show a QR code
+    /// ([`Machine::qr_code`]) or scan one ([`Machine::scan_qr_code`]).
     Ready,
     /// SAS started; the keys are being exchanged.
     Started,
     /// The emoji / decimals can be compared: confirm or cancel.
     KeysExchanged,
-    /// We confirmed; waiting for the other side.
+    /// The other device scanned our QR code (its secret matched): ask the
+    /// user whether the other device shows success, then
+    /// [`Machine::confirm_qr_scanned`] (or cancel).
+    QrScanned,
+    /// We confirmed (or scanned their code); waiting for the other side.
     Confirmed,
     /// Finished: the other device (and possibly identity) is verified.
     Done,
@@ -61,7 +86,22 @@ pub enum VerificationState {
     },
 }
 
-// Few flows live at once; boxing the SAS state would only add indirection.
+/// A flow the application may want to show (see [`Machine::verification_flows`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerificationFlow {
+    /// The flow ID (transaction ID, or the request's event ID in a room).
+    pub flow_id: String,
+    /// The other user.
+    pub other_user: UserId,
+    /// The other device, once known.
+    pub other_device: Option<DeviceId>,
+    /// The room of an in-room flow.
+    pub room_id: Option<RoomId>,
+    /// Where it stands.
+    pub state: VerificationState,
+}
+
+// Few flows live at once; boxing the states would only add indirection.
 #[allow(clippy::large_enum_variant)]
 enum Phase {
     /// We sent the request.
@@ -70,7 +110,9 @@ enum Phase {
     RequestReceived,
     /// Ready exchanged (SAS in `Created`) or SAS under way.
     Sas(SasState),
-    /// Cancelled before SAS started.
+    /// A QR code was scanned (by them or by us).
+    Qr(QrState),
+    /// Cancelled before SAS or QR started.
     Cancelled(Cancelled),
 }
 
@@ -78,9 +120,19 @@ enum Phase {
 pub(crate) struct Flow {
     flow: FlowId,
     other_user: UserId,
-    other_device: DeviceId,
-    /// Fixed at creation (our request) or acceptance (their request).
+    /// Unknown until a fanned-out or in-room request is answered.
+    other_device: Option<DeviceId>,
+    /// The devices a to-device request went to: when one answers, the
+    /// others get `m.accepted`; a cancel before anyone answered goes to all.
+    requested_devices: Vec<DeviceId>,
+    /// The methods the other side offered in its request or ready.
+    their_methods: Vec<String>,
+    /// The keys being verified, fixed once the other device is known.
     ids: Option<SasIds>,
+    /// Our master key as stored, trusted or not (QR mode `0x02`).
+    believed_own_master: Option<Ed25519PublicKey>,
+    /// The QR code we show, once asked for.
+    qr_shown: Option<Shown>,
     deadline: u64,
     phase: Phase,
 }
@@ -90,18 +142,24 @@ impl Flow {
         match &self.phase {
             Phase::Requested => VerificationState::Requested,
             Phase::RequestReceived => VerificationState::RequestReceived,
-            Phase::Cancelled(c) | Phase::Sas(SasState::Cancelled(c)) => {
+            Phase::Cancelled(c)
+            | Phase::Sas(SasState::Cancelled(c))
+            | Phase::Qr(QrState::Cancelled(c)) => {
                 VerificationState::Cancelled { code: c.code.clone(), by_us: c.by_us }
             }
-            Phase::Sas(SasState::Created(_)) => VerificationState::Ready,
+            Phase::Sas(SasState::Created(_)) | Phase::Qr(QrState::Shown(_)) => {
+                VerificationState::Ready
+            }
             Phase::Sas(SasState::Started(_) | SasState::Accepted(_) | SasState::KeySent(_)) => {
                 VerificationState::Started
             }
             Phase::Sas(SasState::KeysExchanged(_)) => VerificationState::KeysExchanged,
-            Phase::Sas(SasState::Confirmed(_) | SasState::WaitingForDone(_)) => {
+            Phase::Qr(QrState::Scanned(_)) => VerificationState::QrScanned,
+            Phase::Sas(SasState::Confirmed(_) | SasState::WaitingForDone(_))
+            | Phase::Qr(QrState::Confirmed(_) | QrState::Reciprocated(_)) => {
                 VerificationState::Confirmed
             }
-            Phase::Sas(SasState::Done(_)) => VerificationState::Done,
+            Phase::Sas(SasState::Done(_)) | Phase::Qr(QrState::Done(_)) => VerificationState::Done,
         }
     }
 
@@ -109,6 +167,7 @@ impl Flow {
         match &self.phase {
             Phase::Cancelled(_) => true,
             Phase::Sas(s) => s.is_finished(),
+            Phase::Qr(s) => s.is_finished(),
             Phase::Requested | Phase::RequestReceived => false,
         }
     }
@@ -119,27 +178,62 @@ impl Flow {
         self.phase = Phase::Cancelled(Cancelled { code, by_us: true });
         out
     }
+
+    fn info(&self) -> VerificationFlow {
+        VerificationFlow {
+            flow_id: self.flow.as_str().to_owned(),
+            other_user: self.other_user.clone(),
+            other_device: self.other_device.clone(),
+            room_id: match &self.flow {
+                FlowId::InRoom { room_id, .. } => Some(room_id.clone()),
+                FlowId::ToDevice(_) => None,
+            },
+            state: self.state(),
+        }
+    }
 }
 
 fn str_field<'a>(content: &'a Value, field: &str) -> Option<&'a str> {
     content.get(field).and_then(Value::as_str)
 }
 
-fn offers_sas(content: &Value) -> bool {
+fn methods_of(content: &Value) -> Vec<String> {
     content
         .get("methods")
         .and_then(Value::as_array)
-        .is_some_and(|m| m.iter().any(|v| v.as_str() == Some(METHOD_SAS_V1)))
+        .map(|m| m.iter().filter_map(Value::as_str).map(str::to_owned).collect())
+        .unwrap_or_default()
+}
+
+/// Whether the offered methods leave something both sides can do.
+fn common_method(theirs: &[String]) -> bool {
+    let has = |m: &str| theirs.iter().any(|t| t == m);
+    has(METHOD_SAS_V1)
+        || (has(METHOD_RECIPROCATE_V1) && (has(METHOD_QR_SHOW_V1) || has(METHOD_QR_SCAN_V1)))
 }
 
 fn parse_key(b64: &str) -> Option<Ed25519PublicKey> {
     Ed25519PublicKey::from_base64(b64.trim_end_matches('=')).ok()
 }
 
+fn fresh(ts: u64, now: u64) -> bool {
+    ts.saturating_add(REQUEST_MAX_AGE_MS) > now && ts <= now.saturating_add(REQUEST_MAX_FUTURE_MS)
+}
+
+fn methods_json() -> Value {
+    json!(METHODS)
+}
+
 impl Machine {
     /// The keys a flow with `user`/`device` verifies, fixed now: the stored
-    /// device key and the user's stored master key.
-    async fn sas_ids(&self, st: &State, user: &UserId, device: &DeviceId) -> Result<SasIds, Error> {
+    /// device key and the user's stored master key. Also returns our own
+    /// master key as stored (trusted or not).
+    async fn fixed_keys(
+        &self,
+        st: &State,
+        user: &UserId,
+        device: &DeviceId,
+    ) -> Result<(SasIds, Option<Ed25519PublicKey>), Error> {
         let record = self
             .store()
             .devices(user)
@@ -153,8 +247,8 @@ impl Machine {
             TrustRoot::new(&st.account, Some(o), private.as_ref()).own_identity_trust()
                 == OwnIdentityTrust::Verified
         });
-        let own_master_key =
-            own.as_ref().filter(|_| own_trusted).map(|o| o.master_key().public_key());
+        let believed_own_master = own.as_ref().map(|o| o.master_key().public_key());
+        let own_master_key = believed_own_master.filter(|_| own_trusted);
         let their_keys = if user == &self.inner.user_id {
             own.as_ref().map(|o| o.keys().clone())
         } else {
@@ -168,7 +262,7 @@ impl Machine {
             }
             None => (None, Vec::new()),
         };
-        Ok(SasIds {
+        let ids = SasIds {
             own_user: self.inner.user_id.clone(),
             own_device: self.inner.device_id.clone(),
             own_device_key: st.account.ed25519_key(),
@@ -180,25 +274,71 @@ impl Machine {
                 master_key,
                 cross_signing_key_ids,
             },
-        })
+        };
+        Ok((ids, believed_own_master))
     }
 
+    /// Queues `outgoing` for the flow's transport: to the other device (or,
+    /// before one answered, to every device the request went to), or into
+    /// the flow's room.
     fn queue_verification(&self, st: &mut State, flow: &Flow, outgoing: Vec<OutgoingContent>) {
         for out in outgoing {
             let id = st.next_id();
-            let request = to_device_request(
-                id,
-                out.event_type,
-                [(flow.other_user.clone(), flow.other_device.to_string(), out.content)],
-            );
+            let request = match &flow.flow {
+                FlowId::ToDevice(_) => {
+                    let targets = match &flow.other_device {
+                        Some(d) => vec![d.clone()],
+                        None => flow.requested_devices.clone(),
+                    };
+                    to_device_request(
+                        id,
+                        out.event_type,
+                        targets
+                            .into_iter()
+                            .map(|d| (flow.other_user.clone(), d.to_string(), out.content.clone())),
+                    )
+                }
+                FlowId::InRoom { room_id, .. } => OutgoingRequest {
+                    id: id.clone(),
+                    kind: RequestKind::RoomMessage {
+                        room_id: room_id.to_string(),
+                        event_type: out.event_type.to_owned(),
+                        txn_id: id,
+                        body: out.content,
+                    },
+                },
+            };
             st.queued.push(request);
         }
     }
 
+    fn new_flow(flow: FlowId, other_user: &UserId, now: u64, phase: Phase) -> Flow {
+        Flow {
+            flow,
+            other_user: other_user.clone(),
+            other_device: None,
+            requested_devices: Vec::new(),
+            their_methods: Vec::new(),
+            ids: None,
+            believed_own_master: None,
+            qr_shown: None,
+            deadline: now.saturating_add(VERIFICATION_TIMEOUT_MS),
+            phase,
+        }
+    }
+
+    fn request_content(&self, flow: &FlowId, now: u64) -> Value {
+        let mut content = Map::new();
+        content.insert("from_device".into(), json!(self.inner.device_id));
+        content.insert("methods".into(), methods_json());
+        content.insert("timestamp".into(), json!(now));
+        flow.decorate(&mut content);
+        Value::Object(content)
+    }
+
     /// Asks `device` of `user` (one of ours, or another user's) to verify
-    /// by SAS. The device must be known (queried). Returns the flow ID and
-    /// the `m.key.verification.request` to send (also the ID to pass to
-    /// the other verification methods).
+    /// over to-device messages. The device must be known (queried).
+    /// Returns the flow ID and the `m.key.verification.request` to send.
     pub async fn request_verification(
         &self,
         user: &UserId,
@@ -206,33 +346,96 @@ impl Machine {
     ) -> Result<(String, OutgoingRequest), Error> {
         let mut st = self.inner.state.lock().await;
         let now = now_ms();
-        let ids = self.sas_ids(&st, user, device).await?;
+        let (ids, believed) = self.fixed_keys(&st, user, device).await?;
         let txn = format!("newt-verif-{}", st.next_id());
         let flow = FlowId::ToDevice(txn.clone());
-        let mut content = Map::new();
-        content.insert("from_device".into(), json!(self.inner.device_id));
-        content.insert("methods".into(), json!([METHOD_SAS_V1]));
-        content.insert("timestamp".into(), json!(now));
-        flow.decorate(&mut content);
+        let content = self.request_content(&flow, now);
         let id = st.next_id();
         let request = to_device_request(
             id.clone(),
             event_types::REQUEST,
-            [(user.clone(), device.to_string(), Value::Object(content))],
+            [(user.clone(), device.to_string(), content)],
         );
         st.in_flight.insert(id, super::Pending::Other);
-        st.flows.insert(
-            (user.clone(), txn.clone()),
-            Flow {
-                flow,
-                other_user: user.clone(),
-                other_device: device.clone(),
-                ids: Some(ids),
-                deadline: now.saturating_add(VERIFICATION_TIMEOUT_MS),
-                phase: Phase::Requested,
-            },
-        );
+        let mut f = Self::new_flow(flow, user, now, Phase::Requested);
+        f.other_device = Some(device.clone());
+        f.requested_devices = vec![device.clone()];
+        f.ids = Some(ids);
+        f.believed_own_master = believed;
+        st.flows.insert((user.clone(), txn.clone()), f);
         Ok((txn, request))
+    }
+
+    /// Asks all our other (known, not deleted) devices to verify this one:
+    /// the first to answer `ready` takes the flow, the others receive
+    /// `m.key.verification.cancel` with `m.accepted`. Returns the flow ID and
+    /// the request to send.
+    pub async fn request_own_verification(&self) -> Result<(String, OutgoingRequest), Error> {
+        let mut st = self.inner.state.lock().await;
+        let now = now_ms();
+        let own = self.inner.user_id.clone();
+        let devices: Vec<DeviceId> = self
+            .store()
+            .devices(&own)
+            .await?
+            .into_iter()
+            .filter(|d| !d.deleted && d.device_id != self.inner.device_id)
+            .map(|d| d.device_id)
+            .collect();
+        if devices.is_empty() {
+            return Err(Error::UnknownDevice);
+        }
+        let txn = format!("newt-verif-{}", st.next_id());
+        let flow = FlowId::ToDevice(txn.clone());
+        let content = self.request_content(&flow, now);
+        let id = st.next_id();
+        let request = to_device_request(
+            id.clone(),
+            event_types::REQUEST,
+            devices.iter().map(|d| (own.clone(), d.to_string(), content.clone())),
+        );
+        st.in_flight.insert(id, super::Pending::Other);
+        let mut f = Self::new_flow(flow, &own, now, Phase::Requested);
+        f.requested_devices = devices;
+        st.flows.insert((own, txn.clone()), f);
+        Ok((txn, request))
+    }
+
+    /// The content of an in-room request to verify `user` (an
+    /// `m.room.message` with `msgtype` `m.key.verification.request`). Send
+    /// it to a room shared with `user` (encrypted if the room is), then
+    /// call [`Machine::room_verification_request_sent`] with its event ID.
+    pub fn room_verification_request_content(&self, user: &UserId) -> Value {
+        json!({
+            "msgtype": MSGTYPE_REQUEST,
+            "body": format!(
+                "{} is asking to verify your key, but your client does not support in-chat key verification.",
+                self.inner.user_id
+            ),
+            "from_device": self.inner.device_id,
+            "methods": methods_json(),
+            "to": user,
+        })
+    }
+
+    /// Registers the in-room request we sent as event `event_id` in
+    /// `room_id` to `user`; the event ID is the flow ID. `user`'s master
+    /// key is fixed now (it must be known: query the user first); the
+    /// device when its `ready` arrives.
+    pub async fn room_verification_request_sent(
+        &self,
+        room_id: &RoomId,
+        event_id: &str,
+        user: &UserId,
+    ) -> Result<(), Error> {
+        if user == &self.inner.user_id {
+            return Err(Error::VerificationState("in-room verification is with another user"));
+        }
+        let mut st = self.inner.state.lock().await;
+        let flow = FlowId::InRoom { room_id: room_id.clone(), event_id: event_id.to_owned() };
+        let f = Self::new_flow(flow, user, now_ms(), Phase::Requested);
+        st.flows.insert((user.clone(), event_id.to_owned()), f);
+        Ok(())
     }
 
     fn flow_key(st: &State, flow_id: &str) -> Result<(UserId, String), Error> {
@@ -243,58 +446,136 @@ impl Machine {
             .ok_or_else(|| Error::UnknownFlow(flow_id.to_owned()))
     }
 
-    /// Accepts a request we received: sends `ready` (the keys of the other
-    /// device are fixed now, so it must be known).
-    pub async fn accept_verification(&self, flow_id: &str) -> Result<(), Error> {
+    /// Runs `f` on flow `flow_id`, taken out of the map and put back after.
+    async fn with_flow<T>(
+        &self,
+        flow_id: &str,
+        f: impl AsyncFnOnce(&Self, &mut State, &mut Flow, &mut Changes) -> Result<T, Error>,
+    ) -> Result<T, Error> {
         let mut st = self.inner.state.lock().await;
         let key = Self::flow_key(&st, flow_id)?;
-        let (user, device) = match st.flows.get(&key) {
-            Some(f) if matches!(f.phase, Phase::RequestReceived) => {
-                (f.other_user.clone(), f.other_device.clone())
-            }
-            _ => return Err(Error::VerificationState("no request to accept")),
-        };
-        let ids = self.sas_ids(&st, &user, &device).await?;
-        let now = now_ms();
         let Some(mut flow) = st.flows.remove(&key) else {
             return Err(Error::UnknownFlow(flow_id.to_owned()));
         };
-        let out = match Created::new(ids.clone(), flow.flow.clone(), now) {
-            Ok(created) => {
-                let mut content = Map::new();
-                content.insert("from_device".into(), json!(self.inner.device_id));
-                content.insert("methods".into(), json!([METHOD_SAS_V1]));
-                flow.flow.decorate(&mut content);
-                flow.ids = Some(ids);
-                flow.phase = Phase::Sas(SasState::Created(created));
-                OutgoingContent { event_type: event_types::READY, content: Value::Object(content) }
-            }
-            Err(code) => flow.cancel_handshake(code),
-        };
-        self.queue_verification(&mut st, &flow, vec![out]);
+        let mut changes = Changes::default();
+        let result = f(self, &mut *st, &mut flow, &mut changes).await;
         st.flows.insert(key, flow);
-        Ok(())
+        let value = result?;
+        self.commit(&mut st, changes, false).await?;
+        Ok(value)
+    }
+
+    /// Accepts a request we received: sends `ready` (the keys of the other
+    /// device are fixed now, so it must be known).
+    pub async fn accept_verification(&self, flow_id: &str) -> Result<(), Error> {
+        self.with_flow(flow_id, async |m, st, flow, _| {
+            let device = match (&flow.phase, &flow.other_device) {
+                (Phase::RequestReceived, Some(d)) => d.clone(),
+                _ => return Err(Error::VerificationState("no request to accept")),
+            };
+            let (ids, believed) = m.fixed_keys(st, &flow.other_user, &device).await?;
+            let out = match Created::new(ids.clone(), flow.flow.clone(), now_ms()) {
+                Ok(created) => {
+                    let mut content = Map::new();
+                    content.insert("from_device".into(), json!(m.inner.device_id));
+                    content.insert("methods".into(), methods_json());
+                    flow.flow.decorate(&mut content);
+                    flow.ids = Some(ids);
+                    flow.believed_own_master = believed;
+                    flow.phase = Phase::Sas(SasState::Created(created));
+                    OutgoingContent {
+                        event_type: event_types::READY,
+                        content: Value::Object(content),
+                    }
+                }
+                Err(code) => flow.cancel_handshake(code),
+            };
+            m.queue_verification(st, flow, vec![out]);
+            Ok(())
+        })
+        .await
     }
 
     /// Starts SAS in a ready flow (either side may).
     pub async fn start_sas(&self, flow_id: &str) -> Result<(), Error> {
-        let mut st = self.inner.state.lock().await;
-        let key = Self::flow_key(&st, flow_id)?;
-        let Some(mut flow) = st.flows.remove(&key) else {
-            return Err(Error::UnknownFlow(flow_id.to_owned()));
-        };
-        let phase = std::mem::replace(&mut flow.phase, Phase::RequestReceived);
-        let (phase, result) = match phase {
-            Phase::Sas(SasState::Created(created)) => {
-                let (started, out) = created.start();
-                self.queue_verification(&mut st, &flow, vec![out]);
-                (Phase::Sas(SasState::Started(started)), Ok(()))
+        self.with_flow(flow_id, async |m, st, flow, _| {
+            match std::mem::replace(&mut flow.phase, Phase::RequestReceived) {
+                Phase::Sas(SasState::Created(created)) => {
+                    let (started, out) = created.start();
+                    m.queue_verification(st, flow, vec![out]);
+                    flow.phase = Phase::Sas(SasState::Started(started));
+                    Ok(())
+                }
+                other => {
+                    flow.phase = other;
+                    Err(Error::VerificationState("not ready"))
+                }
             }
-            other => (other, Err(Error::VerificationState("not ready"))),
-        };
-        flow.phase = phase;
-        st.flows.insert(key, flow);
-        result
+        })
+        .await
+    }
+
+    /// The QR code to show in a ready flow, as the bytes to render (byte
+    /// mode; the same bytes on every call). `None` when the other side
+    /// cannot scan, or when we cannot vouch for the keys a code would carry
+    /// (another user: we need our own trusted master key and theirs).
+    pub async fn qr_code(&self, flow_id: &str) -> Result<Option<Vec<u8>>, Error> {
+        self.with_flow(flow_id, async |_, _, flow, _| {
+            if !matches!(flow.phase, Phase::Sas(SasState::Created(_))) {
+                return Err(Error::VerificationState("not ready"));
+            }
+            let can_scan = flow.their_methods.iter().any(|m| m == METHOD_QR_SCAN_V1)
+                && flow.their_methods.iter().any(|m| m == METHOD_RECIPROCATE_V1);
+            if !can_scan {
+                return Ok(None);
+            }
+            if flow.qr_shown.is_none() {
+                let Some(ids) = &flow.ids else { return Ok(None) };
+                flow.qr_shown =
+                    qr_flow::show(ids, flow.believed_own_master, flow.flow.clone(), now_ms());
+            }
+            match &flow.qr_shown {
+                Some(shown) => Ok(Some(shown.bytes().map_err(qr_flow::ScanError::from)?)),
+                None => Ok(None),
+            }
+        })
+        .await
+    }
+
+    /// Scans the other device's QR code in a ready flow. If its keys are
+    /// the ones we expect, we send the reciprocating `start` and the flow
+    /// finishes when the other side confirms; if not, the flow is cancelled
+    /// with `m.key_mismatch`. A code that is not for this flow is an error
+    /// and leaves the flow as it was.
+    pub async fn scan_qr_code(&self, flow_id: &str, bytes: &[u8]) -> Result<(), Error> {
+        self.with_flow(flow_id, async |m, st, flow, changes| {
+            if !matches!(flow.phase, Phase::Sas(SasState::Created(_))) {
+                return Err(Error::VerificationState("not ready"));
+            }
+            let ids = flow.ids.as_ref().ok_or(Error::VerificationState("not ready"))?;
+            let step =
+                qr_flow::scan(ids, flow.believed_own_master, flow.flow.clone(), bytes, now_ms())?;
+            m.apply_qr_step(st, flow, step, changes).await
+        })
+        .await
+    }
+
+    /// The user confirms that the other device reported a successful scan
+    /// of our QR code: sends `done`; the flow finishes with the other
+    /// side's `done`.
+    pub async fn confirm_qr_scanned(&self, flow_id: &str) -> Result<(), Error> {
+        self.with_flow(flow_id, async |m, st, flow, changes| {
+            match std::mem::replace(&mut flow.phase, Phase::RequestReceived) {
+                Phase::Qr(state @ QrState::Scanned(_)) => {
+                    m.apply_qr_step(st, flow, state.confirm(), changes).await
+                }
+                other => {
+                    flow.phase = other;
+                    Err(Error::VerificationState("our QR code was not scanned"))
+                }
+            }
+        })
+        .await
     }
 
     /// The seven emoji (symbol, name) to compare, once keys are exchanged.
@@ -354,76 +635,71 @@ impl Machine {
         flow_id: &str,
         action: impl FnOnce(SasState, u64) -> Result<SasStep, Box<SasState>>,
     ) -> Result<(), Error> {
-        let mut st = self.inner.state.lock().await;
-        let key = Self::flow_key(&st, flow_id)?;
-        let Some(mut flow) = st.flows.remove(&key) else {
-            return Err(Error::UnknownFlow(flow_id.to_owned()));
-        };
-        let phase = std::mem::replace(&mut flow.phase, Phase::RequestReceived);
-        let mut changes = Changes::default();
-        let result = match phase {
-            Phase::Sas(state) => match action(state, now_ms()) {
-                Ok(step) => self.apply_step(&mut st, &mut flow, step, &mut changes).await,
-                Err(state) => {
-                    flow.phase = Phase::Sas(*state);
-                    Err(Error::VerificationState("the SAS cannot be confirmed now"))
+        self.with_flow(flow_id, async |m, st, flow, changes| {
+            match std::mem::replace(&mut flow.phase, Phase::RequestReceived) {
+                Phase::Sas(state) => match action(state, now_ms()) {
+                    Ok(step) => m.apply_step(st, flow, step, changes).await,
+                    Err(state) => {
+                        flow.phase = Phase::Sas(*state);
+                        Err(Error::VerificationState("the SAS cannot be confirmed now"))
+                    }
+                },
+                other => {
+                    flow.phase = other;
+                    Err(Error::VerificationState("SAS not started"))
                 }
-            },
-            other => {
-                flow.phase = other;
-                Err(Error::VerificationState("SAS not started"))
             }
-        };
-        st.flows.insert(key, flow);
-        result?;
-        self.commit(&mut st, changes, false).await
+        })
+        .await
     }
 
     /// Cancels a flow (`m.user`); a finished flow stays as it is.
     pub async fn cancel_verification(&self, flow_id: &str) -> Result<(), Error> {
-        let mut st = self.inner.state.lock().await;
-        let key = Self::flow_key(&st, flow_id)?;
-        let Some(mut flow) = st.flows.remove(&key) else {
-            return Err(Error::UnknownFlow(flow_id.to_owned()));
-        };
-        let phase = std::mem::replace(&mut flow.phase, Phase::RequestReceived);
-        let result = match phase {
-            Phase::Sas(state) => {
-                let step = state.cancel(CancelCode::User);
-                // A cancel never finishes with verified keys: nothing to store.
-                self.apply_step(&mut st, &mut flow, step, &mut Changes::default()).await
-            }
+        self.with_flow(flow_id, async |m, st, flow, changes| {
+            m.cancel_flow(st, flow, CancelCode::User, changes).await
+        })
+        .await
+    }
+
+    /// Cancels `flow` with `code` (sending the cancel) unless it finished.
+    async fn cancel_flow(
+        &self,
+        st: &mut State,
+        flow: &mut Flow,
+        code: CancelCode,
+        changes: &mut Changes,
+    ) -> Result<(), Error> {
+        if flow.is_finished() {
+            return Ok(());
+        }
+        match std::mem::replace(&mut flow.phase, Phase::RequestReceived) {
+            // A cancel never finishes with verified keys.
+            Phase::Sas(state) => self.apply_step(st, flow, state.cancel(code), changes).await,
+            Phase::Qr(state) => self.apply_qr_step(st, flow, state.cancel(code), changes).await,
             Phase::Requested | Phase::RequestReceived => {
-                let out = flow.cancel_handshake(CancelCode::User);
-                self.queue_verification(&mut st, &flow, vec![out]);
+                let out = flow.cancel_handshake(code);
+                self.queue_verification(st, flow, vec![out]);
                 Ok(())
             }
             cancelled @ Phase::Cancelled(_) => {
                 flow.phase = cancelled;
                 Ok(())
             }
-        };
-        st.flows.insert(key, flow);
-        result
+        }
     }
 
     /// Where flow `flow_id` stands; `None` for an unknown flow (finished
-    /// flows are forgotten 20 minutes after they were created).
+    /// flows are forgotten 10 minutes after their deadline).
     pub async fn verification_state(&self, flow_id: &str) -> Option<VerificationState> {
         let st = self.inner.state.lock().await;
         let key = Self::flow_key(&st, flow_id).ok()?;
         st.flows.get(&key).map(Flow::state)
     }
 
-    /// The flows (other user, other device, flow ID) that are not finished,
-    /// e.g. to find an incoming request.
-    pub async fn verification_flows(&self) -> Vec<(UserId, DeviceId, String)> {
+    /// The flows that are not finished, e.g. to find an incoming request.
+    pub async fn verification_flows(&self) -> Vec<VerificationFlow> {
         let st = self.inner.state.lock().await;
-        st.flows
-            .iter()
-            .filter(|(_, f)| !f.is_finished())
-            .map(|((u, t), f)| (u.clone(), f.other_device.clone(), t.clone()))
-            .collect()
+        st.flows.values().filter(|f| !f.is_finished()).map(Flow::info).collect()
     }
 
     /// Applies one SAS step: queues what it sends, and records what a
@@ -435,17 +711,36 @@ impl Machine {
         step: SasStep,
         changes: &mut Changes,
     ) -> Result<(), Error> {
-        let was_done = matches!(flow.phase, Phase::Sas(SasState::Done(_)));
         self.queue_verification(st, flow, step.outgoing);
         let verified = match &step.state {
-            SasState::Done(done) if !was_done => Some(done.verified.clone()),
+            SasState::Done(done) => Some(done.verified.clone()),
             _ => None,
         };
         flow.phase = Phase::Sas(step.state);
-        if let Some(verified) = verified {
-            self.record_verified(st, changes, &verified).await?;
+        match verified {
+            Some(verified) => self.record_verified(st, changes, &verified).await,
+            None => Ok(()),
         }
-        Ok(())
+    }
+
+    /// Applies one QR step, like [`Machine::apply_step`].
+    async fn apply_qr_step(
+        &self,
+        st: &mut State,
+        flow: &mut Flow,
+        step: QrStep,
+        changes: &mut Changes,
+    ) -> Result<(), Error> {
+        self.queue_verification(st, flow, step.outgoing);
+        let verified = match &step.state {
+            QrState::Done(done) => Some(done.verified.clone()),
+            _ => None,
+        };
+        flow.phase = Phase::Qr(step.state);
+        match verified {
+            Some(verified) => self.record_verified(st, changes, &verified).await,
+            None => Ok(()),
+        }
     }
 
     /// Records what a finished flow proved: the device is verified (our
@@ -530,59 +825,189 @@ impl Machine {
             return Ok(ToDeviceOutcome::Handled);
         };
         let key = (sender.clone(), txn.to_owned());
+        let from = str_field(content, "from_device").and_then(|d| DeviceId::parse(d).ok());
         if event_type == event_types::REQUEST {
-            let from = str_field(content, "from_device").and_then(|d| DeviceId::parse(d).ok());
             let ts = content.get("timestamp").and_then(Value::as_u64).unwrap_or(0);
-            let fresh = ts.saturating_add(REQUEST_MAX_AGE_MS) > now
-                && ts <= now.saturating_add(REQUEST_MAX_FUTURE_MS);
+            let methods = methods_of(content);
             if let (Some(from), true, true, false) =
-                (from, fresh, offers_sas(content), st.flows.contains_key(&key))
+                (from, fresh(ts, now), common_method(&methods), st.flows.contains_key(&key))
             {
-                // Accepting needs the device's keys: fetch them if unknown.
-                let known = self.store().devices(sender).await?.iter().any(|d| d.device_id == from);
-                if !known {
-                    self.mark_outdated(st, changes, sender.clone());
-                }
-                st.flows.insert(
-                    key,
-                    Flow {
-                        flow: FlowId::ToDevice(txn.to_owned()),
-                        other_user: sender.clone(),
-                        other_device: from,
-                        ids: None,
-                        deadline: now.saturating_add(VERIFICATION_TIMEOUT_MS),
-                        phase: Phase::RequestReceived,
-                    },
-                );
+                self.request_received(
+                    st,
+                    changes,
+                    sender,
+                    from,
+                    methods,
+                    FlowId::ToDevice(txn.to_owned()),
+                    now,
+                )
+                .await?;
             }
             return Ok(ToDeviceOutcome::Handled);
         }
         let Some(mut flow) = st.flows.remove(&key) else {
+            // Tell a device that starts or answers a flow we do not know
+            // (never answer a cancel or done: no ping-pong).
+            if let (Some(from), event_types::READY | event_types::START) = (from, event_type) {
+                let cancel = cancel_content(
+                    &FlowId::ToDevice(txn.to_owned()),
+                    &CancelCode::UnknownTransaction,
+                );
+                let id = st.next_id();
+                st.queued.push(to_device_request(
+                    id,
+                    event_types::CANCEL,
+                    [(sender.clone(), from.to_string(), cancel.content)],
+                ));
+            }
             return Ok(ToDeviceOutcome::Handled);
         };
-        let phase = std::mem::replace(&mut flow.phase, Phase::RequestReceived);
-        let result = match (phase, event_type) {
-            (Phase::Requested, event_types::READY) => {
-                let from = str_field(content, "from_device");
-                let created = flow.ids.clone().map(|ids| Created::new(ids, flow.flow.clone(), now));
-                match (from == Some(flow.other_device.as_str()), offers_sas(content), created) {
-                    (true, true, Some(Ok(created))) => {
-                        flow.phase = Phase::Sas(SasState::Created(created));
-                    }
-                    (true, false, _) => {
-                        let out = flow.cancel_handshake(CancelCode::UnknownMethod);
-                        self.queue_verification(st, &flow, vec![out]);
-                    }
-                    (_, _, Some(Err(code))) => {
-                        let out = flow.cancel_handshake(code);
-                        self.queue_verification(st, &flow, vec![out]);
-                    }
-                    _ => {
-                        let out = flow.cancel_handshake(CancelCode::UserMismatch);
-                        self.queue_verification(st, &flow, vec![out]);
+        let result = self.advance(st, changes, &mut flow, event_type, content, now).await;
+        st.flows.insert(key, flow);
+        result.map(|()| ToDeviceOutcome::Handled)
+    }
+
+    /// Records a request from `sender`'s device `from`.
+    #[allow(clippy::too_many_arguments)]
+    async fn request_received(
+        &self,
+        st: &mut State,
+        changes: &mut Changes,
+        sender: &UserId,
+        from: DeviceId,
+        methods: Vec<String>,
+        flow_id: FlowId,
+        now: u64,
+    ) -> Result<(), Error> {
+        // Accepting needs the device's keys: fetch them if unknown.
+        let known = self.store().devices(sender).await?.iter().any(|d| d.device_id == from);
+        if !known {
+            self.mark_outdated(st, changes, sender.clone());
+        }
+        let key = (sender.clone(), flow_id.as_str().to_owned());
+        let mut flow = Self::new_flow(flow_id, sender, now, Phase::RequestReceived);
+        flow.other_device = Some(from.clone());
+        flow.requested_devices = vec![from];
+        flow.their_methods = methods;
+        st.flows.insert(key, flow);
+        Ok(())
+    }
+
+    /// Handles one in-room verification event of `room_id`: an
+    /// `m.room.message` with `msgtype` `m.key.verification.request`
+    /// addressed to us, or an `m.key.verification.*` event referencing a
+    /// request. Pass events as they come in the timeline: encrypted ones
+    /// (`m.room.encrypted`) are decrypted here; events that are not about
+    /// verification are ignored. What the flow sends is queued as
+    /// [`RequestKind::RoomMessage`] requests.
+    pub async fn receive_room_verification_event(
+        &self,
+        room_id: &RoomId,
+        event: &Value,
+    ) -> Result<(), Error> {
+        let (sender, event_type, content) =
+            if event.get("type").and_then(Value::as_str) == Some("m.room.encrypted") {
+                let d = self.decrypt_room_event(room_id, event).await?;
+                (d.sender, d.event_type, d.content)
+            } else {
+                let sender = event
+                    .get("sender")
+                    .and_then(Value::as_str)
+                    .and_then(|s| UserId::parse(s).ok())
+                    .ok_or(Error::VerificationState("event without a valid sender"))?;
+                let t = event.get("type").and_then(Value::as_str).unwrap_or_default().to_owned();
+                (sender, t, event.get("content").cloned().unwrap_or(Value::Null))
+            };
+        let now = now_ms();
+        let mut st = self.inner.state.lock().await;
+        let mut changes = Changes::default();
+        let own_user = self.inner.user_id.clone();
+        if event_type == "m.room.message" {
+            let event_id = event.get("event_id").and_then(Value::as_str);
+            let ts = event.get("origin_server_ts").and_then(Value::as_u64).unwrap_or(0);
+            let from = str_field(&content, "from_device").and_then(|d| DeviceId::parse(d).ok());
+            let methods = methods_of(&content);
+            let to_us = str_field(&content, "to") == Some(own_user.as_str());
+            if let (Some(MSGTYPE_REQUEST), Some(event_id), Some(from), true, true, true) = (
+                str_field(&content, "msgtype"),
+                event_id,
+                from,
+                to_us && sender != own_user,
+                fresh(ts, now),
+                common_method(&methods),
+            ) {
+                if !st.flows.contains_key(&(sender.clone(), event_id.to_owned())) {
+                    let flow =
+                        FlowId::InRoom { room_id: room_id.clone(), event_id: event_id.to_owned() };
+                    self.request_received(&mut st, &mut changes, &sender, from, methods, flow, now)
+                        .await?;
+                }
+            }
+            return self.commit(&mut st, changes, false).await;
+        }
+        if !event_type.starts_with("m.key.verification.") {
+            return Ok(());
+        }
+        let relation = content.get("m.relates_to");
+        let related = match (
+            relation.and_then(|r| r.get("rel_type")).and_then(Value::as_str),
+            relation.and_then(|r| r.get("event_id")).and_then(Value::as_str),
+        ) {
+            (Some("m.reference"), Some(id)) => id.to_owned(),
+            _ => return Ok(()),
+        };
+        if sender == own_user {
+            // Our own echo, or another of our devices answering a request
+            // we also received: that device took the flow.
+            let other_device_took_it = matches!(
+                event_type.as_str(),
+                event_types::READY | event_types::START | event_types::CANCEL
+            ) && str_field(&content, "from_device")
+                != Some(self.inner.device_id.as_str());
+            if other_device_took_it {
+                for flow in st.flows.values_mut() {
+                    if flow.flow.as_str() == related && matches!(flow.phase, Phase::RequestReceived)
+                    {
+                        flow.phase = Phase::Cancelled(Cancelled {
+                            code: CancelCode::Accepted,
+                            by_us: false,
+                        });
                     }
                 }
-                Ok(())
+            }
+            return Ok(());
+        }
+        let key = (sender.clone(), related);
+        let Some(mut flow) = st.flows.remove(&key) else { return Ok(()) };
+        let in_this_room = matches!(&flow.flow, FlowId::InRoom { room_id: r, .. } if r == room_id);
+        let result = if in_this_room {
+            self.advance(&mut st, &mut changes, &mut flow, &event_type, &content, now).await
+        } else {
+            Ok(())
+        };
+        st.flows.insert(key, flow);
+        result?;
+        self.commit(&mut st, changes, false).await
+    }
+
+    /// Feeds one message of the other side into `flow`.
+    async fn advance(
+        &self,
+        st: &mut State,
+        changes: &mut Changes,
+        flow: &mut Flow,
+        event_type: &str,
+        content: &Value,
+        now: u64,
+    ) -> Result<(), Error> {
+        if flow.is_finished() {
+            return Ok(());
+        }
+        let phase = std::mem::replace(&mut flow.phase, Phase::RequestReceived);
+        match (phase, event_type) {
+            (Phase::Requested, event_types::READY) => {
+                flow.phase = Phase::Requested;
+                self.on_ready(st, changes, flow, content, now).await
             }
             (Phase::Requested | Phase::RequestReceived, event_types::CANCEL) => {
                 let code = str_field(content, "code").unwrap_or("m.unknown");
@@ -591,16 +1016,35 @@ impl Machine {
                 Ok(())
             }
             (Phase::Sas(state), _) => {
-                // A start must name the device the flow is with.
-                if event_type == event_types::START
-                    && str_field(content, "from_device") != Some(flow.other_device.as_str())
+                let from_ok = str_field(content, "from_device")
+                    == flow.other_device.as_ref().map(DeviceId::as_str);
+                let reciprocate = str_field(content, "method") == Some(METHOD_RECIPROCATE_V1);
+                if event_type == event_types::START && !from_ok {
+                    // A start must name the device the flow is with.
+                    self.apply_step(st, flow, state.cancel(CancelCode::UserMismatch), changes).await
+                } else if event_type == event_types::START
+                    && reciprocate
+                    && matches!(state, SasState::Created(_))
                 {
-                    let step = state.cancel(CancelCode::UserMismatch);
-                    self.apply_step(st, &mut flow, step, changes).await
+                    // They scanned our code.
+                    match flow.qr_shown.take() {
+                        Some(shown) => {
+                            let step = QrState::Shown(shown).receive(event_type, content, now);
+                            self.apply_qr_step(st, flow, step, changes).await
+                        }
+                        None => {
+                            let step = state.cancel(CancelCode::UnknownMethod);
+                            self.apply_step(st, flow, step, changes).await
+                        }
+                    }
                 } else {
                     let step = state.receive(event_type, content, now);
-                    self.apply_step(st, &mut flow, step, changes).await
+                    self.apply_step(st, flow, step, changes).await
                 }
+            }
+            (Phase::Qr(state), _) => {
+                let step = state.receive(event_type, content, now);
+                self.apply_qr_step(st, flow, step, changes).await
             }
             (phase @ Phase::Cancelled(_), _) => {
                 flow.phase = phase;
@@ -609,12 +1053,86 @@ impl Machine {
             (phase, _) => {
                 flow.phase = phase;
                 let out = flow.cancel_handshake(CancelCode::UnexpectedMessage);
-                self.queue_verification(st, &flow, vec![out]);
+                self.queue_verification(st, flow, vec![out]);
                 Ok(())
             }
+        }
+    }
+
+    /// The other side's `ready` to our request: fixes the device (and its
+    /// keys) that answered; other devices of a fanned-out request get
+    /// `m.accepted`.
+    async fn on_ready(
+        &self,
+        st: &mut State,
+        changes: &mut Changes,
+        flow: &mut Flow,
+        content: &Value,
+        now: u64,
+    ) -> Result<(), Error> {
+        let from = str_field(content, "from_device").and_then(|d| DeviceId::parse(d).ok());
+        let Some(from) = from else {
+            let out = flow.cancel_handshake(CancelCode::InvalidMessage);
+            self.queue_verification(st, flow, vec![out]);
+            return Ok(());
         };
-        st.flows.insert(key, flow);
-        result.map(|()| ToDeviceOutcome::Handled)
+        let allowed = match (&flow.flow, &flow.other_device) {
+            (_, Some(d)) => d == &from,
+            (FlowId::ToDevice(_), None) => flow.requested_devices.contains(&from),
+            (FlowId::InRoom { .. }, None) => true,
+        };
+        if !allowed {
+            // Not a device we asked: ignore it (never cancel for others).
+            return Ok(());
+        }
+        let methods = methods_of(content);
+        if !common_method(&methods) {
+            let out = flow.cancel_handshake(CancelCode::UnknownMethod);
+            self.queue_verification(st, flow, vec![out]);
+            return Ok(());
+        }
+        // The others we asked learn that this device took the flow.
+        let others: Vec<DeviceId> =
+            flow.requested_devices.iter().filter(|d| **d != from).cloned().collect();
+        if !others.is_empty() {
+            let cancel = cancel_content(&flow.flow, &CancelCode::Accepted);
+            let id = st.next_id();
+            st.queued.push(to_device_request(
+                id,
+                event_types::CANCEL,
+                others
+                    .iter()
+                    .map(|d| (flow.other_user.clone(), d.to_string(), cancel.content.clone())),
+            ));
+        }
+        flow.other_device = Some(from.clone());
+        flow.requested_devices = vec![from.clone()];
+        flow.their_methods = methods;
+        let fixed = match flow.ids.clone() {
+            Some(ids) => Ok((ids, flow.believed_own_master)),
+            None => self.fixed_keys(st, &flow.other_user, &from).await,
+        };
+        match fixed {
+            Ok((ids, believed)) => match Created::new(ids.clone(), flow.flow.clone(), now) {
+                Ok(created) => {
+                    flow.ids = Some(ids);
+                    flow.believed_own_master = believed;
+                    flow.phase = Phase::Sas(SasState::Created(created));
+                }
+                Err(code) => {
+                    let out = flow.cancel_handshake(code);
+                    self.queue_verification(st, flow, vec![out]);
+                }
+            },
+            Err(Error::UnknownDevice) => {
+                // We cannot fix keys for a device we do not know.
+                self.mark_outdated(st, changes, flow.other_user.clone());
+                let out = flow.cancel_handshake(CancelCode::KeyMismatch);
+                self.queue_verification(st, flow, vec![out]);
+            }
+            Err(e) => return Err(e),
+        }
+        Ok(())
     }
 
     /// Cancels flows past their deadline (`m.timeout`) and forgets finished
@@ -635,23 +1153,8 @@ impl Machine {
         });
         for key in expired {
             let Some(mut flow) = st.flows.remove(&key) else { continue };
-            let phase = std::mem::replace(&mut flow.phase, Phase::RequestReceived);
-            match phase {
-                Phase::Sas(state) => {
-                    let step = state.poll_timeout(now);
-                    let step = if step.state.is_finished() {
-                        step
-                    } else {
-                        step.state.cancel(CancelCode::Timeout)
-                    };
-                    // A timeout never finishes with verified keys.
-                    self.apply_step(st, &mut flow, step, &mut Changes::default()).await?;
-                }
-                _ => {
-                    let out = flow.cancel_handshake(CancelCode::Timeout);
-                    self.queue_verification(st, &flow, vec![out]);
-                }
-            }
+            // A timeout never finishes with verified keys: nothing to store.
+            self.cancel_flow(st, &mut flow, CancelCode::Timeout, &mut Changes::default()).await?;
             st.flows.insert(key, flow);
         }
         Ok(())

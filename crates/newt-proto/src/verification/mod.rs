@@ -18,10 +18,12 @@
 //!   decimals, MACs and their verification).
 //! - [`sas_flow`]: one SAS flow as a state machine.
 //! - [`qr`]: the binary QR payload.
+//! - [`qr_flow`]: one QR-code verification (show, scan, reciprocate) as a state machine.
 //! - [`emoji`]: the SAS emoji table.
 
 pub mod emoji;
 pub mod qr;
+pub mod qr_flow;
 pub mod sas;
 pub mod sas_flow;
 
