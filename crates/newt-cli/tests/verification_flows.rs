@@ -383,3 +383,72 @@ async fn a_start_for_an_unknown_flow_is_answered_with_unknown_transaction() {
     a2.sync().await.unwrap();
     assert!(a1.next_sync().unwrap().to_device_events.is_empty());
 }
+
+/// Bob's master key changes while a SAS flow runs (a reset, or a server
+/// swapping keys): the MACs cover the keys fixed at the start, so Alice
+/// verifies Bob's device but signs no master key: not the new one (never
+/// MACed) and not the old one (no longer Bob's).
+#[tokio::test]
+async fn a_master_key_replaced_mid_flow_is_never_signed() {
+    let (router, a1, b, _room) = alice_and_bob().await;
+    let flow = to_device_ready(&a1, &b).await;
+    a1.machine.start_sas(&flow).await.unwrap();
+    a1.flush().await.unwrap();
+    for _ in 0..2 {
+        b.sync().await.unwrap();
+        a1.sync().await.unwrap();
+    }
+    assert_eq!(state(&a1, &flow).await, VerificationState::KeysExchanged);
+    // Bob's identity is replaced; Alice learns it before confirming.
+    bootstrap(&b).await;
+    a1.sync().await.unwrap();
+    a1.flush().await.unwrap();
+    assert_eq!(
+        a1.machine.user_identity_state(&uid("@bob:hs")).await.unwrap(),
+        Some(IdentityTrust::PinnedChanged)
+    );
+    // From here on, every request Alice sends is inspected.
+    async fn send_checked(d: &SimDevice) {
+        loop {
+            let requests = d.machine.outgoing_requests().await.unwrap();
+            if requests.is_empty() {
+                return;
+            }
+            for r in &requests {
+                assert!(
+                    !matches!(r.kind, RequestKind::SignaturesUpload { .. }),
+                    "no signature is uploaded for a master key outside the MACed set: {r:?}"
+                );
+                d.send(r).await.unwrap();
+            }
+        }
+    }
+    a1.machine.confirm_sas(&flow).await.unwrap();
+    send_checked(&a1).await;
+    b.machine.confirm_sas(&flow).await.unwrap();
+    b.flush().await.unwrap();
+    b.sync().await.unwrap();
+    for _ in 0..2 {
+        a1.machine.receive_sync(a1.next_sync().unwrap()).await.unwrap();
+        send_checked(&a1).await;
+        b.sync().await.unwrap();
+    }
+    assert_eq!(state(&a1, &flow).await, VerificationState::Done);
+    assert_eq!(state(&b, &flow).await, VerificationState::Done);
+    a1.sync().await.unwrap();
+    assert_ne!(
+        a1.machine.user_identity_state(&uid("@bob:hs")).await.unwrap(),
+        Some(IdentityTrust::Verified)
+    );
+    // No signature by Alice on any master key of Bob reached the server.
+    let q = router
+        .handle("@alice:hs", "A1", "POST", "/keys/query", &json!({"device_keys": {"@bob:hs": []}}))
+        .unwrap();
+    let sigs = &q["master_keys"]["@bob:hs"]["signatures"];
+    assert!(sigs.get("@alice:hs").is_none(), "{sigs}");
+    // The device key was MACed and checked: the device is verified.
+    assert_eq!(
+        a1.machine.device_trust(&uid("@bob:hs"), &did("B")).await.unwrap(),
+        Some(DeviceTrust::LocallyVerified)
+    );
+}
