@@ -1,15 +1,19 @@
-//! SAS verification over to-device between a newt device and a
-//! matrix-sdk-crypto 0.18 device of the same user, through newt-router,
-//! with either side starting: both show the same emoji and end up
-//! trusting the other device.
+//! Verification over to-device between a newt device and a
+//! matrix-sdk-crypto 0.18 device of the same user, through newt-router:
+//! SAS with either side starting (both show the same emoji and end up
+//! trusting the other device), and, with the reference holding the
+//! cross-signing keys, newt joining that identity by SAS and by QR code in
+//! both roles (mode 0x01 shown by the reference, 0x02 shown by newt).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
 
 use std::sync::Arc;
 
+use matrix_sdk_crypto::matrix_sdk_qrcode::QrVerificationData;
 use matrix_sdk_crypto::types::requests::AnyOutgoingRequest;
-use matrix_sdk_crypto::Sas;
-use newt::{DeviceId, LocalTrust, UserId, VerificationState};
+use matrix_sdk_crypto::{Sas, VerificationRequest};
+use newt::{DeviceId, DeviceTrust, LocalTrust, OwnIdentityTrust, UserId, VerificationState};
 use newt_cli::SimDevice;
+use newt_interop::ruma::events::key::verification::VerificationMethod;
 use newt_interop::RefDevice;
 use newt_router::Router;
 use newt_store::MemoryStore;
@@ -146,4 +150,131 @@ async fn reference_requests_and_starts_newt_accepts() {
     newt.sync().await.unwrap(); // key -> our key
     reference.sync().await.unwrap();
     compare_and_confirm(&newt, &reference, &flow).await;
+}
+
+/// Like [`pair`], but the reference created Alice's cross-signing identity
+/// (it holds the private keys and trusts the master key); newt only knows
+/// the public identity and does not trust it yet.
+async fn pair_with_reference_identity() -> (SimDevice, RefDevice) {
+    let (newt, reference) = pair().await;
+    reference.bootstrap_cross_signing().await.unwrap();
+    newt.sync().await.unwrap();
+    newt.flush().await.unwrap();
+    reference.sync().await.unwrap();
+    assert_eq!(
+        newt.machine.own_identity_state().await.unwrap(),
+        Some(OwnIdentityTrust::Unverified)
+    );
+    (newt, reference)
+}
+
+/// After self-verification: newt trusts the master key the reference
+/// created, the reference signed newt's device with its self-signing key
+/// and sees it verified, and newt sees the reference's device as verified.
+async fn assert_newt_joined_the_identity(newt: &SimDevice, reference: &RefDevice) {
+    for _ in 0..2 {
+        reference.sync().await.unwrap();
+        newt.sync().await.unwrap();
+    }
+    assert_eq!(newt.machine.own_identity_state().await.unwrap(), Some(OwnIdentityTrust::Verified));
+    let alice = RefDevice::user_id(ALICE).unwrap();
+    let device =
+        reference.machine.get_device(&alice, NEWT_DEV.into(), None).await.unwrap().unwrap();
+    assert!(device.is_verified(), "the reference verified newt's device");
+    assert!(device.is_cross_signed_by_owner(), "and signed it with the self-signing key");
+    let trust = newt
+        .machine
+        .device_trust(&UserId::parse(ALICE).unwrap(), &DeviceId::parse(REF_DEV).unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    // Verified directly (SAS) or through the now trusted identity (QR).
+    assert!(
+        matches!(trust, DeviceTrust::LocallyVerified | DeviceTrust::CrossSignedByVerifiedOwner),
+        "{trust:?}"
+    );
+}
+
+fn all_methods() -> Vec<VerificationMethod> {
+    vec![
+        VerificationMethod::SasV1,
+        VerificationMethod::QrCodeShowV1,
+        VerificationMethod::QrCodeScanV1,
+        VerificationMethod::ReciprocateV1,
+    ]
+}
+
+/// The reference asks newt (to-device, all methods); newt accepts.
+async fn reference_asks(newt: &SimDevice, reference: &RefDevice) -> VerificationRequest {
+    let alice = RefDevice::user_id(ALICE).unwrap();
+    let device =
+        reference.machine.get_device(&alice, NEWT_DEV.into(), None).await.unwrap().unwrap();
+    let (request, out) = device.request_verification_with_methods(all_methods());
+    reference.send_verification(out).await.unwrap();
+    let flow = request.flow_id().as_str().to_owned();
+    newt.sync().await.unwrap();
+    newt.machine.accept_verification(&flow).await.unwrap();
+    newt.flush().await.unwrap();
+    reference.sync().await.unwrap();
+    assert!(request.is_ready());
+    request
+}
+
+#[tokio::test]
+async fn sas_new_newt_device_joins_the_reference_identity() {
+    let (newt, reference) = pair_with_reference_identity().await;
+    let request = reference_asks(&newt, &reference).await;
+    let flow = request.flow_id().as_str().to_owned();
+    let (_, start) = request.start_sas().await.unwrap().unwrap();
+    reference.send_verification(start).await.unwrap();
+    newt.sync().await.unwrap();
+    reference.sync().await.unwrap();
+    newt.sync().await.unwrap();
+    reference.sync().await.unwrap();
+    compare_and_confirm(&newt, &reference, &flow).await;
+    assert_newt_joined_the_identity(&newt, &reference).await;
+}
+
+#[tokio::test]
+async fn qr_reference_shows_mode_1_newt_scans() {
+    let (newt, reference) = pair_with_reference_identity().await;
+    let request = reference_asks(&newt, &reference).await;
+    let flow = request.flow_id().as_str().to_owned();
+    let qr = request.generate_qr_code().await.unwrap().expect("the reference shows a code");
+    let code = qr.to_bytes().unwrap();
+    assert_eq!(code[7], 0x01, "self-verification, the showing device trusts the master key");
+    newt.machine.scan_qr_code(&flow, &code).await.unwrap();
+    newt.flush().await.unwrap();
+    reference.sync().await.unwrap();
+    assert!(qr.has_been_scanned(), "{:?}", qr.cancel_info());
+    reference.send_verification(qr.confirm_scanning().unwrap()).await.unwrap();
+    newt.sync().await.unwrap();
+    reference.sync().await.unwrap();
+    assert_eq!(newt.machine.verification_state(&flow).await, Some(VerificationState::Done));
+    assert!(qr.is_done(), "{:?}", qr.cancel_info());
+    assert_newt_joined_the_identity(&newt, &reference).await;
+}
+
+#[tokio::test]
+async fn qr_newt_shows_mode_2_reference_scans() {
+    let (newt, reference) = pair_with_reference_identity().await;
+    let request = reference_asks(&newt, &reference).await;
+    let flow = request.flow_id().as_str().to_owned();
+    let code = newt.machine.qr_code(&flow).await.unwrap().expect("newt shows a code");
+    assert_eq!(
+        code[7], 0x02,
+        "self-verification, the showing device does not trust the master key"
+    );
+    let data = QrVerificationData::from_bytes(code).unwrap();
+    let qr = request.scan_qr_code(data).await.unwrap().expect("the reference scans");
+    reference.send_verification(qr.reciprocate().unwrap()).await.unwrap();
+    newt.sync().await.unwrap();
+    assert_eq!(newt.machine.verification_state(&flow).await, Some(VerificationState::QrScanned));
+    newt.machine.confirm_qr_scanned(&flow).await.unwrap();
+    newt.flush().await.unwrap();
+    reference.sync().await.unwrap();
+    newt.sync().await.unwrap();
+    assert!(qr.is_done(), "{:?}", qr.cancel_info());
+    assert_eq!(newt.machine.verification_state(&flow).await, Some(VerificationState::Done));
+    assert_newt_joined_the_identity(&newt, &reference).await;
 }
