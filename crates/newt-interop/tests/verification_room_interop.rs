@@ -8,6 +8,7 @@
 
 use std::sync::Arc;
 
+use matrix_sdk_crypto::matrix_sdk_qrcode::qrcode::Color;
 use matrix_sdk_crypto::matrix_sdk_qrcode::QrVerificationData;
 use matrix_sdk_crypto::Verification;
 use newt::{IdentityTrust, RoomId, RoomSettings, UserId, VerificationState};
@@ -268,7 +269,14 @@ async fn qr_in_room_newt_shows_reference_scans() {
     let mut w = World::new().await;
     let flow = w.newt_requests().await;
     let code = w.newt.machine.qr_code(&flow).await.unwrap().expect("newt shows a code");
+    // newt's rendering (feature `qr-matrix`) is module for module the
+    // reference's rendering of the same payload.
+    let ours = newt::QrMatrix::render(&code).unwrap();
     let data = QrVerificationData::from_bytes(code).unwrap();
+    let theirs = data.to_qr_code().unwrap();
+    assert_eq!(ours.width, theirs.width());
+    let dark: Vec<bool> = theirs.to_colors().into_iter().map(|c| c == Color::Dark).collect();
+    assert_eq!(ours.modules, dark);
     let qr = w.ref_request(&flow).scan_qr_code(data).await.unwrap().expect("reference scans");
     w.reference.send_verification(qr.reciprocate().unwrap()).await.unwrap();
     w.newt_catch_up().await;

@@ -118,7 +118,8 @@
 //! - Then [`Machine::accept_verification`] (theirs), and either SAS
 //!   ([`Machine::start_sas`], [`Machine::sas_emoji`] / [`Machine::sas_decimals`],
 //!   [`Machine::confirm_sas`] or [`Machine::sas_mismatch`]) or QR
-//!   ([`Machine::qr_code`] to show, [`Machine::scan_qr_code`] to scan,
+//!   ([`Machine::qr_code`] to show (the payload bytes; with the `qr-matrix`
+//!   feature, `QrMatrix::render` turns them into modules), [`Machine::scan_qr_code`] to scan,
 //!   [`Machine::confirm_qr_scanned`] when the other side scanned ours).
 //!
 //! Flows are kept in memory only: a restart forgets them (the other side
@@ -144,6 +145,8 @@ pub use newt_proto::megolm::{DecryptedRoomEvent, MegolmError, RotationSettings};
 pub use newt_proto::records::LocalTrust;
 pub use newt_proto::sharing::SharingPolicy;
 pub use newt_proto::trust::SenderTrust;
+#[cfg(feature = "qr-matrix")]
+pub use newt_proto::verification::qr::QrMatrix;
 pub use newt_proto::verification::qr_flow::ScanError;
 pub use newt_proto::verification::CancelCode;
 pub use requests::{OutgoingRequest, RequestKind};

@@ -91,6 +91,50 @@ pub enum QrError {
     /// Encoding: the flow ID does not fit a 16-bit length.
     #[error("flow ID of {0} bytes is too long")]
     FlowIdTooLong(usize),
+    /// Rendering: the payload does not fit the largest QR symbol.
+    #[error("a QR payload of {0} bytes does not fit a QR code")]
+    TooLongForQrCode(usize),
+}
+
+/// A rendered QR symbol: `width` × `width` modules, row by row, `true` for
+/// dark. Draw each module as a square and leave a light margin of four
+/// modules around the symbol.
+#[cfg(feature = "qr-matrix")]
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QrMatrix {
+    /// Modules per side.
+    pub width: usize,
+    /// `width * width` modules, row-major; `true` is dark.
+    pub modules: Vec<bool>,
+}
+
+#[cfg(feature = "qr-matrix")]
+impl QrMatrix {
+    /// Renders `payload` (from [`QrPayload::encode`]) the way Matrix
+    /// scanners expect: a single byte-mode segment with no ECI header (so
+    /// decoders hand back the raw bytes), error correction level L, at
+    /// version 7 (as matrix-sdk-crypto does) or the smallest larger
+    /// version that fits.
+    pub fn render(payload: &[u8]) -> Result<Self, QrError> {
+        use qrcode::bits::Bits;
+        use qrcode::{Color, EcLevel, QrCode, Version};
+        for version in 7..=40 {
+            let mut bits = Bits::new(Version::Normal(version));
+            if bits.push_byte_data(payload).is_err() || bits.push_terminator(EcLevel::L).is_err() {
+                continue;
+            }
+            if let Ok(code) = QrCode::with_bits(bits, EcLevel::L) {
+                let modules = code.to_colors().into_iter().map(|c| c == Color::Dark).collect();
+                return Ok(Self { width: code.width(), modules });
+            }
+        }
+        Err(QrError::TooLongForQrCode(payload.len()))
+    }
+
+    /// Whether the module at (`x`, `y`) is dark (`false` outside).
+    pub fn is_dark(&self, x: usize, y: usize) -> bool {
+        x < self.width && self.modules.get(y * self.width + x).copied().unwrap_or(false)
+    }
 }
 
 /// A decoded (or to-be-encoded) QR payload.
@@ -296,6 +340,20 @@ mod tests {
             QrPayload { flow_id: "x".repeat(70_000), ..sample() }.encode(),
             Err(QrError::FlowIdTooLong(70_000))
         );
+    }
+
+    #[cfg(feature = "qr-matrix")]
+    #[test]
+    fn renders_version_7_and_grows_for_long_flow_ids() {
+        let m = QrMatrix::render(&sample().encode().unwrap()).unwrap();
+        assert_eq!(m.width, 45, "version 7 is 45 modules wide");
+        assert_eq!(m.modules.len(), 45 * 45);
+        // The finder pattern's corner modules are dark, its inner ring light.
+        assert!(m.is_dark(0, 0) && m.is_dark(6, 6) && !m.is_dark(1, 1));
+        let long = QrPayload { flow_id: "$".repeat(400), ..sample() }.encode().unwrap();
+        let m = QrMatrix::render(&long).unwrap();
+        assert!(m.width > 45);
+        assert_eq!(QrMatrix::render(&vec![0; 5000]), Err(QrError::TooLongForQrCode(5000)));
     }
 
     #[test]
