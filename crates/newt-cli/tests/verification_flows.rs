@@ -452,3 +452,46 @@ async fn a_master_key_replaced_mid_flow_is_never_signed() {
         Some(DeviceTrust::LocallyVerified)
     );
 }
+
+/// Alice asks Bob in a room; Bob has two devices; when one answers, the
+/// other sees its `ready` in the room and drops the request (`m.accepted`).
+#[tokio::test]
+async fn an_in_room_request_answered_by_another_of_our_devices_is_taken() {
+    let router = Arc::new(Router::new());
+    let a1 = dev(&router, "@alice:hs", "A1").await;
+    let b = dev(&router, "@bob:hs", "B").await;
+    let b2 = dev(&router, "@bob:hs", "B2").await;
+    let users = [uid("@alice:hs"), uid("@bob:hs")];
+    settle(&[&a1, &b, &b2], &users).await;
+    bootstrap(&a1).await;
+    bootstrap(&b).await;
+    settle(&[&a1, &b, &b2], &users).await;
+    let room = RoomId::parse("!dm:hs").unwrap();
+    for d in [&a1, &b, &b2] {
+        d.share_room_key(&room, &users, &RoomSettings::default()).await.unwrap();
+    }
+    for d in [&a1, &b, &b2] {
+        d.sync().await.unwrap();
+    }
+    let (mut ta, mut tb, mut tb2) =
+        (Timeline::new(&a1, &room), Timeline::new(&b, &room), Timeline::new(&b2, &room));
+    let content = a1.machine.room_verification_request_content(&uid("@bob:hs"));
+    let event = a1.send_event(&room, "m.room.message", content).await.unwrap();
+    let flow = event["event_id"].as_str().unwrap().to_owned();
+    a1.machine.room_verification_request_sent(&room, &flow, &uid("@bob:hs")).await.unwrap();
+    tb.catch_up().await;
+    tb2.catch_up().await;
+    assert_eq!(state(&b2, &flow).await, VerificationState::RequestReceived);
+    b.machine.accept_verification(&flow).await.unwrap();
+    b.flush().await.unwrap();
+    tb2.catch_up().await;
+    assert_eq!(
+        state(&b2, &flow).await,
+        VerificationState::Cancelled { code: CancelCode::Accepted, by_us: false }
+    );
+    assert!(b2.machine.accept_verification(&flow).await.is_err());
+    ta.catch_up().await;
+    assert_eq!(state(&a1, &flow).await, VerificationState::Ready);
+    let flows = a1.machine.verification_flows().await;
+    assert_eq!(flows[0].other_device.as_ref(), Some(&did("B")));
+}
