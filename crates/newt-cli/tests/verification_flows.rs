@@ -494,4 +494,12 @@ async fn an_in_room_request_answered_by_another_of_our_devices_is_taken() {
     assert_eq!(state(&a1, &flow).await, VerificationState::Ready);
     let flows = a1.machine.verification_flows().await;
     assert_eq!(flows[0].other_device.as_ref(), Some(&did("B")));
+    // Bob's other device cannot interfere with the flow Alice runs with B.
+    let cancel = json!({
+        "code": "m.user", "reason": "not me",
+        "m.relates_to": {"rel_type": "m.reference", "event_id": flow},
+    });
+    b2.send_event(&room, "m.key.verification.cancel", cancel).await.unwrap();
+    ta.catch_up().await;
+    assert_eq!(state(&a1, &flow).await, VerificationState::Ready);
 }

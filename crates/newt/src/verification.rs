@@ -905,10 +905,11 @@ impl Machine {
         room_id: &RoomId,
         event: &Value,
     ) -> Result<(), Error> {
-        let (sender, event_type, content) =
+        // For an encrypted event we also learn the sending device.
+        let (sender, event_type, content, sender_device) =
             if event.get("type").and_then(Value::as_str) == Some("m.room.encrypted") {
                 let d = self.decrypt_room_event(room_id, event).await?;
-                (d.sender, d.event_type, d.content)
+                (d.sender, d.event_type, d.content, d.sender_device)
             } else {
                 let sender = event
                     .get("sender")
@@ -916,7 +917,7 @@ impl Machine {
                     .and_then(|s| UserId::parse(s).ok())
                     .ok_or(Error::VerificationState("event without a valid sender"))?;
                 let t = event.get("type").and_then(Value::as_str).unwrap_or_default().to_owned();
-                (sender, t, event.get("content").cloned().unwrap_or(Value::Null))
+                (sender, t, event.get("content").cloned().unwrap_or(Value::Null), None)
             };
         let now = now_ms();
         let mut st = self.inner.state.lock().await;
@@ -980,6 +981,13 @@ impl Machine {
         let key = (sender.clone(), related);
         let Some(mut flow) = st.flows.remove(&key) else { return Ok(()) };
         let in_this_room = matches!(&flow.flow, FlowId::InRoom { room_id: r, .. } if r == room_id);
+        // Once the flow is with one device, an encrypted message provably
+        // sent by another device of the user is not part of it.
+        let from_other_device = matches!(
+            (&sender_device, &flow.other_device),
+            (Some(sent_by), Some(with)) if sent_by != with
+        );
+        let in_this_room = in_this_room && !from_other_device;
         let result = if in_this_room {
             self.advance(&mut st, &mut changes, &mut flow, &event_type, &content, now).await
         } else {
