@@ -278,3 +278,66 @@ async fn qr_newt_shows_mode_2_reference_scans() {
     assert_eq!(newt.machine.verification_state(&flow).await, Some(VerificationState::Done));
     assert_newt_joined_the_identity(&newt, &reference).await;
 }
+
+/// The mirror image: newt created Alice's cross-signing identity; the
+/// reference device joins it by SAS. The reference then trusts the master
+/// key newt made, sees newt's device as verified, and newt signed the
+/// reference's device with its self-signing key.
+#[tokio::test]
+async fn sas_reference_device_joins_the_newt_identity() {
+    let (newt, reference) = pair().await;
+    let requests = newt.machine.bootstrap_cross_signing().await.unwrap();
+    for (path, body) in [
+        ("/keys/device_signing/upload", &requests.device_signing_upload),
+        ("/keys/signatures/upload", &requests.signatures_upload),
+    ] {
+        newt.router().handle(ALICE, NEWT_DEV, "POST", path, body).unwrap();
+    }
+    newt.sync().await.unwrap();
+    reference.sync().await.unwrap();
+    let alice = RefDevice::user_id(ALICE).unwrap();
+    let own = reference.machine.get_identity(&alice, None).await.unwrap().unwrap().own().unwrap();
+    assert!(!own.is_verified(), "the reference does not trust newt's master key yet");
+
+    let (flow, request) = newt
+        .machine
+        .request_verification(&UserId::parse(ALICE).unwrap(), &DeviceId::parse(REF_DEV).unwrap())
+        .await
+        .unwrap();
+    newt.send(&request).await.unwrap();
+    reference.sync().await.unwrap();
+    let ref_request = reference.machine.get_verification_request(&alice, &flow).unwrap();
+    reference.send_verification(ref_request.accept().unwrap()).await.unwrap();
+    newt.sync().await.unwrap();
+    newt.machine.start_sas(&flow).await.unwrap();
+    newt.flush().await.unwrap();
+    reference.sync().await.unwrap();
+    reference.send_verification(sas(&reference, &flow).accept().unwrap()).await.unwrap();
+    newt.sync().await.unwrap();
+    reference.sync().await.unwrap();
+    newt.sync().await.unwrap();
+    compare_and_confirm(&newt, &reference, &flow).await;
+    for _ in 0..2 {
+        newt.sync().await.unwrap();
+        reference.sync().await.unwrap();
+    }
+
+    let own = reference.machine.get_identity(&alice, None).await.unwrap().unwrap().own().unwrap();
+    assert!(own.is_verified(), "the reference now trusts the master key newt created");
+    let newt_device =
+        reference.machine.get_device(&alice, NEWT_DEV.into(), None).await.unwrap().unwrap();
+    assert!(newt_device.is_cross_signed_by_owner() && newt_device.is_verified());
+    let ref_device =
+        reference.machine.get_device(&alice, REF_DEV.into(), None).await.unwrap().unwrap();
+    assert!(
+        ref_device.is_cross_signed_by_owner(),
+        "newt signed the reference's device with its self-signing key"
+    );
+    assert_eq!(
+        newt.machine
+            .device_trust(&UserId::parse(ALICE).unwrap(), &DeviceId::parse(REF_DEV).unwrap())
+            .await
+            .unwrap(),
+        Some(DeviceTrust::LocallyVerified)
+    );
+}
