@@ -88,7 +88,7 @@ async fn in_room_ready(
     ta: &mut Timeline<'_>,
     tb: &mut Timeline<'_>,
 ) -> String {
-    let content = a1.machine.room_verification_request_content(&uid("@bob:hs"));
+    let content = a1.machine.room_verification_request_content(&uid("@bob:hs")).await;
     assert_eq!(content["msgtype"], "m.key.verification.request");
     assert_eq!(content["to"], "@bob:hs");
     let event = a1.send_event(room, "m.room.message", content).await.unwrap();
@@ -475,7 +475,7 @@ async fn an_in_room_request_answered_by_another_of_our_devices_is_taken() {
     }
     let (mut ta, mut tb, mut tb2) =
         (Timeline::new(&a1, &room), Timeline::new(&b, &room), Timeline::new(&b2, &room));
-    let content = a1.machine.room_verification_request_content(&uid("@bob:hs"));
+    let content = a1.machine.room_verification_request_content(&uid("@bob:hs")).await;
     let event = a1.send_event(&room, "m.room.message", content).await.unwrap();
     let flow = event["event_id"].as_str().unwrap().to_owned();
     a1.machine.room_verification_request_sent(&room, &flow, &uid("@bob:hs")).await.unwrap();
@@ -502,4 +502,161 @@ async fn an_in_room_request_answered_by_another_of_our_devices_is_taken() {
     b2.send_event(&room, "m.key.verification.cancel", cancel).await.unwrap();
     ta.catch_up().await;
     assert_eq!(state(&a1, &flow).await, VerificationState::Ready);
+}
+
+/// Messages a malicious or confused peer (or server) can inject into an
+/// in-room flow are ignored: a to-device message naming the flow, a
+/// plaintext event in an encrypted flow, a second delivery of an event, and
+/// another user's request reusing the flow ID.
+#[tokio::test]
+async fn injected_messages_do_not_drive_an_in_room_flow() {
+    let (router, a1, b, room) = alice_and_bob().await;
+    let mallory = dev(&router, "@mallory:hs", "M").await;
+    settle(&[&mallory], &[uid("@alice:hs")]).await;
+    let mut ta = Timeline::new(&a1, &room);
+    let mut tb = Timeline::new(&b, &room);
+    let flow = in_room_ready(&a1, &b, &room, &mut ta, &mut tb).await;
+
+    // A to-device cancel from Bob naming the in-room flow.
+    let cancel = json!({"transaction_id": flow, "code": "m.user", "reason": "x",
+        "m.relates_to": {"rel_type": "m.reference", "event_id": flow}});
+    router
+        .handle(
+            "@bob:hs",
+            "B",
+            "PUT",
+            "/sendToDevice/m.key.verification.cancel/t1",
+            &json!({"messages": {"@alice:hs": {"A1": cancel}}}),
+        )
+        .unwrap();
+    a1.sync().await.unwrap();
+    assert_eq!(state(&a1, &flow).await, VerificationState::Ready);
+
+    // A plaintext cancel "from Bob" in a flow whose messages are encrypted.
+    router
+        .send_room_event(
+            room.as_str(),
+            "@bob:hs",
+            "m.key.verification.cancel",
+            json!({"code": "m.user", "reason": "x",
+                "m.relates_to": {"rel_type": "m.reference", "event_id": flow}}),
+        )
+        .unwrap();
+    ta.catch_up().await;
+    assert_eq!(state(&a1, &flow).await, VerificationState::Ready);
+
+    // Mallory asks Alice to-device, reusing the flow ID: ignored, so the
+    // flow ID keeps meaning the flow with Bob.
+    let request = json!({"transaction_id": flow, "from_device": "M",
+        "methods": ["m.sas.v1"], "timestamp": newt_now()});
+    router
+        .handle(
+            "@mallory:hs",
+            "M",
+            "PUT",
+            "/sendToDevice/m.key.verification.request/t2",
+            &json!({"messages": {"@alice:hs": {"A1": request}}}),
+        )
+        .unwrap();
+    a1.sync().await.unwrap();
+    let flows = a1.machine.verification_flows().await;
+    assert_eq!(flows.len(), 1);
+    assert_eq!(flows[0].other_user, uid("@bob:hs"));
+
+    // The SAS runs; then the whole timeline is delivered again: no effect.
+    a1.machine.start_sas(&flow).await.unwrap();
+    a1.flush().await.unwrap();
+    for _ in 0..3 {
+        tb.catch_up().await;
+        ta.catch_up().await;
+    }
+    assert_eq!(state(&a1, &flow).await, VerificationState::KeysExchanged);
+    ta.seen = 0;
+    ta.catch_up().await;
+    assert_eq!(state(&a1, &flow).await, VerificationState::KeysExchanged);
+    assert_eq!(state(&b, &flow).await, VerificationState::KeysExchanged);
+}
+
+fn newt_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64
+}
+
+/// A fanned-out request declined by one device is withdrawn from the
+/// others; a `ready` from a device we have not queried yet is not fatal.
+#[tokio::test]
+async fn a_declined_fan_out_is_withdrawn_from_the_other_devices() {
+    let router = Arc::new(Router::new());
+    let a1 = dev(&router, "@alice:hs", "A1").await;
+    let a2 = dev(&router, "@alice:hs", "A2").await;
+    let a3 = dev(&router, "@alice:hs", "A3").await;
+    settle(&[&a1, &a2, &a3], &[uid("@alice:hs")]).await;
+    settle(&[&a1, &a2, &a3], &[uid("@alice:hs")]).await;
+    let (flow, request) = a1.machine.request_own_verification().await.unwrap();
+    a1.send(&request).await.unwrap();
+    a2.sync().await.unwrap();
+    a3.sync().await.unwrap();
+    a2.machine.cancel_verification(&flow).await.unwrap();
+    a2.flush().await.unwrap();
+    a1.sync().await.unwrap();
+    assert_eq!(
+        state(&a1, &flow).await,
+        VerificationState::Cancelled { code: CancelCode::User, by_us: false }
+    );
+    a3.sync().await.unwrap();
+    assert_eq!(
+        state(&a3, &flow).await,
+        VerificationState::Cancelled { code: CancelCode::User, by_us: false }
+    );
+}
+
+#[tokio::test]
+async fn a_ready_from_an_unknown_device_is_not_fatal() {
+    let router = Arc::new(Router::new());
+    let a1 = dev(&router, "@alice:hs", "A1").await;
+    let b = dev(&router, "@bob:hs", "B").await;
+    let users = [uid("@alice:hs"), uid("@bob:hs")];
+    settle(&[&a1, &b], &users).await;
+    bootstrap(&a1).await;
+    bootstrap(&b).await;
+    settle(&[&a1, &b], &users).await;
+    let room = RoomId::parse("!dm:hs").unwrap();
+    a1.share_room_key(&room, &users, &RoomSettings::default()).await.unwrap();
+    let content = a1.machine.room_verification_request_content(&uid("@bob:hs")).await;
+    let event = a1.send_event(&room, "m.room.message", content).await.unwrap();
+    let flow = event["event_id"].as_str().unwrap().to_owned();
+    a1.machine.room_verification_request_sent(&room, &flow, &uid("@bob:hs")).await.unwrap();
+    let mut ta = Timeline::new(&a1, &room);
+    // A plaintext ready naming a device Alice has never seen.
+    router
+        .send_room_event(
+            room.as_str(),
+            "@bob:hs",
+            "m.key.verification.ready",
+            json!({"from_device": "NEWPHONE", "methods": ["m.sas.v1"],
+                "m.relates_to": {"rel_type": "m.reference", "event_id": flow}}),
+        )
+        .unwrap();
+    ta.catch_up().await;
+    assert_eq!(state(&a1, &flow).await, VerificationState::Requested);
+}
+
+#[tokio::test]
+async fn methods_follow_what_the_app_can_do() {
+    let (_router, a1, b, room) = alice_and_bob().await;
+    // Bob's app has no camera and no QR renderer.
+    b.machine
+        .set_verification_methods(newt::VerificationMethods {
+            sas: true,
+            show_qr: false,
+            scan_qr: false,
+        })
+        .await;
+    let mut ta = Timeline::new(&a1, &room);
+    let mut tb = Timeline::new(&b, &room);
+    let flow = in_room_ready(&a1, &b, &room, &mut ta, &mut tb).await;
+    assert_eq!(a1.machine.qr_code(&flow).await.unwrap(), None, "Bob cannot scan");
+    assert_eq!(b.machine.qr_code(&flow).await.unwrap(), None, "Bob cannot show");
+    assert!(b.machine.scan_qr_code(&flow, b"MATRIX").await.is_err());
+    // SAS is still possible.
+    b.machine.start_sas(&flow).await.unwrap();
 }

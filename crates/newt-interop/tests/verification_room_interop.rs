@@ -136,7 +136,7 @@ impl World {
     /// newt (Alice) sends an in-room request; the reference (Bob) accepts.
     async fn newt_requests(&mut self) -> String {
         let bob = UserId::parse(BOB).unwrap();
-        let content = self.newt.machine.room_verification_request_content(&bob);
+        let content = self.newt.machine.room_verification_request_content(&bob).await;
         let event = self.newt.send_event(&self.room, "m.room.message", content).await.unwrap();
         let flow = event["event_id"].as_str().unwrap().to_owned();
         self.newt.machine.room_verification_request_sent(&self.room, &flow, &bob).await.unwrap();

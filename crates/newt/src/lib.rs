@@ -136,7 +136,7 @@ pub use error::Error;
 pub use machine::{
     IdentityRejection, ImportSummary, KeysQueryReport, Machine, ProcessedToDevice,
     RejectedIdentity, RoomSettings, SyncChanges, SyncOutcome, ToDeviceError, ToDeviceOutcome,
-    VerificationFlow, VerificationState,
+    VerificationFlow, VerificationMethods, VerificationState,
 };
 pub use newt_proto::identities::{
     BootstrapRequests, CrossSigningError, DeviceTrust, IdentityTrust, OwnIdentityTrust,

@@ -48,7 +48,7 @@ use crate::Error;
 
 #[path = "verification.rs"]
 mod verification;
-pub use verification::{VerificationFlow, VerificationState};
+pub use verification::{VerificationFlow, VerificationMethods, VerificationState};
 
 /// To-device verification event types start with this.
 const VERIFICATION_PREFIX: &str = "m.key.verification.";
@@ -238,7 +238,7 @@ struct State {
     last_unwedge: BTreeMap<String, u64>,
     wedged: BTreeSet<(UserId, DeviceId)>,
     reports: Vec<KeysQueryReport>,
-    flows: BTreeMap<(UserId, String), verification::Flow>,
+    flows: verification::Flows,
     share_batches: BTreeMap<String, ShareBatch>,
 }
 
@@ -333,7 +333,7 @@ impl Machine {
                     last_unwedge: BTreeMap::new(),
                     wedged: BTreeSet::new(),
                     reports: Vec::new(),
-                    flows: BTreeMap::new(),
+                    flows: verification::Flows::default(),
                     share_batches: BTreeMap::new(),
                 }),
             }),

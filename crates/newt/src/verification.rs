@@ -19,11 +19,17 @@
 //! stored device and identity; what a finished flow proved is written to
 //! the store.
 
+use std::collections::{BTreeMap, BTreeSet};
+
 use newt_proto::vodozemac::Ed25519PublicKey;
+use rand::rngs::OsRng;
+use rand::RngCore;
 use serde_json::{json, Map, Value};
 
 use newt_proto::changes::Changes;
-use newt_proto::identities::{signatures_upload_body, OwnIdentity, OwnIdentityTrust, TrustRoot};
+use newt_proto::identities::{
+    signatures_upload_body, KeyUsage, OwnIdentity, OwnIdentityTrust, TrustRoot,
+};
 use newt_proto::ids::{DeviceId, RoomId, UserId};
 use newt_proto::records::LocalTrust;
 use newt_proto::verification::emoji::Emoji;
@@ -48,9 +54,6 @@ use crate::Error;
 const REQUEST_MAX_AGE_MS: u64 = VERIFICATION_TIMEOUT_MS;
 /// A request whose timestamp is this far in the future is ignored (ms).
 const REQUEST_MAX_FUTURE_MS: u64 = 5 * 60 * 1000;
-/// The methods we offer in `request` and `ready`.
-const METHODS: [&str; 4] =
-    [METHOD_SAS_V1, METHOD_QR_SHOW_V1, METHOD_QR_SCAN_V1, METHOD_RECIPROCATE_V1];
 /// `msgtype` of an in-room request.
 const MSGTYPE_REQUEST: &str = "m.key.verification.request";
 
@@ -101,6 +104,91 @@ pub struct VerificationFlow {
     pub state: VerificationState,
 }
 
+/// The verification methods this device offers in its requests and
+/// `ready`s (default: all). An app that cannot show QR codes turns
+/// `show_qr` off, one without a camera `scan_qr`
+/// ([`Machine::set_verification_methods`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VerificationMethods {
+    /// `m.sas.v1`: emoji / decimal comparison.
+    pub sas: bool,
+    /// `m.qr_code.show.v1`: we can display a QR code.
+    pub show_qr: bool,
+    /// `m.qr_code.scan.v1`: we can scan a QR code.
+    pub scan_qr: bool,
+}
+
+impl Default for VerificationMethods {
+    fn default() -> Self {
+        Self { sas: true, show_qr: true, scan_qr: true }
+    }
+}
+
+impl VerificationMethods {
+    fn to_wire(self) -> Value {
+        let mut out = Vec::new();
+        if self.sas {
+            out.push(METHOD_SAS_V1);
+        }
+        if self.show_qr {
+            out.push(METHOD_QR_SHOW_V1);
+        }
+        if self.scan_qr {
+            out.push(METHOD_QR_SCAN_V1);
+        }
+        if self.show_qr || self.scan_qr {
+            out.push(METHOD_RECIPROCATE_V1);
+        }
+        json!(out)
+    }
+
+    /// Whether we and a peer offering `theirs` can do anything together.
+    fn common(self, theirs: &[String]) -> bool {
+        let has = |m: &str| theirs.iter().any(|t| t == m);
+        (self.sas && has(METHOD_SAS_V1))
+            || (has(METHOD_RECIPROCATE_V1)
+                && ((self.show_qr && has(METHOD_QR_SCAN_V1))
+                    || (self.scan_qr && has(METHOD_QR_SHOW_V1))))
+    }
+}
+
+/// The flows of one machine, keyed by (other user, flow ID), and the
+/// methods we offer.
+#[derive(Default)]
+pub(crate) struct Flows {
+    map: BTreeMap<(UserId, String), Flow>,
+    methods: VerificationMethods,
+}
+
+impl std::ops::Deref for Flows {
+    type Target = BTreeMap<(UserId, String), Flow>;
+    fn deref(&self) -> &Self::Target {
+        &self.map
+    }
+}
+
+impl std::ops::DerefMut for Flows {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.map
+    }
+}
+
+impl Flows {
+    /// Whether any flow, with anyone, already uses `flow_id` (flow IDs are
+    /// looked up alone, so a second flow must not shadow the first).
+    fn id_in_use(&self, flow_id: &str) -> bool {
+        self.map.keys().any(|(_, id)| id == flow_id)
+    }
+}
+
+/// A fresh, unguessable transaction ID for a to-device flow.
+fn new_transaction_id() -> String {
+    let mut bytes = [0u8; 12];
+    OsRng.fill_bytes(&mut bytes);
+    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    format!("newt-{hex}")
+}
+
 // Few flows live at once; boxing the states would only add indirection.
 #[allow(clippy::large_enum_variant)]
 enum Phase {
@@ -133,6 +221,15 @@ pub(crate) struct Flow {
     believed_own_master: Option<Ed25519PublicKey>,
     /// The QR code we show, once asked for.
     qr_shown: Option<Shown>,
+    /// Whether we hold our user-signing key: verifying another user's
+    /// identity records something only then.
+    can_sign_users: bool,
+    /// In-room flows: whether the other side's messages come encrypted
+    /// (fixed by the first one; a flow never mixes).
+    room_encrypted: Option<bool>,
+    /// In-room flows: the event IDs already handled (a timeline may
+    /// deliver an event twice).
+    seen_events: BTreeSet<String>,
     deadline: u64,
     phase: Phase,
 }
@@ -205,13 +302,6 @@ fn methods_of(content: &Value) -> Vec<String> {
         .unwrap_or_default()
 }
 
-/// Whether the offered methods leave something both sides can do.
-fn common_method(theirs: &[String]) -> bool {
-    let has = |m: &str| theirs.iter().any(|t| t == m);
-    has(METHOD_SAS_V1)
-        || (has(METHOD_RECIPROCATE_V1) && (has(METHOD_QR_SHOW_V1) || has(METHOD_QR_SCAN_V1)))
-}
-
 fn parse_key(b64: &str) -> Option<Ed25519PublicKey> {
     Ed25519PublicKey::from_base64(b64.trim_end_matches('=')).ok()
 }
@@ -220,20 +310,39 @@ fn fresh(ts: u64, now: u64) -> bool {
     ts.saturating_add(REQUEST_MAX_AGE_MS) > now && ts <= now.saturating_add(REQUEST_MAX_FUTURE_MS)
 }
 
-fn methods_json() -> Value {
-    json!(METHODS)
+/// What a flow fixes once the other device is known.
+struct Fixed {
+    ids: SasIds,
+    believed_own_master: Option<Ed25519PublicKey>,
+    can_sign_users: bool,
+}
+
+impl Flow {
+    fn fix(&mut self, fixed: Fixed) {
+        self.ids = Some(fixed.ids);
+        self.believed_own_master = fixed.believed_own_master;
+        self.can_sign_users = fixed.can_sign_users;
+    }
+
+    fn fixed(&self) -> Option<Fixed> {
+        self.ids.clone().map(|ids| Fixed {
+            ids,
+            believed_own_master: self.believed_own_master,
+            can_sign_users: self.can_sign_users,
+        })
+    }
 }
 
 impl Machine {
     /// The keys a flow with `user`/`device` verifies, fixed now: the stored
-    /// device key and the user's stored master key. Also returns our own
-    /// master key as stored (trusted or not).
+    /// device key and the user's stored master key. Also our own master key
+    /// as stored (trusted or not), and whether we can sign other users.
     async fn fixed_keys(
         &self,
         st: &State,
         user: &UserId,
         device: &DeviceId,
-    ) -> Result<(SasIds, Option<Ed25519PublicKey>), Error> {
+    ) -> Result<Fixed, Error> {
         let record = self
             .store()
             .devices(user)
@@ -275,7 +384,9 @@ impl Machine {
                 cross_signing_key_ids,
             },
         };
-        Ok((ids, believed_own_master))
+        let can_sign_users = own_trusted
+            && private.as_ref().is_some_and(|p| p.public_key(KeyUsage::UserSigning).is_some());
+        Ok(Fixed { ids, believed_own_master, can_sign_users })
     }
 
     /// Queues `outgoing` for the flow's transport: to the other device (or,
@@ -322,15 +433,18 @@ impl Machine {
             ids: None,
             believed_own_master: None,
             qr_shown: None,
+            can_sign_users: false,
+            room_encrypted: None,
+            seen_events: BTreeSet::new(),
             deadline: now.saturating_add(VERIFICATION_TIMEOUT_MS),
             phase,
         }
     }
 
-    fn request_content(&self, flow: &FlowId, now: u64) -> Value {
+    fn request_content(&self, flow: &FlowId, now: u64, methods: VerificationMethods) -> Value {
         let mut content = Map::new();
         content.insert("from_device".into(), json!(self.inner.device_id));
-        content.insert("methods".into(), methods_json());
+        content.insert("methods".into(), methods.to_wire());
         content.insert("timestamp".into(), json!(now));
         flow.decorate(&mut content);
         Value::Object(content)
@@ -346,10 +460,10 @@ impl Machine {
     ) -> Result<(String, OutgoingRequest), Error> {
         let mut st = self.inner.state.lock().await;
         let now = now_ms();
-        let (ids, believed) = self.fixed_keys(&st, user, device).await?;
-        let txn = format!("newt-verif-{}", st.next_id());
+        let fixed = self.fixed_keys(&st, user, device).await?;
+        let txn = new_transaction_id();
         let flow = FlowId::ToDevice(txn.clone());
-        let content = self.request_content(&flow, now);
+        let content = self.request_content(&flow, now, st.flows.methods);
         let id = st.next_id();
         let request = to_device_request(
             id.clone(),
@@ -360,8 +474,7 @@ impl Machine {
         let mut f = Self::new_flow(flow, user, now, Phase::Requested);
         f.other_device = Some(device.clone());
         f.requested_devices = vec![device.clone()];
-        f.ids = Some(ids);
-        f.believed_own_master = believed;
+        f.fix(fixed);
         st.flows.insert((user.clone(), txn.clone()), f);
         Ok((txn, request))
     }
@@ -385,9 +498,9 @@ impl Machine {
         if devices.is_empty() {
             return Err(Error::UnknownDevice);
         }
-        let txn = format!("newt-verif-{}", st.next_id());
+        let txn = new_transaction_id();
         let flow = FlowId::ToDevice(txn.clone());
-        let content = self.request_content(&flow, now);
+        let content = self.request_content(&flow, now, st.flows.methods);
         let id = st.next_id();
         let request = to_device_request(
             id.clone(),
@@ -405,7 +518,8 @@ impl Machine {
     /// `m.room.message` with `msgtype` `m.key.verification.request`). Send
     /// it to a room shared with `user` (encrypted if the room is), then
     /// call [`Machine::room_verification_request_sent`] with its event ID.
-    pub fn room_verification_request_content(&self, user: &UserId) -> Value {
+    pub async fn room_verification_request_content(&self, user: &UserId) -> Value {
+        let methods = self.inner.state.lock().await.flows.methods;
         json!({
             "msgtype": MSGTYPE_REQUEST,
             "body": format!(
@@ -413,15 +527,17 @@ impl Machine {
                 self.inner.user_id
             ),
             "from_device": self.inner.device_id,
-            "methods": methods_json(),
+            "methods": methods.to_wire(),
             "to": user,
         })
     }
 
     /// Registers the in-room request we sent as event `event_id` in
-    /// `room_id` to `user`; the event ID is the flow ID. `user`'s master
-    /// key is fixed now (it must be known: query the user first); the
-    /// device when its `ready` arrives.
+    /// `room_id` to `user`; the event ID is the flow ID. The keys (the
+    /// answering device's and `user`'s master key) are fixed when its
+    /// `ready` arrives, from what is stored then: query `user` first.
+    /// Call this before passing the room's later events in (a `ready` for
+    /// a request not registered yet is ignored).
     pub async fn room_verification_request_sent(
         &self,
         room_id: &RoomId,
@@ -432,10 +548,19 @@ impl Machine {
             return Err(Error::VerificationState("in-room verification is with another user"));
         }
         let mut st = self.inner.state.lock().await;
+        if st.flows.id_in_use(event_id) {
+            return Err(Error::VerificationState("a flow with this ID exists"));
+        }
         let flow = FlowId::InRoom { room_id: room_id.clone(), event_id: event_id.to_owned() };
         let f = Self::new_flow(flow, user, now_ms(), Phase::Requested);
         st.flows.insert((user.clone(), event_id.to_owned()), f);
         Ok(())
+    }
+
+    /// Sets the methods this device offers in later requests and
+    /// `ready`s (see [`VerificationMethods`]).
+    pub async fn set_verification_methods(&self, methods: VerificationMethods) {
+        self.inner.state.lock().await.flows.methods = methods;
     }
 
     fn flow_key(st: &State, flow_id: &str) -> Result<(UserId, String), Error> {
@@ -473,15 +598,17 @@ impl Machine {
                 (Phase::RequestReceived, Some(d)) => d.clone(),
                 _ => return Err(Error::VerificationState("no request to accept")),
             };
-            let (ids, believed) = m.fixed_keys(st, &flow.other_user, &device).await?;
-            let out = match Created::new(ids.clone(), flow.flow.clone(), now_ms()) {
+            if !st.flows.methods.common(&flow.their_methods) {
+                return Err(Error::VerificationState("no verification method in common"));
+            }
+            let fixed = m.fixed_keys(st, &flow.other_user, &device).await?;
+            let out = match Created::new(fixed.ids.clone(), flow.flow.clone(), now_ms()) {
                 Ok(created) => {
                     let mut content = Map::new();
                     content.insert("from_device".into(), json!(m.inner.device_id));
-                    content.insert("methods".into(), methods_json());
+                    content.insert("methods".into(), st.flows.methods.to_wire());
                     flow.flow.decorate(&mut content);
-                    flow.ids = Some(ids);
-                    flow.believed_own_master = believed;
+                    flow.fix(fixed);
                     flow.phase = Phase::Sas(SasState::Created(created));
                     OutgoingContent {
                         event_type: event_types::READY,
@@ -499,6 +626,9 @@ impl Machine {
     /// Starts SAS in a ready flow (either side may).
     pub async fn start_sas(&self, flow_id: &str) -> Result<(), Error> {
         self.with_flow(flow_id, async |m, st, flow, _| {
+            if !st.flows.methods.sas || !flow.their_methods.iter().any(|t| t == METHOD_SAS_V1) {
+                return Err(Error::VerificationState("SAS is not a method both sides offered"));
+            }
             match std::mem::replace(&mut flow.phase, Phase::RequestReceived) {
                 Phase::Sas(SasState::Created(created)) => {
                     let (started, out) = created.start();
@@ -520,13 +650,16 @@ impl Machine {
     /// cannot scan, or when we cannot vouch for the keys a code would carry
     /// (another user: we need our own trusted master key and theirs).
     pub async fn qr_code(&self, flow_id: &str) -> Result<Option<Vec<u8>>, Error> {
-        self.with_flow(flow_id, async |_, _, flow, _| {
+        self.with_flow(flow_id, async |m, st, flow, _| {
             if !matches!(flow.phase, Phase::Sas(SasState::Created(_))) {
                 return Err(Error::VerificationState("not ready"));
             }
             let can_scan = flow.their_methods.iter().any(|m| m == METHOD_QR_SCAN_V1)
                 && flow.their_methods.iter().any(|m| m == METHOD_RECIPROCATE_V1);
-            if !can_scan {
+            // Verifying another user records something only if we can sign
+            // their master key with our user-signing key.
+            let other_user_ok = flow.other_user == m.inner.user_id || flow.can_sign_users;
+            if !can_scan || !st.flows.methods.show_qr || !other_user_ok {
                 return Ok(None);
             }
             if flow.qr_shown.is_none() {
@@ -552,6 +685,14 @@ impl Machine {
             if !matches!(flow.phase, Phase::Sas(SasState::Created(_))) {
                 return Err(Error::VerificationState("not ready"));
             }
+            if !st.flows.methods.scan_qr {
+                return Err(Error::VerificationState("scanning is not a method we offered"));
+            }
+            if flow.other_user != m.inner.user_id && !flow.can_sign_users {
+                return Err(Error::VerificationState(
+                    "verifying another user needs our user-signing key",
+                ));
+            }
             let ids = flow.ids.as_ref().ok_or(Error::VerificationState("not ready"))?;
             let step =
                 qr_flow::scan(ids, flow.believed_own_master, flow.flow.clone(), bytes, now_ms())?;
@@ -567,7 +708,7 @@ impl Machine {
         self.with_flow(flow_id, async |m, st, flow, changes| {
             match std::mem::replace(&mut flow.phase, Phase::RequestReceived) {
                 Phase::Qr(state @ QrState::Scanned(_)) => {
-                    m.apply_qr_step(st, flow, state.confirm(), changes).await
+                    m.apply_qr_step(st, flow, state.confirm(now_ms()), changes).await
                 }
                 other => {
                     flow.phase = other;
@@ -829,9 +970,8 @@ impl Machine {
         if event_type == event_types::REQUEST {
             let ts = content.get("timestamp").and_then(Value::as_u64).unwrap_or(0);
             let methods = methods_of(content);
-            if let (Some(from), true, true, false) =
-                (from, fresh(ts, now), common_method(&methods), st.flows.contains_key(&key))
-            {
+            let usable = fresh(ts, now) && st.flows.methods.common(&methods);
+            if let (Some(from), true, false) = (from, usable, st.flows.id_in_use(txn)) {
                 self.request_received(
                     st,
                     changes,
@@ -843,6 +983,11 @@ impl Machine {
                 )
                 .await?;
             }
+            return Ok(ToDeviceOutcome::Handled);
+        }
+        // Only to-device flows are driven by to-device messages.
+        let to_device_flow = st.flows.get(&key).map(|f| matches!(f.flow, FlowId::ToDevice(_)));
+        if to_device_flow == Some(false) {
             return Ok(ToDeviceOutcome::Handled);
         }
         let Some(mut flow) = st.flows.remove(&key) else {
@@ -862,7 +1007,7 @@ impl Machine {
             }
             return Ok(ToDeviceOutcome::Handled);
         };
-        let result = self.advance(st, changes, &mut flow, event_type, content, now).await;
+        let result = self.advance(st, changes, &mut flow, event_type, content, None, now).await;
         st.flows.insert(key, flow);
         result.map(|()| ToDeviceOutcome::Handled)
     }
@@ -906,42 +1051,46 @@ impl Machine {
         event: &Value,
     ) -> Result<(), Error> {
         // For an encrypted event we also learn the sending device.
-        let (sender, event_type, content, sender_device) =
-            if event.get("type").and_then(Value::as_str) == Some("m.room.encrypted") {
-                let d = self.decrypt_room_event(room_id, event).await?;
-                (d.sender, d.event_type, d.content, d.sender_device)
-            } else {
-                let sender = event
-                    .get("sender")
-                    .and_then(Value::as_str)
-                    .and_then(|s| UserId::parse(s).ok())
-                    .ok_or(Error::VerificationState("event without a valid sender"))?;
-                let t = event.get("type").and_then(Value::as_str).unwrap_or_default().to_owned();
-                (sender, t, event.get("content").cloned().unwrap_or(Value::Null), None)
-            };
+        let encrypted = event.get("type").and_then(Value::as_str) == Some("m.room.encrypted");
+        let event_id = event.get("event_id").and_then(Value::as_str).map(str::to_owned);
+        let (sender, event_type, content, sender_device) = if encrypted {
+            let d = self.decrypt_room_event(room_id, event).await?;
+            (d.sender, d.event_type, d.content, d.sender_device)
+        } else {
+            let sender = event
+                .get("sender")
+                .and_then(Value::as_str)
+                .and_then(|s| UserId::parse(s).ok())
+                .ok_or(Error::VerificationState("event without a valid sender"))?;
+            let t = event.get("type").and_then(Value::as_str).unwrap_or_default().to_owned();
+            (sender, t, event.get("content").cloned().unwrap_or(Value::Null), None)
+        };
         let now = now_ms();
         let mut st = self.inner.state.lock().await;
         let mut changes = Changes::default();
         let own_user = self.inner.user_id.clone();
         if event_type == "m.room.message" {
-            let event_id = event.get("event_id").and_then(Value::as_str);
             let ts = event.get("origin_server_ts").and_then(Value::as_u64).unwrap_or(0);
             let from = str_field(&content, "from_device").and_then(|d| DeviceId::parse(d).ok());
             let methods = methods_of(&content);
             let to_us = str_field(&content, "to") == Some(own_user.as_str());
+            let usable = st.flows.methods.common(&methods);
             if let (Some(MSGTYPE_REQUEST), Some(event_id), Some(from), true, true, true) = (
                 str_field(&content, "msgtype"),
-                event_id,
+                event_id.as_deref(),
                 from,
                 to_us && sender != own_user,
                 fresh(ts, now),
-                common_method(&methods),
+                usable,
             ) {
-                if !st.flows.contains_key(&(sender.clone(), event_id.to_owned())) {
+                if !st.flows.id_in_use(event_id) {
                     let flow =
                         FlowId::InRoom { room_id: room_id.clone(), event_id: event_id.to_owned() };
                     self.request_received(&mut st, &mut changes, &sender, from, methods, flow, now)
                         .await?;
+                    if let Some(f) = st.flows.get_mut(&(sender.clone(), event_id.to_owned())) {
+                        f.room_encrypted = Some(encrypted);
+                    }
                 }
             }
             return self.commit(&mut st, changes, false).await;
@@ -958,21 +1107,25 @@ impl Machine {
             _ => return Ok(()),
         };
         if sender == own_user {
-            // Our own echo, or another of our devices answering a request
-            // we also received: that device took the flow.
-            let other_device_took_it = matches!(
-                event_type.as_str(),
-                event_types::READY | event_types::START | event_types::CANCEL
-            ) && str_field(&content, "from_device")
-                != Some(self.inner.device_id.as_str());
-            if other_device_took_it {
+            // Our own echo, or another of our devices answering (or
+            // declining) a request we also received: that ends ours.
+            let other_device = match event_type.as_str() {
+                event_types::READY | event_types::START => str_field(&content, "from_device")
+                    .filter(|d| *d != self.inner.device_id.as_str())
+                    .map(|_| CancelCode::Accepted),
+                // A cancel carries no `from_device`; our own cancels end
+                // our flow already, so this one is another device's.
+                event_types::CANCEL => {
+                    Some(CancelCode::from_wire(str_field(&content, "code").unwrap_or("m.unknown")))
+                }
+                _ => None,
+            };
+            if let Some(code) = other_device {
                 for flow in st.flows.values_mut() {
                     if flow.flow.as_str() == related && matches!(flow.phase, Phase::RequestReceived)
                     {
-                        flow.phase = Phase::Cancelled(Cancelled {
-                            code: CancelCode::Accepted,
-                            by_us: false,
-                        });
+                        flow.phase =
+                            Phase::Cancelled(Cancelled { code: code.clone(), by_us: false });
                     }
                 }
             }
@@ -987,9 +1140,16 @@ impl Machine {
             (&sender_device, &flow.other_device),
             (Some(sent_by), Some(with)) if sent_by != with
         );
-        let in_this_room = in_this_room && !from_other_device;
-        let result = if in_this_room {
-            self.advance(&mut st, &mut changes, &mut flow, &event_type, &content, now).await
+        // A flow's messages are all encrypted or all not: a plaintext one
+        // in an encrypted flow could come from any device (or the server).
+        let consistent = flow.room_encrypted.is_none_or(|e| e == encrypted);
+        // A timeline may deliver an event twice: handle it once.
+        let fresh_event = event_id.as_ref().is_none_or(|id| !flow.seen_events.contains(id));
+        let result = if in_this_room && !from_other_device && consistent && fresh_event {
+            flow.room_encrypted = Some(encrypted);
+            flow.seen_events.extend(event_id);
+            let device = sender_device.as_ref();
+            self.advance(&mut st, &mut changes, &mut flow, &event_type, &content, device, now).await
         } else {
             Ok(())
         };
@@ -998,7 +1158,9 @@ impl Machine {
         self.commit(&mut st, changes, false).await
     }
 
-    /// Feeds one message of the other side into `flow`.
+    /// Feeds one message of the other side into `flow`; `sender_device` is
+    /// the device that provably sent it, when known (encrypted in-room).
+    #[allow(clippy::too_many_arguments)]
     async fn advance(
         &self,
         st: &mut State,
@@ -1006,6 +1168,7 @@ impl Machine {
         flow: &mut Flow,
         event_type: &str,
         content: &Value,
+        sender_device: Option<&DeviceId>,
         now: u64,
     ) -> Result<(), Error> {
         if flow.is_finished() {
@@ -1015,12 +1178,18 @@ impl Machine {
         match (phase, event_type) {
             (Phase::Requested, event_types::READY) => {
                 flow.phase = Phase::Requested;
-                self.on_ready(st, changes, flow, content, now).await
+                self.on_ready(st, changes, flow, content, sender_device, now).await
             }
-            (Phase::Requested | Phase::RequestReceived, event_types::CANCEL) => {
-                let code = str_field(content, "code").unwrap_or("m.unknown");
-                flow.phase =
-                    Phase::Cancelled(Cancelled { code: CancelCode::from_wire(code), by_us: false });
+            (phase @ (Phase::Requested | Phase::RequestReceived), event_types::CANCEL) => {
+                let code = CancelCode::from_wire(str_field(content, "code").unwrap_or("m.unknown"));
+                // A fanned-out request declined by one device is withdrawn
+                // from the others (a to-device cancel does not say which
+                // device sent it; the decliner ignores a cancel for a flow
+                // it cancelled).
+                if matches!(phase, Phase::Requested) && flow.requested_devices.len() > 1 {
+                    self.queue_verification(st, flow, vec![cancel_content(&flow.flow, &code)]);
+                }
+                flow.phase = Phase::Cancelled(Cancelled { code, by_us: false });
                 Ok(())
             }
             (Phase::Sas(state), _) => {
@@ -1076,9 +1245,16 @@ impl Machine {
         changes: &mut Changes,
         flow: &mut Flow,
         content: &Value,
+        sender_device: Option<&DeviceId>,
         now: u64,
     ) -> Result<(), Error> {
         let from = str_field(content, "from_device").and_then(|d| DeviceId::parse(d).ok());
+        if let (Some(from), Some(sent_by)) = (&from, sender_device) {
+            if from != sent_by {
+                // A device answering in another device's name.
+                return Ok(());
+            }
+        }
         let Some(from) = from else {
             let out = flow.cancel_handshake(CancelCode::InvalidMessage);
             self.queue_verification(st, flow, vec![out]);
@@ -1094,11 +1270,25 @@ impl Machine {
             return Ok(());
         }
         let methods = methods_of(content);
-        if !common_method(&methods) {
+        if !st.flows.methods.common(&methods) {
             let out = flow.cancel_handshake(CancelCode::UnknownMethod);
             self.queue_verification(st, flow, vec![out]);
             return Ok(());
         }
+        let fixed = match flow.fixed() {
+            Some(fixed) => fixed,
+            None => match self.fixed_keys(st, &flow.other_user, &from).await {
+                Ok(fixed) => fixed,
+                Err(Error::UnknownDevice) => {
+                    // A device we have not queried yet: fetch its keys and
+                    // keep waiting (another device may answer, or this
+                    // one again once known).
+                    self.mark_outdated(st, changes, flow.other_user.clone());
+                    return Ok(());
+                }
+                Err(e) => return Err(e),
+            },
+        };
         // The others we asked learn that this device took the flow.
         let others: Vec<DeviceId> =
             flow.requested_devices.iter().filter(|d| **d != from).cloned().collect();
@@ -1114,31 +1304,17 @@ impl Machine {
             ));
         }
         flow.other_device = Some(from.clone());
-        flow.requested_devices = vec![from.clone()];
+        flow.requested_devices = vec![from];
         flow.their_methods = methods;
-        let fixed = match flow.ids.clone() {
-            Some(ids) => Ok((ids, flow.believed_own_master)),
-            None => self.fixed_keys(st, &flow.other_user, &from).await,
-        };
-        match fixed {
-            Ok((ids, believed)) => match Created::new(ids.clone(), flow.flow.clone(), now) {
-                Ok(created) => {
-                    flow.ids = Some(ids);
-                    flow.believed_own_master = believed;
-                    flow.phase = Phase::Sas(SasState::Created(created));
-                }
-                Err(code) => {
-                    let out = flow.cancel_handshake(code);
-                    self.queue_verification(st, flow, vec![out]);
-                }
-            },
-            Err(Error::UnknownDevice) => {
-                // We cannot fix keys for a device we do not know.
-                self.mark_outdated(st, changes, flow.other_user.clone());
-                let out = flow.cancel_handshake(CancelCode::KeyMismatch);
+        match Created::new(fixed.ids.clone(), flow.flow.clone(), now) {
+            Ok(created) => {
+                flow.fix(fixed);
+                flow.phase = Phase::Sas(SasState::Created(created));
+            }
+            Err(code) => {
+                let out = flow.cancel_handshake(code);
                 self.queue_verification(st, flow, vec![out]);
             }
-            Err(e) => return Err(e),
         }
         Ok(())
     }
@@ -1162,8 +1338,10 @@ impl Machine {
         for key in expired {
             let Some(mut flow) = st.flows.remove(&key) else { continue };
             // A timeout never finishes with verified keys: nothing to store.
-            self.cancel_flow(st, &mut flow, CancelCode::Timeout, &mut Changes::default()).await?;
+            let result =
+                self.cancel_flow(st, &mut flow, CancelCode::Timeout, &mut Changes::default()).await;
             st.flows.insert(key, flow);
+            result?;
         }
         Ok(())
     }

@@ -133,7 +133,9 @@ impl QrMatrix {
 
     /// Whether the module at (`x`, `y`) is dark (`false` outside).
     pub fn is_dark(&self, x: usize, y: usize) -> bool {
-        x < self.width && self.modules.get(y * self.width + x).copied().unwrap_or(false)
+        x < self.width
+            && y < self.width
+            && self.modules.get(y * self.width + x).copied().unwrap_or(false)
     }
 }
 
@@ -350,6 +352,7 @@ mod tests {
         assert_eq!(m.modules.len(), 45 * 45);
         // The finder pattern's corner modules are dark, its inner ring light.
         assert!(m.is_dark(0, 0) && m.is_dark(6, 6) && !m.is_dark(1, 1));
+        assert!(!m.is_dark(usize::MAX, usize::MAX) && !m.is_dark(0, 45));
         let long = QrPayload { flow_id: "$".repeat(400), ..sample() }.encode().unwrap();
         let m = QrMatrix::render(&long).unwrap();
         assert!(m.width > 45);

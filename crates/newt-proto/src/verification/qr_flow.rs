@@ -134,6 +134,10 @@ pub enum ScanError {
     /// code in a flow with another user), or we lack the keys to check it.
     #[error("the QR code's mode does not fit this flow")]
     WrongMode,
+    /// The code asks us to vouch for our master key (mode `0x02`), which
+    /// this device does not trust: verify this device first.
+    #[error("this device does not trust our master key, so it cannot vouch for it")]
+    MasterKeyNotTrusted,
 }
 
 fn ed(bytes: &[u8; 32]) -> Option<Ed25519PublicKey> {
@@ -229,7 +233,9 @@ pub fn scan(
             )
         }
         (QrMode::SelfVerifyingMasterKeyUntrusted, true) => {
-            let own = believed_own_master.ok_or(ScanError::WrongMode)?;
+            // The shower will trust the master key because we vouch for
+            // it: we must trust it ourselves, not merely have it stored.
+            let own = ids.own_master_key.ok_or(ScanError::MasterKeyNotTrusted)?;
             let device = ids.other.device_key;
             (first == Some(device) && second == Some(own), verified(ids, Some(device), None))
         }
@@ -264,8 +270,10 @@ impl QrState {
 
     /// Our user confirmed that the other device scanned our code: send
     /// `done`. Only legal in [`QrState::Scanned`]; elsewhere nothing changes.
-    pub fn confirm(self) -> QrStep {
+    /// Past the deadline the flow is cancelled with `m.timeout` instead.
+    pub fn confirm(self, now: u64) -> QrStep {
         match self {
+            Self::Scanned(s) if now >= s.ctx.deadline => s.ctx.cancel(CancelCode::Timeout),
             Self::Scanned(s) => {
                 let done = s.ctx.done();
                 let state = if s.their_done {

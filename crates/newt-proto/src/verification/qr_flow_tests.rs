@@ -94,7 +94,7 @@ fn run(
     let (shower_state, back) = deliver(QrState::Shown(shown), &step.outgoing, T0 + 1);
     assert!(back.is_empty());
     assert!(matches!(shower_state, QrState::Scanned(_)));
-    let confirmed = shower_state.confirm();
+    let confirmed = shower_state.confirm(T0 + 1);
     assert_eq!(confirmed.outgoing[0].event_type, event_types::DONE);
     assert!(matches!(confirmed.state, QrState::Confirmed(_)));
     let (scanner_state, scanner_done) = deliver(scanner_state, &confirmed.outgoing, T0 + 2);
@@ -241,6 +241,33 @@ fn sas_messages_timeouts_and_cancels() {
 }
 
 #[test]
+fn mode_2_is_only_scanned_by_a_device_that_trusts_the_master_key() {
+    let master = key();
+    let new = side("@alice:hs", "NEW", master);
+    let other_new = side("@alice:hs", "NEW2", master);
+    let shown = show(&ids(&new, &other_new, false), Some(master), flow(), T0).unwrap();
+    assert_eq!(shown.payload.mode, QrMode::SelfVerifyingMasterKeyUntrusted);
+    // Two devices that both merely have the (maybe server-substituted)
+    // master key stored cannot vouch for it to each other.
+    assert_eq!(
+        scan(&ids(&other_new, &new, false), Some(master), flow(), &shown.bytes().unwrap(), T0)
+            .unwrap_err(),
+        ScanError::MasterKeyNotTrusted
+    );
+}
+
+#[test]
+fn confirming_after_the_deadline_times_out() {
+    let alice = side("@alice:hs", "ALICE1", key());
+    let bob = side("@bob:hs", "BOB1", key());
+    let shown = show(&ids(&alice, &bob, true), Some(alice.master), flow(), T0).unwrap();
+    let start = shown.payload.reciprocate_start(&flow(), "BOB1");
+    let (state, _) = deliver(QrState::Shown(shown), &[start], T0);
+    let step = state.confirm(T0 + VERIFICATION_TIMEOUT_MS);
+    assert_eq!(cancelled(&step.state).code, CancelCode::Timeout);
+}
+
+#[test]
 fn their_done_before_our_confirmation_finishes_on_confirm() {
     let alice = side("@alice:hs", "ALICE1", key());
     let bob = side("@bob:hs", "BOB1", key());
@@ -252,6 +279,6 @@ fn their_done_before_our_confirmation_finishes_on_confirm() {
     let msg = OutgoingContent { event_type: event_types::DONE, content: Value::Object(done_msg) };
     let (state, _) = deliver(state, &[msg], T0);
     assert!(matches!(state, QrState::Scanned(_)));
-    let step = state.confirm();
+    let step = state.confirm(T0 + 1);
     assert_eq!(done(&step.state).master_key, Some(bob.master));
 }
