@@ -53,6 +53,10 @@ pub enum RequestKind {
     /// an in-room verification message. In an encrypted room, encrypt it
     /// first ([`Machine::encrypt_room_event`](crate::Machine::encrypt_room_event)
     /// with `event_type` and `body`) and send the `m.room.encrypted` result.
+    /// Under `SharingPolicy::CrossSignedOnly`/`VerifiedOnly` the device being
+    /// verified may not hold the room key: send the flow's messages (the
+    /// request included) unencrypted then, consistently (a flow is handled
+    /// as all-encrypted or all-plaintext, fixed by its first message).
     RoomMessage {
         /// The room.
         room_id: String,
