@@ -186,6 +186,27 @@ impl Router {
     }
 }
 
+/// Adds `old`'s signatures that `new` lacks.
+fn merge_signatures(new: &mut Value, old: &Value) {
+    let Some(Value::Object(old_sigs)) = old.get("signatures") else { return };
+    if !new.get("signatures").is_some_and(Value::is_object) {
+        new["signatures"] = json!({});
+    }
+    for (signer, sigs) in old_sigs {
+        let (Some(sigs), Some(Value::Object(new_sigs))) =
+            (sigs.as_object(), new.get_mut("signatures"))
+        else {
+            continue;
+        };
+        let entry = new_sigs.entry(signer.clone()).or_insert_with(|| json!({}));
+        if let Value::Object(entry) = entry {
+            for (key_id, sig) in sigs {
+                entry.entry(key_id.clone()).or_insert_with(|| sig.clone());
+            }
+        }
+    }
+}
+
 /// Wall-clock milliseconds, as a homeserver stamps `origin_server_ts`.
 fn now_ms() -> u64 {
     std::time::SystemTime::now()
@@ -197,8 +218,16 @@ fn now_ms() -> u64 {
 impl State {
     fn upload(&mut self, me: &DeviceKey, body: &Value) -> Value {
         if let Some(keys) = body.get("device_keys").filter(|k| k.is_object()) {
-            let is_new = self.device_keys.get(me) != Some(keys);
-            self.device_keys.insert(me.clone(), keys.clone());
+            let mut keys = keys.clone();
+            // Like Synapse: signatures others added (cross-signing) stay
+            // when the device re-uploads the same keys.
+            if let Some(old) = self.device_keys.get(me) {
+                if old.get("keys") == keys.get("keys") {
+                    merge_signatures(&mut keys, old);
+                }
+            }
+            let is_new = self.device_keys.get(me) != Some(&keys);
+            self.device_keys.insert(me.clone(), keys);
             if is_new {
                 let others: Vec<DeviceKey> =
                     self.device_keys.keys().filter(|k| *k != me).cloned().collect();
@@ -487,6 +516,30 @@ mod tests {
         r.handle("@a:hs", "A", "POST", "/keys/signatures/upload", &dev).unwrap();
         let by_b = r.handle("@b:hs", "B", "POST", "/keys/query", &q).unwrap();
         assert_eq!(by_b["device_keys"]["@a:hs"]["A"]["signatures"]["@a:hs"]["ed25519:AS"], "dsig");
+    }
+
+    #[test]
+    fn re_upload_keeps_cross_signing_signatures() {
+        let r = Router::new();
+        let keys = json!({"user_id": "@a:hs", "device_id": "D", "keys": {"ed25519:D": "k"},
+            "signatures": {"@a:hs": {"ed25519:D": "self"}}});
+        r.handle("@a:hs", "D", "POST", "/keys/upload", &json!({"device_keys": keys})).unwrap();
+        r.handle(
+            "@a:hs",
+            "D",
+            "POST",
+            "/keys/signatures/upload",
+            &json!({"@a:hs": {"D": {"user_id": "@a:hs", "device_id": "D", "keys": {"ed25519:D": "k"},
+                "signatures": {"@a:hs": {"ed25519:SSK": "cross"}}}}}),
+        )
+        .unwrap();
+        r.handle("@a:hs", "D", "POST", "/keys/upload", &json!({"device_keys": keys})).unwrap();
+        let q = r
+            .handle("@a:hs", "D", "POST", "/keys/query", &json!({"device_keys": {"@a:hs": []}}))
+            .unwrap();
+        let sigs = &q["device_keys"]["@a:hs"]["D"]["signatures"]["@a:hs"];
+        assert_eq!(sigs["ed25519:D"], "self");
+        assert_eq!(sigs["ed25519:SSK"], "cross");
     }
 
     #[test]
