@@ -25,6 +25,9 @@ pub enum SimError {
     /// A bad identifier.
     #[error(transparent)]
     Id(#[from] newt::IdError),
+    /// The router answered with failures (e.g. a signature it refused).
+    #[error("rejected: {0}")]
+    Rejected(String),
     /// A file-system error (creating a store directory).
     #[error("I/O error: {0}")]
     Io(String),
@@ -141,6 +144,34 @@ impl SimDevice {
         }
         self.flush().await?;
         Ok(n)
+    }
+
+    /// Creates this user's cross-signing keys and uploads them and the
+    /// signature on this device (what a client does after the
+    /// user-interactive auth); returns the master key (unpadded base64).
+    /// The next sync sees the identity.
+    pub async fn bootstrap_cross_signing(&self) -> Result<String, SimError> {
+        let requests = self.machine.bootstrap_cross_signing().await?;
+        for (path, body) in [
+            ("/keys/device_signing/upload", &requests.device_signing_upload),
+            ("/keys/signatures/upload", &requests.signatures_upload),
+        ] {
+            let response =
+                self.router.handle(self.user.as_str(), self.device.as_str(), "POST", path, body)?;
+            match response.get("failures") {
+                Some(f) if f.as_object().is_some_and(|f| !f.is_empty()) => {
+                    return Err(SimError::Rejected(format!("{path}: {f}")));
+                }
+                _ => {}
+            }
+        }
+        let master = requests.device_signing_upload["master_key"]["keys"]
+            .as_object()
+            .and_then(|keys| keys.values().next())
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_owned();
+        Ok(master)
     }
 
     /// Encrypts and sends a text message; returns the event as the server stores it.

@@ -28,16 +28,6 @@ fn room(name: &str) -> RoomId {
 
 /// Bootstraps (or resets) `d`'s identity, uploads it and fetches it back.
 /// Returns the master key (unpadded base64).
-async fn bootstrap(d: &SimDevice) -> String {
-    let requests = d.machine.bootstrap_cross_signing().await.unwrap();
-    post(d, "/keys/device_signing/upload", &requests.device_signing_upload);
-    let out = post(d, "/keys/signatures/upload", &requests.signatures_upload);
-    assert_eq!(out["failures"], json!({}));
-    d.sync().await.unwrap();
-    let keys = requests.device_signing_upload["master_key"]["keys"].as_object().unwrap().clone();
-    keys.values().next().unwrap().as_str().unwrap().to_owned()
-}
-
 async fn trust(d: &SimDevice, user: &str, device: &str) -> Option<DeviceTrust> {
     d.machine.device_trust(&uid(user), &did(device)).await.unwrap()
 }

@@ -19,14 +19,6 @@ use newt_proto::vodozemac::sas::Sas;
 use newt_router::Router;
 use serde_json::json;
 
-/// A1 bootstraps cross-signing (it holds the private keys).
-async fn bootstrap(d: &SimDevice) {
-    let requests = d.machine.bootstrap_cross_signing().await.unwrap();
-    post(d, "/keys/device_signing/upload", &requests.device_signing_upload);
-    post(d, "/keys/signatures/upload", &requests.signatures_upload);
-    d.sync().await.unwrap();
-}
-
 /// Syncs the devices in turn a few rounds (each sync sends what it caused).
 async fn pump(devices: &[&SimDevice], rounds: usize) {
     for _ in 0..rounds {

@@ -20,13 +20,6 @@ use newt_cli::SimDevice;
 use newt_router::Router;
 use serde_json::json;
 
-async fn bootstrap(d: &SimDevice) {
-    let requests = d.machine.bootstrap_cross_signing().await.unwrap();
-    post(d, "/keys/device_signing/upload", &requests.device_signing_upload);
-    post(d, "/keys/signatures/upload", &requests.signatures_upload);
-    d.sync().await.unwrap();
-}
-
 async fn state(d: &SimDevice, flow: &str) -> VerificationState {
     d.machine.verification_state(flow).await.unwrap()
 }

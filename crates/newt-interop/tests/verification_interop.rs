@@ -100,9 +100,9 @@ async fn compare_and_confirm(newt: &SimDevice, reference: &RefDevice, flow: &str
     assert_eq!(record.local_trust, LocalTrust::Verified);
 }
 
-#[tokio::test]
-async fn newt_requests_and_starts_reference_accepts() {
-    let (newt, reference) = pair().await;
+/// newt asks the reference device, which accepts; newt starts SAS and the
+/// reference accepts it; keys are exchanged. Returns the flow ID.
+async fn newt_requests_and_starts(newt: &SimDevice, reference: &RefDevice) -> String {
     let alice = RefDevice::user_id(ALICE).unwrap();
     let (flow, request) = newt
         .machine
@@ -118,10 +118,17 @@ async fn newt_requests_and_starts_reference_accepts() {
     newt.machine.start_sas(&flow).await.unwrap();
     newt.flush().await.unwrap();
     reference.sync().await.unwrap();
-    reference.send_verification(sas(&reference, &flow).accept().unwrap()).await.unwrap();
+    reference.send_verification(sas(reference, &flow).accept().unwrap()).await.unwrap();
     newt.sync().await.unwrap(); // accept -> our key
     reference.sync().await.unwrap(); // key -> its key
     newt.sync().await.unwrap();
+    flow
+}
+
+#[tokio::test]
+async fn newt_requests_and_starts_reference_accepts() {
+    let (newt, reference) = pair().await;
+    let flow = newt_requests_and_starts(&newt, &reference).await;
     compare_and_confirm(&newt, &reference, &flow).await;
 }
 
@@ -286,36 +293,14 @@ async fn qr_newt_shows_mode_2_reference_scans() {
 #[tokio::test]
 async fn sas_reference_device_joins_the_newt_identity() {
     let (newt, reference) = pair().await;
-    let requests = newt.machine.bootstrap_cross_signing().await.unwrap();
-    for (path, body) in [
-        ("/keys/device_signing/upload", &requests.device_signing_upload),
-        ("/keys/signatures/upload", &requests.signatures_upload),
-    ] {
-        newt.router().handle(ALICE, NEWT_DEV, "POST", path, body).unwrap();
-    }
+    newt.bootstrap_cross_signing().await.unwrap();
     newt.sync().await.unwrap();
     reference.sync().await.unwrap();
     let alice = RefDevice::user_id(ALICE).unwrap();
     let own = reference.machine.get_identity(&alice, None).await.unwrap().unwrap().own().unwrap();
     assert!(!own.is_verified(), "the reference does not trust newt's master key yet");
 
-    let (flow, request) = newt
-        .machine
-        .request_verification(&UserId::parse(ALICE).unwrap(), &DeviceId::parse(REF_DEV).unwrap())
-        .await
-        .unwrap();
-    newt.send(&request).await.unwrap();
-    reference.sync().await.unwrap();
-    let ref_request = reference.machine.get_verification_request(&alice, &flow).unwrap();
-    reference.send_verification(ref_request.accept().unwrap()).await.unwrap();
-    newt.sync().await.unwrap();
-    newt.machine.start_sas(&flow).await.unwrap();
-    newt.flush().await.unwrap();
-    reference.sync().await.unwrap();
-    reference.send_verification(sas(&reference, &flow).accept().unwrap()).await.unwrap();
-    newt.sync().await.unwrap();
-    reference.sync().await.unwrap();
-    newt.sync().await.unwrap();
+    let flow = newt_requests_and_starts(&newt, &reference).await;
     compare_and_confirm(&newt, &reference, &flow).await;
     for _ in 0..2 {
         newt.sync().await.unwrap();

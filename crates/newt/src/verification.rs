@@ -843,8 +843,7 @@ impl Machine {
         st.flows.values().filter(|f| !f.is_finished()).map(Flow::info).collect()
     }
 
-    /// Applies one SAS step: queues what it sends, and records what a
-    /// finished flow verified.
+    /// Applies one SAS step (see [`Machine::apply`]).
     async fn apply_step(
         &self,
         st: &mut State,
@@ -852,19 +851,10 @@ impl Machine {
         step: SasStep,
         changes: &mut Changes,
     ) -> Result<(), Error> {
-        self.queue_verification(st, flow, step.outgoing);
-        let verified = match &step.state {
-            SasState::Done(done) => Some(done.verified.clone()),
-            _ => None,
-        };
-        flow.phase = Phase::Sas(step.state);
-        match verified {
-            Some(verified) => self.record_verified(st, changes, &verified).await,
-            None => Ok(()),
-        }
+        self.apply(st, flow, step.outgoing, Phase::Sas(step.state), changes).await
     }
 
-    /// Applies one QR step, like [`Machine::apply_step`].
+    /// Applies one QR step (see [`Machine::apply`]).
     async fn apply_qr_step(
         &self,
         st: &mut State,
@@ -872,12 +862,28 @@ impl Machine {
         step: QrStep,
         changes: &mut Changes,
     ) -> Result<(), Error> {
-        self.queue_verification(st, flow, step.outgoing);
-        let verified = match &step.state {
-            QrState::Done(done) => Some(done.verified.clone()),
+        self.apply(st, flow, step.outgoing, Phase::Qr(step.state), changes).await
+    }
+
+    /// Queues what a step sends, moves the flow to `phase`, and records
+    /// what a flow that just finished verified. Callers never step a
+    /// finished flow, so a `Done` here is new.
+    async fn apply(
+        &self,
+        st: &mut State,
+        flow: &mut Flow,
+        outgoing: Vec<OutgoingContent>,
+        phase: Phase,
+        changes: &mut Changes,
+    ) -> Result<(), Error> {
+        self.queue_verification(st, flow, outgoing);
+        let verified = match &phase {
+            Phase::Sas(SasState::Done(done)) | Phase::Qr(QrState::Done(done)) => {
+                Some(done.verified.clone())
+            }
             _ => None,
         };
-        flow.phase = Phase::Qr(step.state);
+        flow.phase = phase;
         match verified {
             Some(verified) => self.record_verified(st, changes, &verified).await,
             None => Ok(()),

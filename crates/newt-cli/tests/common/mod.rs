@@ -38,6 +38,14 @@ pub(crate) async fn settle(devices: &[&SimDevice], users: &[UserId]) {
     }
 }
 
+/// `d` creates and uploads its user's cross-signing keys, then syncs;
+/// returns the master key.
+pub(crate) async fn bootstrap(d: &SimDevice) -> String {
+    let master = d.bootstrap_cross_signing().await.unwrap();
+    d.sync().await.unwrap();
+    master
+}
+
 /// A raw POST from `d` (for bodies newt returns but does not send itself).
 pub(crate) fn post(d: &SimDevice, path: &str, body: &Value) -> Value {
     d.router().handle(d.user.as_str(), d.device.as_str(), "POST", path, body).unwrap()

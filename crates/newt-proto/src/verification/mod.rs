@@ -211,6 +211,41 @@ pub mod event_types {
     pub const CANCEL: &str = "m.key.verification.cancel";
 }
 
+/// Where an incoming message stands before a flow's own rules apply.
+pub(crate) enum Triage {
+    /// Another flow's message: ignore.
+    NotThisFlow,
+    /// The flow's deadline passed: cancel with `m.timeout`.
+    TimedOut,
+    /// They cancelled: record it, never answer.
+    CancelledByThem(sas_flow::Cancelled),
+    /// For the flow to handle.
+    Handle,
+}
+
+/// The checks every running flow makes first on an incoming message.
+pub(crate) fn triage(
+    flow: &FlowId,
+    deadline: u64,
+    event_type: &str,
+    content: &Value,
+    now: u64,
+) -> Triage {
+    if !flow.matches(content) {
+        Triage::NotThisFlow
+    } else if now >= deadline {
+        Triage::TimedOut
+    } else if event_type == event_types::CANCEL {
+        let code = content.get("code").and_then(Value::as_str).unwrap_or("m.unknown");
+        Triage::CancelledByThem(sas_flow::Cancelled {
+            code: CancelCode::from_wire(code),
+            by_us: false,
+        })
+    } else {
+        Triage::Handle
+    }
+}
+
 /// The cancel content for `code` in `flow`.
 pub fn cancel_content(flow: &FlowId, code: &CancelCode) -> OutgoingContent {
     let mut content = Map::new();

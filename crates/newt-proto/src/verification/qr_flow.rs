@@ -27,7 +27,7 @@ use vodozemac::Ed25519PublicKey;
 use super::qr::{QrError, QrMode, QrPayload, METHOD_RECIPROCATE_V1};
 use super::sas_flow::{Cancelled, Done, SasIds, VerifiedKeys};
 use super::VERIFICATION_TIMEOUT_MS;
-use super::{cancel_content, event_types, CancelCode, FlowId, OutgoingContent};
+use super::{cancel_content, event_types, triage, CancelCode, FlowId, OutgoingContent, Triage};
 
 /// `m.qr_code.show.v1`: this side can show a code.
 pub const METHOD_QR_SHOW_V1: &str = "m.qr_code.show.v1";
@@ -307,18 +307,11 @@ impl QrState {
     /// from the other device.
     pub fn receive(self, event_type: &str, content: &Value, now: u64) -> QrStep {
         let Some(ctx) = self.ctx() else { return QrStep::stay(self) };
-        if !ctx.flow.matches(content) {
-            return QrStep::stay(self);
-        }
-        if now >= ctx.deadline {
-            return self.cancel(CancelCode::Timeout);
-        }
-        if event_type == event_types::CANCEL {
-            let code = content.get("code").and_then(Value::as_str).unwrap_or("m.unknown");
-            return QrStep::stay(Self::Cancelled(Cancelled {
-                code: CancelCode::from_wire(code),
-                by_us: false,
-            }));
+        match triage(&ctx.flow, ctx.deadline, event_type, content, now) {
+            Triage::NotThisFlow => return QrStep::stay(self),
+            Triage::TimedOut => return self.cancel(CancelCode::Timeout),
+            Triage::CancelledByThem(c) => return QrStep::stay(Self::Cancelled(c)),
+            Triage::Handle => {}
         }
         match (self, event_type) {
             (Self::Shown(s), event_types::START) => {

@@ -31,7 +31,8 @@ use super::sas::{
     METHOD_SAS_V1, SAS_DECIMAL, SAS_EMOJI,
 };
 use super::{
-    cancel_content, event_types, CancelCode, FlowId, OutgoingContent, VERIFICATION_TIMEOUT_MS,
+    cancel_content, event_types, triage, CancelCode, FlowId, OutgoingContent, Triage,
+    VERIFICATION_TIMEOUT_MS,
 };
 
 /// Who verifies whom, with the other side's keys fixed at the start.
@@ -646,19 +647,12 @@ impl SasState {
     /// finished, are ignored; an unexpected or invalid message cancels.
     pub fn receive(self, event_type: &str, content: &Value, now: u64) -> SasStep {
         let Some(ctx) = self.ctx() else { return SasStep::stay(self) };
-        if !ctx.flow.matches(content) {
-            return SasStep::stay(self);
-        }
-        if now >= ctx.deadline {
-            return self.cancel(CancelCode::Timeout);
-        }
-        if event_type == event_types::CANCEL {
-            let code = content.get("code").and_then(Value::as_str).unwrap_or("m.unknown");
+        match triage(&ctx.flow, ctx.deadline, event_type, content, now) {
+            Triage::NotThisFlow => return SasStep::stay(self),
+            Triage::TimedOut => return self.cancel(CancelCode::Timeout),
             // Never answer a cancel with a cancel.
-            return SasStep::stay(SasState::Cancelled(Cancelled {
-                code: CancelCode::from_wire(code),
-                by_us: false,
-            }));
+            Triage::CancelledByThem(c) => return SasStep::stay(SasState::Cancelled(c)),
+            Triage::Handle => {}
         }
         use event_types::{ACCEPT, DONE, KEY, MAC, START};
         match (self, event_type) {
