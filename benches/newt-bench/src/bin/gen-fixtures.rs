@@ -1,5 +1,8 @@
 //! Writes the benchmark fixtures: real vodozemac accounts with signed device
-//! keys and signed one-time keys, key exports, and Megolm events.
+//! keys and signed one-time keys, key exports, and Megolm events. The
+//! largest `/keys/query` fixture also carries every user's cross-signing
+//! keys (master and self-signing, the latter signed by the former), and its
+//! devices are signed by their owner's self-signing key.
 //!
 //! `gen-fixtures DIR [--smoke]`. Nothing here is committed; `benches/run.sh`
 //! generates into `target/bench-fixtures/`.
@@ -17,6 +20,7 @@ use newt_proto::ids::UserId;
 use newt_proto::json::sign_json;
 use newt_proto::vodozemac::megolm::{GroupSession, InboundGroupSession, SessionConfig};
 use newt_proto::vodozemac::olm::Account;
+use newt_proto::vodozemac::Ed25519SecretKey;
 use serde_json::{json, Map, Value};
 
 struct PoolDevice {
@@ -44,12 +48,38 @@ fn main() {
         .collect();
     let device_keys: Vec<Value> = pool.iter().map(signed_device_keys).collect();
     for &n in query_sizes {
+        let cross_signed = n == pool_size;
+        let mut identities: BTreeMap<&str, CrossSigning> = BTreeMap::new();
         let mut by_user: BTreeMap<&str, Map<String, Value>> = BTreeMap::new();
         for (d, keys) in pool.iter().zip(&device_keys).take(n) {
-            by_user.entry(&d.user).or_default().insert(d.device.clone(), keys.clone());
+            let mut keys = keys.clone();
+            if cross_signed {
+                let identity = identities.entry(&d.user).or_insert_with(|| CrossSigning::new());
+                identity.sign(&d.user, &mut keys);
+            }
+            by_user.entry(&d.user).or_default().insert(d.device.clone(), keys);
         }
-        let response = json!({ "device_keys": by_user, "failures": {} });
+        let users = by_user.len();
+        let mut response = json!({ "device_keys": by_user, "failures": {} });
+        if cross_signed {
+            let (mut master, mut self_signing) = (Map::new(), Map::new());
+            for (user, identity) in &identities {
+                let (m, s) = identity.public_keys(user);
+                master.insert((*user).to_owned(), m);
+                self_signing.insert((*user).to_owned(), s);
+            }
+            response["master_keys"] = Value::Object(master);
+            response["self_signing_keys"] = Value::Object(self_signing);
+        }
         write_json(&query_file(dir, n), &response);
+        // What handling the response must verify at least: each device's
+        // self-signature, and each self-signing key's signature by its
+        // master key (the devices' cross-signatures are checked when their
+        // trust is asked for).
+        let verifications = n + if cross_signed { users } else { 0 };
+        let meta = json!({ "devices": n, "users": users, "cross_signed": cross_signed,
+            "ed25519_verifications": verifications });
+        write_json(&query_file(dir, n).with_extension("meta.json"), &meta);
     }
 
     // One signed one-time key per device, the same in every claim size.
@@ -129,6 +159,43 @@ fn signed_device_keys(d: &PoolDevice) -> Value {
     });
     sign(d, &mut value);
     value
+}
+
+/// One user's master and self-signing keys.
+struct CrossSigning {
+    master: Ed25519SecretKey,
+    self_signing: Ed25519SecretKey,
+}
+
+impl CrossSigning {
+    fn new() -> Self {
+        Self { master: Ed25519SecretKey::new(), self_signing: Ed25519SecretKey::new() }
+    }
+
+    fn key_id(key: &Ed25519SecretKey) -> String {
+        format!("ed25519:{}", key.public_key().to_base64())
+    }
+
+    /// Adds the self-signing key's signature to `device_keys`.
+    fn sign(&self, user: &str, device_keys: &mut Value) {
+        let user = UserId::parse(user.to_owned()).expect("user id");
+        let key_id = Self::key_id(&self.self_signing);
+        sign_json(device_keys, &user, &key_id, |m| self.self_signing.sign(m)).expect("sign");
+    }
+
+    /// The `master_keys` and `self_signing_keys` entries of `user`.
+    fn public_keys(&self, user: &str) -> (Value, Value) {
+        let key = |k: &Ed25519SecretKey, usage: &str| {
+            json!({ "user_id": user, "usage": [usage],
+                "keys": { Self::key_id(k): k.public_key().to_base64() } })
+        };
+        let master = key(&self.master, "master");
+        let mut self_signing = key(&self.self_signing, "self_signing");
+        let owner = UserId::parse(user.to_owned()).expect("user id");
+        sign_json(&mut self_signing, &owner, &Self::key_id(&self.master), |m| self.master.sign(m))
+            .expect("sign");
+        (master, self_signing)
+    }
 }
 
 fn signed_one_time_key(d: &mut PoolDevice) -> (String, Value) {

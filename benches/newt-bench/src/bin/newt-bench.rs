@@ -173,6 +173,13 @@ async fn run(
                 keys_query(&machine, &users, &file).await;
                 out.push(elapsed_ns(start));
                 assert_eq!(device_count(&machine, &users).await, n);
+                // A cross-signed fixture: every identity was accepted.
+                if file.contains("\"master_keys\"") {
+                    for user in [&users[0], &users[users.len() - 1]] {
+                        let state = machine.user_identity_state(user).await.expect("identity");
+                        assert_eq!(state, Some(newt::IdentityTrust::Pinned), "{user}");
+                    }
+                }
             }
         }
         "keys_claim" => {
