@@ -3,6 +3,12 @@
 #
 #   benches/run.sh           # the full run (about 20-30 minutes on 2 cores)
 #   benches/run.sh --smoke   # every workload once, small sizes (CI)
+#   benches/run.sh --only 'encrypt_one|import/100000' [--rounds 1]
+#                            # the full-size rows whose workload matches the
+#                            # (extended) regex, e.g. to re-measure a fix
+#
+# newt builds into $CARGO_TARGET_DIR (default target/), and the fixtures and
+# results go there too; the reference keeps its own benches/reference/target.
 #
 # Builds both harnesses in release, generates the fixtures (into target/),
 # runs each workload alternately (newt, reference, newt, reference), measures
@@ -14,33 +20,41 @@ ROOT=$PWD
 
 MODE=full
 ROUNDS=2
-case "${1:-}" in
-  --smoke) MODE=smoke; ROUNDS=1 ;;
-  "") ;;
-  *) echo "usage: benches/run.sh [--smoke]" >&2; exit 2 ;;
-esac
+ONLY=""
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --smoke) MODE=smoke; ROUNDS=1 ;;
+    --only) ONLY="${2:?--only needs a regex}"; shift ;;
+    --rounds) ROUNDS="${2:?--rounds needs a number}"; shift ;;
+    *) echo "usage: benches/run.sh [--smoke] [--only REGEX] [--rounds N]" >&2; exit 2 ;;
+  esac
+  shift
+done
 
+TARGET="${CARGO_TARGET_DIR:-$ROOT/target}"
+REF_TARGET="$ROOT/benches/reference/target"
 echo "== building (release)" >&2
 cargo build --release --quiet -p newt-bench
-cargo build --release --quiet --manifest-path benches/reference/Cargo.toml
+CARGO_TARGET_DIR="$REF_TARGET" \
+  cargo build --release --quiet --manifest-path benches/reference/Cargo.toml
 
-NEWT="$ROOT/target/release/newt-bench"
-REF="$ROOT/benches/reference/target/release/newt-reference-bench"
-FIX="$ROOT/target/bench-fixtures/$MODE"
-OUT="$ROOT/target/bench-results/$(date -u +%Y%m%dT%H%M%SZ)-$MODE"
-export BENCH_TMPDIR="$ROOT/target/bench-tmp"
+NEWT="$TARGET/release/newt-bench"
+REF="$REF_TARGET/release/newt-reference-bench"
+FIX="$TARGET/bench-fixtures/$MODE"
+OUT="$TARGET/bench-results/$(date -u +%Y%m%dT%H%M%SZ)-$MODE"
+export BENCH_TMPDIR="$TARGET/bench-tmp"
 mkdir -p "$OUT" "$BENCH_TMPDIR"
 
 # Fixtures are deterministic in shape (not in key material); regenerate only
 # when the generator changed.
-STAMP=$(sha256sum "$ROOT/target/release/gen-fixtures" | cut -c1-16)
+STAMP=$(sha256sum "$TARGET/release/gen-fixtures" | cut -c1-16)
 if [[ "$(cat "$FIX/.stamp" 2>/dev/null)" != "$STAMP" ]]; then
   echo "== generating fixtures in $FIX" >&2
   rm -rf "$FIX"
   if [[ $MODE == smoke ]]; then
-    "$ROOT/target/release/gen-fixtures" "$FIX" --smoke
+    "$TARGET/release/gen-fixtures" "$FIX" --smoke
   else
-    "$ROOT/target/release/gen-fixtures" "$FIX"
+    "$TARGET/release/gen-fixtures" "$FIX"
   fi
   echo "$STAMP" > "$FIX/.stamp"
 fi
@@ -85,6 +99,7 @@ START=$(date +%s)
 "$NEWT" floor >> "$RESULTS"
 while read -r workload stores samples; do
   [[ -z "$workload" ]] && continue
+  [[ -n "$ONLY" && ! "$workload" =~ $ONLY ]] && continue
   for store in ${stores//,/ }; do
     for round in $(seq "$ROUNDS"); do
       echo "== $workload $store round $round" >&2

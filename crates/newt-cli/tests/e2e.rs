@@ -884,3 +884,107 @@ async fn opening_a_store_of_another_account_is_refused() {
     let again = SimDevice::open(router, "@alice:hs", "A", store).await.unwrap();
     assert_eq!(again.machine.identity_keys().await, keys);
 }
+
+#[tokio::test]
+async fn batched_decryption_rejects_replays_within_and_across_batches() {
+    let router = Arc::new(Router::new());
+    let a = dev(&router, "@alice:hs", "A").await;
+    let b_store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let b = SimDevice::open(router.clone(), "@bob:hs", "B", b_store.clone()).await.unwrap();
+    b.flush().await.unwrap();
+    let users = [uid("@alice:hs"), uid("@bob:hs")];
+    settle(&[&a, &b], &users).await;
+    a.share_room_key(&room(), &users, &RoomSettings::default()).await.unwrap();
+    b.sync().await.unwrap();
+    let e0 = a.send_text(&room(), "zero").await.unwrap();
+    let e1 = a.send_text(&room(), "one").await.unwrap();
+    let with_id = |e: &Value, id: &str| {
+        let mut e = e.clone();
+        e["event_id"] = json!(id);
+        e
+    };
+    let is_replay = |r: &Result<newt::DecryptedRoomEvent, Error>, index: u32| matches!(r, Err(Error::Megolm(MegolmError::Replay { index: i })) if *i == index);
+
+    // Within one batch: the same event twice is fine, another event at an
+    // index already seen in this batch is a replay; a malformed event fails
+    // alone.
+    let batch = [e0.clone(), e1.clone(), e0.clone(), with_id(&e0, "$replay0"), json!({})];
+    let out = b.machine.decrypt_room_events(&room(), &batch).await.unwrap();
+    assert_eq!(out.len(), 5);
+    assert_eq!(out[0].as_ref().unwrap().content["body"], "zero");
+    assert_eq!(out[1].as_ref().unwrap().content["body"], "one");
+    assert_eq!(out[2].as_ref().unwrap().content["body"], "zero");
+    assert!(is_replay(&out[3], 0), "{:?}", out[3]);
+    assert!(matches!(out[4], Err(Error::Megolm(MegolmError::Malformed(_)))), "{:?}", out[4]);
+
+    // Across batches, and against single decryption, in both directions.
+    let out = b.machine.decrypt_room_events(&room(), &[with_id(&e1, "$replay1"), e1.clone()]).await;
+    let out = out.unwrap();
+    assert!(is_replay(&out[0], 1), "{:?}", out[0]);
+    assert!(out[1].is_ok());
+    assert!(is_replay(&b.machine.decrypt_room_event(&room(), &with_id(&e0, "$r")).await, 0));
+    let e2 = a.send_text(&room(), "two").await.unwrap();
+    assert!(b.decrypt(&room(), &e2).await.is_ok());
+    let out = b.machine.decrypt_room_events(&room(), &[with_id(&e2, "$replay2")]).await.unwrap();
+    assert!(is_replay(&out[0], 2), "{:?}", out[0]);
+
+    // The replay records were committed: another machine on the same store
+    // (a restart, or a second process) rejects the replays too.
+    let b2 = newt::Machine::open(b_store, uid("@bob:hs"), did("B")).await.unwrap();
+    let out = b2
+        .decrypt_room_events(&room(), &[with_id(&e0, "$x"), with_id(&e1, "$y"), e2.clone()])
+        .await
+        .unwrap();
+    assert!(is_replay(&out[0], 0) && is_replay(&out[1], 1), "{out:?}");
+    assert_eq!(out[2].as_ref().unwrap().content["body"], "two");
+}
+
+/// The Megolm message index of an `m.room.encrypted` content.
+fn megolm_index(content: &Value) -> u32 {
+    let ciphertext = content["ciphertext"].as_str().unwrap();
+    newt_proto::vodozemac::megolm::MegolmMessage::from_base64(ciphertext).unwrap().message_index()
+}
+
+#[tokio::test]
+async fn cached_outbound_session_never_reuses_an_index_of_another_process() {
+    let router = Arc::new(Router::new());
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let a = SimDevice::open(router.clone(), "@alice:hs", "A", store.clone()).await.unwrap();
+    a.flush().await.unwrap();
+    let b = dev(&router, "@bob:hs", "B").await;
+    let users = [uid("@alice:hs"), uid("@bob:hs")];
+    settle(&[&a, &b], &users).await;
+    a.share_room_key(&room(), &users, &RoomSettings::default()).await.unwrap();
+    // A second process (a notification extension) on the same store.
+    let other = newt::Machine::open(store.clone(), uid("@alice:hs"), did("A")).await.unwrap();
+    let text = |body: &str| json!({ "msgtype": "m.text", "body": body });
+    let mut indices = Vec::new();
+    for (m, body) in [(&a.machine, "a1"), (&a.machine, "a2"), (&other, "o1"), (&a.machine, "a3")] {
+        let c = m.encrypt_room_event(&room(), "m.room.message", text(body)).await.unwrap();
+        indices.push(megolm_index(&c));
+    }
+    // `a` had the session cached at index 2 when `other` used index 2: its
+    // next write was refused, it reloaded and used index 3.
+    assert_eq!(indices, [0, 1, 2, 3]);
+    let stored = store.outbound_group_session(&ProtoRoomId::parse("!room:hs").unwrap()).await;
+    let stored = stored.unwrap().unwrap();
+    assert_eq!((stored.message_count, stored.generation), (4, 5));
+    // Sharing again from the other process (e.g. to a new device) is seen
+    // too: the shared_with it recorded survives `a`'s next encryption.
+    let before = stored.shared_with.clone();
+    let c = a.machine.encrypt_room_event(&room(), "m.room.message", text("a4")).await.unwrap();
+    assert_eq!(megolm_index(&c), 4);
+    let after = store.outbound_group_session(&ProtoRoomId::parse("!room:hs").unwrap()).await;
+    assert_eq!(after.unwrap().unwrap().shared_with, before);
+    // A discard by the other process is not undone by `a`'s cached copy.
+    other.discard_room_key(&room()).await.unwrap();
+    assert!(matches!(
+        a.machine.encrypt_room_event(&room(), "m.room.message", text("a5")).await,
+        Err(Error::NoOutboundSession(_))
+    ));
+    assert!(store
+        .outbound_group_session(&ProtoRoomId::parse("!room:hs").unwrap())
+        .await
+        .unwrap()
+        .is_none());
+}

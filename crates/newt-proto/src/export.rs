@@ -397,6 +397,460 @@ impl ExportReader {
     }
 }
 
+/// Incremental, lenient base64 decoding of an armored body: whitespace
+/// anywhere, `=` padding at the end of any group (as [`decode_base64_body`]).
+struct Base64Stream<'a> {
+    input: &'a [u8],
+    pos: usize,
+    segment: Vec<u8>,
+    in_padding: bool,
+}
+
+impl<'a> Base64Stream<'a> {
+    /// Whole 4-character groups decode the same alone as within their
+    /// segment, so a long segment is decoded in chunks of them.
+    const CHUNK: usize = 64 * 1024;
+
+    fn new(body: &'a str) -> Self {
+        Self {
+            input: body.as_bytes(),
+            pos: 0,
+            segment: Vec::with_capacity(Self::CHUNK + 4),
+            in_padding: false,
+        }
+    }
+
+    fn finished(&self) -> bool {
+        self.pos >= self.input.len() && self.segment.is_empty()
+    }
+
+    /// Decodes about one chunk more onto `out` (nothing once finished).
+    fn step(&mut self, out: &mut Vec<u8>) -> Result<(), ExportError> {
+        let decode = |segment: &[u8], out: &mut Vec<u8>| {
+            LENIENT_BASE64.decode_vec(segment, out).map_err(|_| ExportError::Base64)
+        };
+        while let Some(rest) = self.input.get(self.pos..).filter(|r| !r.is_empty()) {
+            let b = rest[0];
+            if b.is_ascii_whitespace() {
+                self.pos += 1;
+            } else if b == b'=' {
+                self.in_padding = true;
+                self.segment.push(b);
+                self.pos += 1;
+            } else if self.in_padding {
+                // A segment runs up to and including a run of `=`.
+                self.in_padding = false;
+                decode(&self.segment, out)?;
+                self.segment.clear();
+                return Ok(());
+            } else {
+                let run = rest
+                    .iter()
+                    .position(|&c| c == b'=' || c.is_ascii_whitespace())
+                    .unwrap_or(rest.len());
+                self.segment.extend_from_slice(&rest[..run]);
+                self.pos += run;
+                if self.segment.len() >= Self::CHUNK {
+                    let whole = self.segment.len() / 4 * 4;
+                    decode(&self.segment[..whole], out)?;
+                    self.segment.drain(..whole);
+                    return Ok(());
+                }
+            }
+        }
+        if !self.segment.is_empty() {
+            decode(&self.segment, out)?;
+            self.segment.clear();
+        }
+        Ok(())
+    }
+}
+
+/// Splits a stream of JSON text that must be one array into the raw text of
+/// its elements, without parsing them (serde does, one element at a time).
+#[derive(Default)]
+struct ArraySplitter {
+    state: SplitState,
+    depth: usize,
+    in_string: bool,
+    escaped: bool,
+    element: Zeroizing<Vec<u8>>,
+}
+
+#[derive(Default, PartialEq)]
+enum SplitState {
+    /// Before the `[`.
+    #[default]
+    Start,
+    /// Inside the array, before an element (or the `]` of an empty array).
+    BeforeElement { first: bool },
+    /// Inside an element.
+    InElement,
+    /// After an element: `,` or `]`.
+    AfterElement,
+    /// After the `]`: only whitespace may follow.
+    End,
+}
+
+impl ArraySplitter {
+    /// Feeds `text`; calls `on_element` with each complete element.
+    fn feed(
+        &mut self,
+        text: &[u8],
+        mut on_element: impl FnMut(&[u8]) -> Result<(), ExportError>,
+    ) -> Result<(), ExportError> {
+        let bad = |what: &str| ExportError::Json(format!("not an array of keys: {what}"));
+        let mut i = 0;
+        while let Some(&b) = text.get(i) {
+            // Inside an element, copy runs of bytes that change nothing.
+            if self.state == SplitState::InElement && !self.escaped {
+                let rest = &text[i..];
+                let run = if self.in_string {
+                    rest.iter().position(|&c| c == b'"' || c == b'\\')
+                } else {
+                    rest.iter().position(|&c| matches!(c, b'"' | b'{' | b'}' | b'[' | b']' | b','))
+                }
+                .unwrap_or(rest.len());
+                if run > 0 {
+                    self.element.extend_from_slice(&rest[..run]);
+                    i += run;
+                    continue;
+                }
+            }
+            i += 1;
+            // JSON's whitespace (not form feed, unlike `is_ascii_whitespace`).
+            let space = matches!(b, b' ' | b'\t' | b'\n' | b'\r');
+            match self.state {
+                SplitState::Start | SplitState::End if space => {}
+                SplitState::Start if b == b'[' => {
+                    self.state = SplitState::BeforeElement { first: true };
+                }
+                SplitState::Start => return Err(bad("expected `[`")),
+                SplitState::End => return Err(bad("trailing characters")),
+                SplitState::BeforeElement { .. } | SplitState::AfterElement if space => {}
+                SplitState::BeforeElement { first: true } | SplitState::AfterElement
+                    if b == b']' =>
+                {
+                    self.state = SplitState::End;
+                }
+                SplitState::AfterElement if b == b',' => {
+                    self.state = SplitState::BeforeElement { first: false };
+                }
+                SplitState::AfterElement => return Err(bad("expected `,` or `]`")),
+                SplitState::BeforeElement { .. } => {
+                    self.state = SplitState::InElement;
+                    self.depth = 0;
+                    self.element.zeroize();
+                    self.push(b, &mut on_element)?;
+                }
+                SplitState::InElement => self.push(b, &mut on_element)?,
+            }
+        }
+        Ok(())
+    }
+
+    fn push(
+        &mut self,
+        b: u8,
+        on_element: &mut impl FnMut(&[u8]) -> Result<(), ExportError>,
+    ) -> Result<(), ExportError> {
+        if self.in_string {
+            self.element.push(b);
+            if self.escaped {
+                self.escaped = false;
+            } else if b == b'\\' {
+                self.escaped = true;
+            } else if b == b'"' {
+                self.in_string = false;
+            }
+            return Ok(());
+        }
+        // A scalar element ends at a `,` or `]` outside any string.
+        if self.depth == 0 && (b == b',' || b == b']') {
+            on_element(&self.element)?;
+            self.state = if b == b',' {
+                SplitState::BeforeElement { first: false }
+            } else {
+                SplitState::End
+            };
+            return Ok(());
+        }
+        self.element.push(b);
+        match b {
+            b'"' => self.in_string = true,
+            b'{' | b'[' => self.depth += 1,
+            b'}' | b']' => {
+                self.depth = self.depth.checked_sub(1).ok_or_else(|| {
+                    ExportError::Json("not an array of keys: unbalanced brackets".into())
+                })?;
+                if self.depth == 0 {
+                    on_element(&self.element)?;
+                    self.state = SplitState::AfterElement;
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// The text ended: it must have been a whole array.
+    fn finish(&self) -> Result<(), ExportError> {
+        if self.state == SplitState::End {
+            Ok(())
+        } else {
+            Err(ExportError::Json("not an array of keys: EOF while parsing".into()))
+        }
+    }
+}
+
+/// A key export read as a stream from the file text: nothing the size of
+/// the file is held besides the text itself (the decoded and decrypted
+/// bytes pass through in chunks). [`open`](Self::open) authenticates the
+/// file (MAC) and validates and counts every key in one pass; then
+/// [`next_batch`](Self::next_batch) decrypts and parses again, a batch at a
+/// time. Errors are those of [`decrypt_export`], in the same cases.
+///
+/// ```
+/// use newt_proto::export::{encrypt_export, ExportStream};
+/// # let keys = vec![];
+/// let file = encrypt_export(&keys, "pw", 1)?;
+/// let mut stream = ExportStream::open(&file, "pw")?;
+/// assert_eq!(stream.total(), 0);
+/// assert!(stream.next_batch(100)?.is_empty());
+/// # Ok::<(), newt_proto::export::ExportError>(())
+/// ```
+pub struct ExportStream<'a> {
+    total: usize,
+    done: usize,
+    pass: Option<Pass<'a>>,
+    pending: std::collections::VecDeque<Zeroizing<Vec<u8>>>,
+}
+
+/// Up to this many bytes of key text are kept from [`ExportStream::open`]'s
+/// pass instead of decrypting the file a second time (small in tests, so
+/// that they take both ways).
+const KEEP_FROM_FIRST_PASS: usize = if cfg!(test) { 2048 } else { 4 << 20 };
+
+/// One decrypting pass over the ciphertext.
+struct Pass<'a> {
+    base64: Base64Stream<'a>,
+    cipher: Aes256Ctr,
+    /// Decoded bytes not yet used (the header is skipped first).
+    decoded: Vec<u8>,
+    /// Header bytes still to skip.
+    skip: usize,
+    /// Ciphertext bytes still to decrypt.
+    left: usize,
+    splitter: ArraySplitter,
+}
+
+impl<'a> Pass<'a> {
+    fn new(body: &'a str, keys: &DerivedKeys, iv: &[u8; IV_LEN], ciphertext_len: usize) -> Self {
+        Self {
+            base64: Base64Stream::new(body),
+            cipher: keys.cipher(iv),
+            decoded: Vec::new(),
+            skip: HEADER_LEN,
+            left: ciphertext_len,
+            splitter: ArraySplitter::default(),
+        }
+    }
+
+    /// Decrypts the next chunk and feeds it to the splitter; `false` once
+    /// the ciphertext is used up (the splitter was told it ended).
+    fn step(
+        &mut self,
+        on_element: impl FnMut(&[u8]) -> Result<(), ExportError>,
+    ) -> Result<bool, ExportError> {
+        if self.left == 0 {
+            self.splitter.finish()?;
+            return Ok(false);
+        }
+        self.decoded.clear();
+        self.base64.step(&mut self.decoded)?;
+        let skip = self.skip.min(self.decoded.len());
+        self.skip -= skip;
+        let take = self.left.min(self.decoded.len() - skip);
+        self.left -= take;
+        let mut chunk = Zeroizing::new(self.decoded[skip..skip + take].to_vec());
+        self.cipher.apply_keystream(&mut chunk);
+        self.splitter.feed(&chunk, on_element)?;
+        if self.base64.finished() && self.left > 0 {
+            // Shorter than the first pass measured: cannot happen for the
+            // same text; fail rather than loop.
+            return Err(ExportError::TooShort);
+        }
+        Ok(true)
+    }
+}
+
+impl<'a> ExportStream<'a> {
+    /// Authenticates `file` and, in the same pass, decrypts it to validate
+    /// and count every key (each parsed key is dropped and zeroised at once;
+    /// nothing found counts before the MAC is verified).
+    pub fn open(file: &'a str, passphrase: &str) -> Result<Self, ExportError> {
+        let body = armored_body(file)?;
+        // One pass: decode everything (a base64 error anywhere wins, as when
+        // decoding whole); from the header on, MAC all but the last MAC_LEN
+        // bytes, and decrypt and validate the ciphertext as it goes. What
+        // validation found counts only once the MAC is verified.
+        let mut base64 = Base64Stream::new(body);
+        let mut head: Vec<u8> = Vec::with_capacity(HEADER_LEN);
+        let mut tail: Vec<u8> = Vec::with_capacity(2 * Base64Stream::CHUNK);
+        let mut total_len = 0usize;
+        let mut covered_len = 0usize;
+        let mut keyed: Option<(DerivedKeys, [u8; IV_LEN], HmacSha256, Aes256Ctr)> = None;
+        let mut header_error = None;
+        let mut splitter = ArraySplitter::default();
+        let mut total = 0usize;
+        let mut invalid: Option<ExportError> = None;
+        // A small file's keys are kept (as text) from this pass, which saves
+        // the second one; a large file's are dropped past the limit.
+        let mut kept: Option<std::collections::VecDeque<Zeroizing<Vec<u8>>>> =
+            Some(Default::default());
+        let mut kept_bytes = 0usize;
+        loop {
+            let before = tail.len();
+            base64.step(&mut tail)?;
+            total_len += tail.len() - before;
+            if head.len() < HEADER_LEN {
+                let new = &tail[before..];
+                let need = (HEADER_LEN - head.len()).min(new.len());
+                head.extend_from_slice(&new[..need]);
+                if head.len() == HEADER_LEN && keyed.is_none() && header_error.is_none() {
+                    match Header::parse(&head) {
+                        Ok(h) => {
+                            let keys = DerivedKeys::new(passphrase, &h.salt, h.rounds);
+                            let (hmac, cipher) = (keys.mac(&[]), keys.cipher(&h.iv));
+                            keyed = Some((keys, h.iv, hmac, cipher));
+                        }
+                        Err(e) => header_error = Some(e),
+                    }
+                }
+            }
+            if let Some((_, _, hmac, cipher)) = &mut keyed {
+                if tail.len() > MAC_LEN {
+                    let covered = tail.len() - MAC_LEN;
+                    hmac.update(&tail[..covered]);
+                    // The part of it after the header is ciphertext.
+                    let skip = HEADER_LEN.saturating_sub(covered_len).min(covered);
+                    covered_len += covered;
+                    if invalid.is_none() {
+                        let mut chunk = Zeroizing::new(tail[skip..covered].to_vec());
+                        cipher.apply_keystream(&mut chunk);
+                        let fed = splitter.feed(&chunk, |element| {
+                            let mut key: ExportedRoomKey =
+                                serde_json::from_slice(element).map_err(json_error)?;
+                            key.session_key.zeroize();
+                            total += 1;
+                            kept_bytes += element.len();
+                            if kept_bytes > KEEP_FROM_FIRST_PASS {
+                                kept = None;
+                            } else if let Some(kept) = &mut kept {
+                                kept.push_back(Zeroizing::new(element.to_vec()));
+                            }
+                            Ok(())
+                        });
+                        invalid = fed.err();
+                    }
+                    tail.drain(..covered);
+                }
+            } else if header_error.is_some() {
+                tail.clear();
+            }
+            if base64.finished() {
+                break;
+            }
+        }
+        // The errors of decrypt_export, in its order.
+        match head.first() {
+            None => return Err(ExportError::TooShort),
+            Some(&VERSION) => {}
+            Some(&other) => return Err(ExportError::UnsupportedVersion(other)),
+        }
+        if total_len < HEADER_LEN + MAC_LEN {
+            return Err(ExportError::TooShort);
+        }
+        if let Some(e) = header_error {
+            return Err(e);
+        }
+        let (keys, iv, hmac, _) = keyed.ok_or(ExportError::TooShort)?;
+        hmac.verify_slice(&tail).map_err(|_| ExportError::BadMac)?;
+        if let Some(e) = invalid {
+            return Err(e);
+        }
+        splitter.finish()?;
+        if let Some(pending) = kept {
+            return Ok(Self { total, done: 0, pass: None, pending });
+        }
+        let ciphertext_len = total_len - HEADER_LEN - MAC_LEN;
+        // Keys are handed out from a second decrypting pass.
+        let pass = Some(Pass::new(body, &keys, &iv, ciphertext_len));
+        Ok(Self { total, done: 0, pass, pending: Default::default() })
+    }
+
+    /// Keys in the file.
+    pub fn total(&self) -> usize {
+        self.total
+    }
+
+    /// Keys handed out so far.
+    pub fn done(&self) -> usize {
+        self.done
+    }
+
+    /// Up to `max` next keys; empty when all were read.
+    pub fn next_batch(&mut self, max: usize) -> Result<Vec<ExportedRoomKey>, ExportError> {
+        let mut batch = Vec::with_capacity(max.min(self.total - self.done));
+        while batch.len() < max {
+            if let Some(element) = self.pending.pop_front() {
+                batch.push(serde_json::from_slice(&element).map_err(json_error)?);
+                continue;
+            }
+            let Some(pass) = &mut self.pass else { break };
+            let pending = &mut self.pending;
+            let more = pass.step(|element| {
+                pending.push_back(Zeroizing::new(element.to_vec()));
+                Ok(())
+            })?;
+            if !more {
+                self.pass = None;
+            }
+        }
+        self.done += batch.len();
+        if max > 0 && batch.is_empty() && self.done < self.total {
+            return Err(ExportError::Json("fewer keys than counted".into()));
+        }
+        Ok(batch)
+    }
+}
+
+/// The fixed fields at the start of a payload.
+struct Header {
+    salt: [u8; SALT_LEN],
+    iv: [u8; IV_LEN],
+    rounds: u32,
+}
+
+impl Header {
+    /// Parses the first [`HEADER_LEN`] bytes (version already checked by
+    /// the caller's order of errors; checked here too).
+    fn parse(head: &[u8]) -> Result<Self, ExportError> {
+        let (&version, rest) = head.split_first().ok_or(ExportError::TooShort)?;
+        if version != VERSION {
+            return Err(ExportError::UnsupportedVersion(version));
+        }
+        let (salt, rest) = rest.split_first_chunk::<SALT_LEN>().ok_or(ExportError::TooShort)?;
+        let (iv, rest) = rest.split_first_chunk::<IV_LEN>().ok_or(ExportError::TooShort)?;
+        let (rounds, _) = rest.split_first_chunk::<4>().ok_or(ExportError::TooShort)?;
+        let rounds = u32::from_be_bytes(*rounds);
+        if rounds == 0 {
+            return Err(ExportError::ZeroRounds);
+        }
+        Ok(Self { salt: *salt, iv: *iv, rounds })
+    }
+}
+
 /// Decrypts a key export file into its keys.
 ///
 /// Accepts CRLF, surrounding whitespace, lines wrapped anywhere, padded or
@@ -451,16 +905,23 @@ pub fn decrypt_export_bytes(
     file: &str,
     passphrase: &str,
 ) -> Result<Zeroizing<Vec<u8>>, ExportError> {
-    let payload = decode_base64_body(armored_body(file)?)?;
-    let parts = Payload::parse(&payload)?;
-    if parts.rounds == 0 {
-        return Err(ExportError::ZeroRounds);
-    }
-    let keys = DerivedKeys::new(passphrase, parts.salt, parts.rounds);
-    keys.mac(parts.authenticated).verify_slice(parts.mac).map_err(|_| ExportError::BadMac)?;
-    let mut plaintext = Zeroizing::new(parts.ciphertext.to_vec());
-    keys.cipher(parts.iv).apply_keystream(&mut plaintext);
-    Ok(plaintext)
+    // Decrypted in place: the decoded payload becomes the plaintext, so a
+    // large import holds one copy of it, not two.
+    let mut payload = Zeroizing::new(decode_base64_body(armored_body(file)?)?);
+    let (keys, iv, start, end) = {
+        let parts = Payload::parse(&payload)?;
+        if parts.rounds == 0 {
+            return Err(ExportError::ZeroRounds);
+        }
+        let keys = DerivedKeys::new(passphrase, parts.salt, parts.rounds);
+        keys.mac(parts.authenticated).verify_slice(parts.mac).map_err(|_| ExportError::BadMac)?;
+        let end = parts.authenticated.len();
+        (keys, *parts.iv, end - parts.ciphertext.len(), end)
+    };
+    payload.truncate(end);
+    payload.drain(..start);
+    keys.cipher(&iv).apply_keystream(&mut payload);
+    Ok(payload)
 }
 
 /// Fills in the header of `payload` (which holds `HEADER_LEN` placeholder
@@ -528,19 +989,15 @@ fn armored_body(file: &str) -> Result<&str, ExportError> {
 
 /// Decodes base64 with whitespace anywhere and `=` padding at the end of any
 /// group, as when each line was encoded on its own (matrix-js-sdk).
+///
+/// Streams ([`Base64Stream`]): whitespace is skipped on the fly and the text
+/// decoded a chunk at a time, so only the output is held (not a cleaned copy
+/// of the input).
 fn decode_base64_body(body: &str) -> Result<Vec<u8>, ExportError> {
-    let cleaned: Vec<u8> = body.bytes().filter(|b| !b.is_ascii_whitespace()).collect();
-    let mut out = Vec::with_capacity(cleaned.len() / 4 * 3 + 3);
-    let mut rest = cleaned.as_slice();
-    while !rest.is_empty() {
-        // A segment runs up to and including a run of `=`, or to the end.
-        let end = match rest.iter().position(|&b| b == b'=') {
-            Some(pad) => pad + rest.iter().skip(pad).take_while(|&&b| b == b'=').count(),
-            None => rest.len(),
-        };
-        let (segment, tail) = rest.split_at(end);
-        LENIENT_BASE64.decode_vec(segment, &mut out).map_err(|_| ExportError::Base64)?;
-        rest = tail;
+    let mut out = Vec::with_capacity(body.len() / 4 * 3 + 3);
+    let mut stream = Base64Stream::new(body);
+    while !stream.finished() {
+        stream.step(&mut out)?;
     }
     Ok(out)
 }
@@ -860,6 +1317,37 @@ mod tests {
         }
     }
 
+    /// Bodies longer than the decoder's chunk, wrapped at odd widths or
+    /// base64'd line by line with padding, decode the same as whole.
+    #[test]
+    fn tolerant_reading_of_a_large_file() {
+        let keys: Vec<_> = (0..400u32).map(|i| key((i % 256) as u8)).collect();
+        let file = encrypt_export(&keys, "p", 1).unwrap();
+        let body = body_of(&file);
+        assert!(body.len() > 2 * 64 * 1024, "{}", body.len());
+        let payload = decode_base64_body(&body).unwrap();
+        let wrapped = |width: usize| {
+            let chars: Vec<char> = body.chars().collect();
+            chars.chunks(width).map(|c| c.iter().collect::<String>()).collect::<Vec<_>>()
+        };
+        let mut variants = vec![
+            rearmor(body.trim_end_matches('=')),
+            rearmor(&wrapped(7).join("\n ")),
+            rearmor(&wrapped(65_537).join("\r\n")),
+        ];
+        for raw_per_line in [49_151, 96] {
+            let lines: Vec<String> = payload
+                .chunks(raw_per_line)
+                .map(|c| base64::engine::general_purpose::STANDARD.encode(c))
+                .collect();
+            variants.push(rearmor(&lines.join("\n")));
+        }
+        for v in variants {
+            assert_eq!(decode_base64_body(armored_body(&v).unwrap()).unwrap(), payload);
+            assert_eq!(decrypt_export(&v, "p").unwrap(), keys);
+        }
+    }
+
     #[test]
     fn json_handling() {
         let raw = br#"[{"algorithm":"m.megolm.v1.aes-sha2","room_id":"!r:x","sender_key":"s","session_id":"i","session_key":"k","unknown":{"a":[1]}}]"#;
@@ -947,10 +1435,121 @@ mod tests {
                     continue;
                 }
                 // Almost always an error; a change in the trailing bits of the
-                // last group can decode to the same bytes.
-                let _ = decrypt_export(&rearmor(&tampered), "p");
+                // last group can decode to the same bytes. Either way, the
+                // streaming reader says the same.
+                assert_stream_agrees(&rearmor(&tampered), "p");
             }
         }
+    }
+
+    /// Every key of `file` through [`ExportStream`], `batch` at a time.
+    fn stream_all(
+        file: &str,
+        passphrase: &str,
+        batch: usize,
+    ) -> Result<Vec<ExportedRoomKey>, ExportError> {
+        let mut stream = ExportStream::open(file, passphrase)?;
+        let mut keys = Vec::new();
+        loop {
+            let next = stream.next_batch(batch)?;
+            if next.is_empty() {
+                break;
+            }
+            assert!(next.len() <= batch);
+            keys.extend(next);
+            assert_eq!(stream.done(), keys.len());
+        }
+        assert_eq!(keys.len(), stream.total());
+        Ok(keys)
+    }
+
+    /// The streaming reader agrees with reading whole: the same keys, or the
+    /// same error (for JSON errors, the same kind; messages may differ).
+    fn assert_stream_agrees(file: &str, passphrase: &str) {
+        let whole = decrypt_export(file, passphrase);
+        for batch in [1, 3, 1000] {
+            let streamed = stream_all(file, passphrase, batch);
+            match (&whole, &streamed) {
+                (Err(ExportError::Json(_)), Err(ExportError::Json(_))) => {}
+                _ => assert_eq!(streamed, whole, "batch {batch}: {file:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn streaming_reader_agrees_with_whole_reading() {
+        for n in [0u32, 1, 5, 400] {
+            let keys: Vec<_> = (0..n).map(|i| key((i % 256) as u8)).collect();
+            let file = encrypt_export(&keys, "pässwörd", 1).unwrap();
+            assert_eq!(stream_all(&file, "pässwörd", 7).unwrap(), keys);
+            assert_stream_agrees(&file, "pässwörd");
+            assert_eq!(stream_all(&file, "password", 7), Err(ExportError::BadMac));
+            // Line by line with padding, CRLF, odd wrapping.
+            let body = body_of(&file);
+            let payload = decode_base64_body(&body).unwrap();
+            let lines: Vec<String> = payload
+                .chunks(5)
+                .map(|c| base64::engine::general_purpose::STANDARD.encode(c))
+                .collect();
+            assert_stream_agrees(&rearmor(&lines.join("\r\n")), "pässwörd");
+            assert_stream_agrees(&rearmor(body.trim_end_matches('=')), "pässwörd");
+            // Truncated and cut anywhere.
+            for cut in [0, 1, 4, 10, 40, 48, 50, 90, 92, body.len() / 2, body.len() - 4] {
+                assert_stream_agrees(&rearmor(&body[..cut.min(body.len())]), "pässwörd");
+            }
+        }
+        for bad_body in ["", "AQ", "Ag", "AQ!@#$", "A", "====", "AQ=A", "Zm9v\u{e9}"] {
+            assert_stream_agrees(&rearmor(bad_body), "p");
+        }
+        assert_stream_agrees("no header", "p");
+        // Zero rounds in an otherwise valid file.
+        let file = encrypt_export(&[key(1)], "p", 1).unwrap();
+        let mut payload = decode_base64_body(&body_of(&file)).unwrap();
+        payload[1 + SALT_LEN + IV_LEN..HEADER_LEN].copy_from_slice(&0u32.to_be_bytes());
+        let forged = rearmor(&base64::engine::general_purpose::STANDARD.encode(&payload));
+        assert_eq!(stream_all(&forged, "p", 1), Err(ExportError::ZeroRounds));
+        // Plaintexts that are not an array of keys, or are, oddly spaced.
+        let good = r#"{"algorithm":"m.megolm.v1.aes-sha2","room_id":"!r:x","sender_key":"s","session_id":"i]}","session_key":"k\"[{","unknown":{"a":[1,{"b":"]"}]}}"#;
+        let raws = [
+            "{}".to_owned(),
+            "[1]".to_owned(),
+            String::new(),
+            "[] x".to_owned(),
+            "[".to_owned(),
+            "[ ]".to_owned(),
+            " \n[\r\n]\t".to_owned(),
+            "\x0c[]".to_owned(),
+            "[]\x0c".to_owned(),
+            format!("[{good}]"),
+            format!("[ {good} , {good}\n]"),
+            format!("[{good},]"),
+            format!("[,{good}]"),
+            format!("[{good}{good}]"),
+            format!("[{good}"),
+            format!("[{good}]]"),
+            format!("[{good}] {good}"),
+            r#"[{"room_id":"!r:x"}]"#.to_owned(),
+            "[null]".to_owned(),
+            "[\"x\"]".to_owned(),
+            "[1 2]".to_owned(),
+            "[}]".to_owned(),
+        ];
+        for raw in &raws {
+            let file = encrypt_export_bytes(raw.as_bytes(), "p", 1).unwrap();
+            assert_stream_agrees(&file, "p");
+        }
+        assert_eq!(
+            stream_all(
+                &encrypt_export_bytes(format!("[ {good} , {good}\n]").as_bytes(), "p", 1).unwrap(),
+                "p",
+                1
+            )
+            .unwrap()
+            .len(),
+            2
+        );
+        let file = encrypt_export_bytes(b"\xff", "p", 1).unwrap();
+        assert!(matches!(stream_all(&file, "p", 1), Err(ExportError::Json(_))));
     }
 
     #[test]

@@ -8,6 +8,7 @@
 //! (session, index) (replay detection).
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use serde_json::{json, Value};
 use vodozemac::megolm::{
@@ -22,7 +23,7 @@ use crate::json::strip_padding;
 use crate::olm::DecryptedToDevice;
 use crate::records::{
     DeviceRecord, InboundGroupSessionRecord, MessageIndexRecord, OutboundGroupSessionRecord,
-    SessionSource, ShareInfo, WithheldRecord,
+    SessionSource, SharedWith, WithheldRecord, WithheldTo,
 };
 use crate::trust::{sender_trust, SenderTrust};
 use crate::MEGOLM_V1;
@@ -147,10 +148,14 @@ pub struct OutboundMeta {
     pub message_count: u64,
     /// Rotation settings.
     pub settings: RotationSettings,
-    /// Devices that got the key.
-    pub shared_with: BTreeMap<UserId, BTreeMap<DeviceId, ShareInfo>>,
+    /// Devices that got the key (shared with the records written from it;
+    /// change it with `Arc::make_mut`).
+    pub shared_with: Arc<SharedWith>,
     /// Devices that got a withheld notice, with the code.
-    pub withheld_to: BTreeMap<UserId, BTreeMap<DeviceId, String>>,
+    pub withheld_to: Arc<WithheldTo>,
+    /// The generation of the record this state was loaded from or last
+    /// written as (see [`OutboundGroupSessionRecord::generation`]).
+    pub generation: u64,
 }
 
 impl OutboundSession {
@@ -163,8 +168,9 @@ impl OutboundSession {
                 created_at: now,
                 message_count: 0,
                 settings,
-                shared_with: BTreeMap::new(),
-                withheld_to: BTreeMap::new(),
+                shared_with: Arc::default(),
+                withheld_to: Arc::default(),
+                generation: 0,
             },
         }
     }
@@ -183,11 +189,14 @@ impl OutboundSession {
                 },
                 shared_with: r.shared_with,
                 withheld_to: r.withheld_to,
+                generation: r.generation,
             },
         }
     }
 
-    /// To a record.
+    /// To a record, at the session's current generation (bump
+    /// `meta.generation` first when writing over a stored record). Cheap:
+    /// the share maps are shared, not copied.
     pub fn to_record(&self) -> OutboundGroupSessionRecord {
         OutboundGroupSessionRecord {
             room_id: self.meta.room_id.clone(),
@@ -197,8 +206,9 @@ impl OutboundSession {
             message_count: self.meta.message_count,
             rotation_period_msgs: self.meta.settings.rotation_period_msgs,
             rotation_period_ms: self.meta.settings.rotation_period_ms,
-            shared_with: self.meta.shared_with.clone(),
-            withheld_to: self.meta.withheld_to.clone(),
+            shared_with: Arc::clone(&self.meta.shared_with),
+            withheld_to: Arc::clone(&self.meta.withheld_to),
+            generation: self.meta.generation,
         }
     }
 
@@ -251,10 +261,24 @@ impl OutboundSession {
     /// Encrypts a room event, producing the `m.room.encrypted` content.
     /// `m.relates_to` is copied to the cleartext, as the spec requires.
     pub fn encrypt(&mut self, own: &OwnAccount, event_type: &str, content: Value) -> Value {
+        self.encrypt_ref(own, event_type, &content)
+    }
+
+    /// [`encrypt`](Self::encrypt) without taking the content (it is only
+    /// serialised, never copied).
+    pub fn encrypt_ref(&mut self, own: &OwnAccount, event_type: &str, content: &Value) -> Value {
+        #[derive(serde::Serialize)]
+        struct Payload<'a> {
+            #[serde(rename = "type")]
+            event_type: &'a str,
+            content: &'a Value,
+            room_id: &'a RoomId,
+        }
         let relates_to = content.get("m.relates_to").cloned();
-        let payload =
-            json!({ "type": event_type, "content": content, "room_id": self.meta.room_id });
-        let message = self.session.encrypt(payload.to_string());
+        let payload = Payload { event_type, content, room_id: &self.meta.room_id };
+        // Serialising a `Value` and borrowed strings cannot fail.
+        let payload = serde_json::to_string(&payload).unwrap_or_default();
+        let message = self.session.encrypt(payload);
         self.meta.message_count += 1;
         let mut out = json!({
             "algorithm": MEGOLM_V1,
@@ -365,6 +389,32 @@ pub fn export_session(r: &InboundGroupSessionRecord) -> Result<ExportedRoomKey, 
     })
 }
 
+/// [`export_session`] for a record the caller no longer needs: its pickle
+/// and strings are moved instead of copied (bulk export).
+pub fn export_record(r: InboundGroupSessionRecord) -> ExportedRoomKey {
+    let InboundGroupSessionRecord {
+        room_id,
+        session_id,
+        sender_key,
+        sender_claimed_ed25519,
+        forwarding_chain,
+        shared_history,
+        pickle,
+        ..
+    } = r;
+    let session = InboundGroupSession::from_pickle(pickle);
+    ExportedRoomKey {
+        algorithm: MEGOLM_V1.to_owned(),
+        room_id: room_id.to_string(),
+        sender_key,
+        session_id,
+        session_key: session.export_at_first_known_index().to_base64(),
+        sender_claimed_keys: BTreeMap::from([("ed25519".to_owned(), sender_claimed_ed25519)]),
+        forwarding_curve25519_key_chain: forwarding_chain,
+        shared_history,
+    }
+}
+
 fn clone_pickle(
     r: &InboundGroupSessionRecord,
 ) -> Result<vodozemac::megolm::InboundGroupSessionPickle, MegolmError> {
@@ -471,13 +521,33 @@ pub fn decrypt_room_event(
     sender_devices: &[DeviceRecord],
     seen: Option<&MessageIndexRecord>,
 ) -> Result<(DecryptedRoomEvent, Option<MessageIndexRecord>), MegolmError> {
+    let mut inbound = live_inbound(session)?;
+    decrypt_room_event_with(room_id, event, session, &mut inbound, sender_devices, seen)
+}
+
+/// The live vodozemac session of a stored record (the record is kept).
+pub fn live_inbound(r: &InboundGroupSessionRecord) -> Result<InboundGroupSession, MegolmError> {
+    Ok(InboundGroupSession::from_pickle(clone_pickle(r)?))
+}
+
+/// [`decrypt_room_event`] with a live session the caller keeps (a cache):
+/// `inbound` must be the session of `session` (e.g. from [`live_inbound`]).
+/// Every check is the same; decrypting does not change what the session can
+/// decrypt, so a cached session stays equivalent to its record.
+pub fn decrypt_room_event_with(
+    room_id: &RoomId,
+    event: &EncryptedRoomEvent,
+    session: &InboundGroupSessionRecord,
+    inbound: &mut InboundGroupSession,
+    sender_devices: &[DeviceRecord],
+    seen: Option<&MessageIndexRecord>,
+) -> Result<(DecryptedRoomEvent, Option<MessageIndexRecord>), MegolmError> {
     if &session.room_id != room_id {
         return Err(MegolmError::RoomMismatch {
             event_room: room_id.to_string(),
             other: session.room_id.to_string(),
         });
     }
-    let mut inbound = InboundGroupSession::from_pickle(clone_pickle(session)?);
     let decrypted = inbound.decrypt(&event.message).map_err(|e| match e {
         vodozemac::megolm::DecryptionError::UnknownMessageIndex(first, index) => {
             MegolmError::UnknownIndex { index, first_known: first }

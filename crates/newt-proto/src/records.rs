@@ -7,6 +7,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -170,11 +171,44 @@ pub struct OutboundGroupSessionRecord {
     /// Rotation after this many milliseconds.
     pub rotation_period_ms: u64,
     /// Devices that received the key, confirmed by a sent to-device request.
-    #[serde(default)]
-    pub shared_with: BTreeMap<UserId, BTreeMap<DeviceId, ShareInfo>>,
+    /// Shared (`Arc`) so that writing the record after each encryption does
+    /// not copy a map that grows with the audience.
+    #[serde(default, with = "arc_map")]
+    pub shared_with: Arc<SharedWith>,
     /// Devices that were sent a withheld notice for this session.
+    #[serde(default, with = "arc_map")]
+    pub withheld_to: Arc<WithheldTo>,
+    /// Incremented on every write, like an Olm session's: a store refuses a
+    /// write based on an older state of the session (another process
+    /// encrypted, shared or rotated meanwhile). A new session for a room
+    /// starts one past the record it replaces, or at 0 when there is none.
     #[serde(default)]
-    pub withheld_to: BTreeMap<UserId, BTreeMap<DeviceId, String>>,
+    pub generation: u64,
+}
+
+/// Who received an outbound session's key, by user and device.
+pub type SharedWith = BTreeMap<UserId, BTreeMap<DeviceId, ShareInfo>>;
+/// Who was told an outbound session's key is withheld, with the code.
+pub type WithheldTo = BTreeMap<UserId, BTreeMap<DeviceId, String>>;
+
+/// Serde for `Arc<T>` fields without serde's `rc` feature.
+mod arc_map {
+    use std::sync::Arc;
+
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub(super) fn serialize<T: Serialize, S: Serializer>(
+        value: &Arc<T>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        value.as_ref().serialize(s)
+    }
+
+    pub(super) fn deserialize<'de, T: Deserialize<'de>, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Arc<T>, D::Error> {
+        T::deserialize(d).map(Arc::new)
+    }
 }
 
 impl fmt::Debug for OutboundGroupSessionRecord {
@@ -183,6 +217,7 @@ impl fmt::Debug for OutboundGroupSessionRecord {
             .field("room_id", &self.room_id)
             .field("session_id", &self.session_id)
             .field("message_count", &self.message_count)
+            .field("generation", &self.generation)
             .field("pickle", &"<redacted>")
             .finish()
     }

@@ -6,10 +6,12 @@
 
 use rusqlite::types::Value;
 use rusqlite::{params_from_iter, Connection, TransactionBehavior};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use newt_proto::records::{AccountRecord, OlmSessionRecord};
-use newt_store::{check_generation, check_generation_value, Changes, StoreError};
+use newt_store::{
+    check_generation, check_generation_value, check_outbound_generation, Changes, StoreError,
+};
 
 use crate::cipher::{Cipher, Kind};
 use crate::retry::TxError;
@@ -38,7 +40,20 @@ pub(crate) struct Prepared {
     account: Option<AccountRecord>,
     /// (sender key hash, session hash, incoming generation) of each Olm session.
     olm_generations: Vec<(Value, Value, u64)>,
+    /// (room hash, removed by the same changes, incoming session ID and
+    /// generation) of each outbound session.
+    outbound_generations: Vec<(Value, bool, String, u64)>,
     writes: Vec<Write>,
+}
+
+/// Only the generation of a stored record (the rest of the value is skipped,
+/// not built).
+#[derive(Deserialize)]
+struct GenerationOnly {
+    #[serde(default)]
+    session_id: String,
+    #[serde(default)]
+    generation: u64,
 }
 
 /// Hashes and seals everything in `changes`.
@@ -82,21 +97,21 @@ pub(crate) fn prepare(cipher: &Cipher, changes: Changes) -> Result<Prepared, Sto
         olm_generations.push((keys[0].clone(), keys[1].clone(), s.generation));
         writes.push(upsert(cipher, &OLM_SESSIONS, keys, s)?);
     }
-    for s in &changes.inbound_group_sessions {
+    // Imports write thousands of these: seal them on every core.
+    writes.extend(map_parallel(&changes.inbound_group_sessions, |s| {
         let keys = vec![
             cipher.key(Kind::Room, s.room_id.as_str()),
             cipher.key(Kind::MegolmSession, &s.session_id),
             Value::Integer(i64::from(s.backed_up)),
         ];
-        writes.push(upsert(cipher, &INBOUND, keys, s)?);
-    }
+        upsert(cipher, &INBOUND, keys, s)
+    })?);
+    let mut outbound_generations = Vec::with_capacity(changes.outbound_group_sessions.len());
     for s in &changes.outbound_group_sessions {
-        writes.push(upsert(
-            cipher,
-            &OUTBOUND,
-            vec![cipher.key(Kind::Room, s.room_id.as_str())],
-            s,
-        )?);
+        let room = cipher.key(Kind::Room, s.room_id.as_str());
+        let removed = changes.removed_outbound_group_sessions.contains(&s.room_id);
+        outbound_generations.push((room.clone(), removed, s.session_id.clone(), s.generation));
+        writes.push(upsert(cipher, &OUTBOUND, vec![room], s)?);
     }
     for d in &changes.devices {
         let keys = vec![
@@ -156,7 +171,38 @@ pub(crate) fn prepare(cipher: &Cipher, changes: Changes) -> Result<Prepared, Sto
             private,
         )?);
     }
-    Ok(Prepared { account: changes.account, olm_generations, writes })
+    Ok(Prepared { account: changes.account, olm_generations, outbound_generations, writes })
+}
+
+/// `items.iter().map(f).collect()`, in order, split over up to four threads
+/// when there are enough items for it to pay.
+fn map_parallel<T: Sync, R: Send>(
+    items: &[T],
+    f: impl Fn(&T) -> Result<R, StoreError> + Sync,
+) -> Result<Vec<R>, StoreError> {
+    const MIN_PER_THREAD: usize = 256;
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(4)
+        .min(items.len() / MIN_PER_THREAD);
+    if threads < 2 {
+        return items.iter().map(f).collect();
+    }
+    let f = &f;
+    std::thread::scope(|s| {
+        let handles: Vec<_> = items
+            .chunks(items.len().div_ceil(threads))
+            .map(|chunk| s.spawn(move || chunk.iter().map(f).collect::<Result<Vec<R>, _>>()))
+            .collect();
+        let mut out = Vec::with_capacity(items.len());
+        for h in handles {
+            match h.join() {
+                Ok(part) => out.extend(part?),
+                Err(panic) => std::panic::resume_unwind(panic),
+            }
+        }
+        Ok(out)
+    })
 }
 
 fn upsert<T: Serialize>(
@@ -206,6 +252,24 @@ pub(crate) fn commit(
         )?
         .pop();
         check_generation_value(stored.map(|s| s.generation), *generation)?;
+    }
+    for (room, removed, session_id, generation) in &prepared.outbound_generations {
+        let stored: Option<GenerationOnly> = if *removed {
+            None
+        } else {
+            query(
+                &tx,
+                cipher,
+                &OUTBOUND,
+                &OUTBOUND.select_sql("WHERE room_hash = ?1"),
+                std::slice::from_ref(room),
+            )?
+            .pop()
+        };
+        check_outbound_generation(
+            stored.as_ref().map(|s| (s.session_id.as_str(), s.generation)),
+            (session_id, *generation),
+        )?;
     }
     for write in &prepared.writes {
         tx.prepare_cached(&write.sql)?.execute(params_from_iter(&write.params))?;

@@ -1,6 +1,7 @@
 //! [`SqliteStore`]: opening, key changes, and the keyed reads of
 //! [`Store`].
 
+use std::collections::HashSet;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
@@ -330,6 +331,60 @@ impl Store for SqliteStore {
 
     async fn private_identity(&self) -> Result<Option<PrivateIdentityRecord>, StoreError> {
         self.read_one(&SINGLETONS, "WHERE name = ?1", &[Value::Text(PRIVATE_IDENTITY.into())])
+    }
+
+    /// One existence probe per key on the index, under one lock; no session
+    /// is read or decrypted.
+    async fn sender_keys_with_olm_sessions(
+        &self,
+        sender_keys: &[&str],
+    ) -> Result<HashSet<String>, StoreError> {
+        let hashed: Vec<(Value, &str)> =
+            sender_keys.iter().map(|k| (self.cipher.key(Kind::SenderKey, k), *k)).collect();
+        self.with_conn(|conn| {
+            let mut statement = conn
+                .prepare_cached("SELECT 1 FROM olm_sessions WHERE sender_key_hash = ?1 LIMIT 1")?;
+            let mut found = HashSet::new();
+            for (hash, key) in &hashed {
+                if statement.exists([hash])? {
+                    found.insert((*key).to_owned());
+                }
+            }
+            Ok(found)
+        })
+    }
+
+    /// Point reads on the primary key, under one lock and one read
+    /// transaction.
+    async fn inbound_group_sessions(
+        &self,
+        keys: &[(RoomId, String)],
+    ) -> Result<Vec<InboundGroupSessionRecord>, StoreError> {
+        let hashed: Vec<[Value; 2]> = keys
+            .iter()
+            .map(|(room, session)| {
+                [
+                    self.cipher.key(Kind::Room, room.as_str()),
+                    self.cipher.key(Kind::MegolmSession, session),
+                ]
+            })
+            .collect();
+        let sql = INBOUND.select_sql("WHERE room_hash = ?1 AND session_hash = ?2");
+        self.with_conn(|conn| {
+            let tx = conn.transaction()?;
+            let mut found = Vec::new();
+            for params in &hashed {
+                found.extend(query::<InboundGroupSessionRecord>(
+                    &tx,
+                    &self.cipher,
+                    &INBOUND,
+                    &sql,
+                    params,
+                )?);
+            }
+            tx.commit()?;
+            Ok(found)
+        })
     }
 
     async fn apply(&self, changes: Changes) -> Result<(), StoreError> {

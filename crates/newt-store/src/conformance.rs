@@ -49,6 +49,9 @@ pub async fn run_all<S: Store, F: Future<Output = S>>(make: impl Fn() -> F) {
     check("inbound_group_session_get_upsert", inbound_get_upsert(make().await)).await;
     check("inbound_group_sessions_paging", inbound_paging(make().await)).await;
     check("outbound_group_sessions", outbound_sessions(make().await)).await;
+    check("outbound_generation_rule", outbound_generation_rule(make().await)).await;
+    check("sender_keys_with_olm_sessions", sender_keys_with_olm_sessions(make().await)).await;
+    check("inbound_group_sessions_batch", inbound_batch(make().await)).await;
     check("devices_by_user", devices_by_user(make().await)).await;
     check("tracked_users", tracked_users(make().await)).await;
     check("key_requests", key_requests(make().await)).await;
@@ -291,13 +294,16 @@ async fn outbound_sessions(store: impl Store) {
     let a = outbound(&room_a, 0);
     let b = outbound(&room_b, 3);
     let (a_json, b_json) = (to_json(&a), to_json(&b));
+    let a_session = a.session_id.clone();
     apply(&store, Changes { outbound_group_sessions: vec![a, b], ..Default::default() }).await;
     assert_eq!(to_json(&store.outbound_group_session(&room_a).await.unwrap().unwrap()), a_json);
     assert_eq!(to_json(&store.outbound_group_session(&room_b).await.unwrap().unwrap()), b_json);
 
-    // Upsert replaces the room's session.
+    // An update of the room's session (one generation later) replaces it.
     let mut shared = outbound(&room_a, 5);
-    shared.shared_with.entry(user(BOB)).or_default().insert(
+    shared.session_id = a_session;
+    shared.generation = 1;
+    std::sync::Arc::make_mut(&mut shared.shared_with).entry(user(BOB)).or_default().insert(
         device(DEVICE),
         newt_proto::records::ShareInfo { sender_key: "bob-curve".into(), message_index: 5 },
     );
@@ -337,6 +343,141 @@ async fn outbound_sessions(store: impl Store) {
     // Removing what is not there is fine.
     apply(&store, Changes { removed_outbound_group_sessions: vec![room_a], ..Default::default() })
         .await;
+}
+
+async fn outbound_generation_rule(store: impl Store) {
+    let room_a = room(ROOM_A);
+    // Nothing stored: only a new session (generation 0) may be written.
+    let err = store
+        .apply(Changes {
+            outbound_group_sessions: vec![OutboundGroupSessionRecord {
+                generation: 3,
+                ..outbound(&room_a, 0)
+            }],
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::StaleGeneration { .. }), "{err:?}");
+    assert!(store.outbound_group_session(&room_a).await.unwrap().is_none());
+    let first = outbound(&room_a, 0);
+    let session_id = first.session_id.clone();
+    apply(&store, Changes { outbound_group_sessions: vec![first], ..Default::default() }).await;
+    // Then an update of that session is exactly one past the stored
+    // generation; anything else is stale and writes nothing (not even the
+    // other parts of the changes).
+    for generation in [0, 2, 5] {
+        let err = store
+            .apply(Changes {
+                outbound_group_sessions: vec![OutboundGroupSessionRecord {
+                    generation,
+                    session_id: session_id.clone(),
+                    ..outbound(&room_a, 7)
+                }],
+                sync_token: Some("stale".into()),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert!(matches!(err, StoreError::StaleGeneration { .. }), "{generation}: {err:?}");
+        let stored = store.outbound_group_session(&room_a).await.unwrap().unwrap();
+        assert_eq!((stored.session_id, stored.generation), (session_id.clone(), 0));
+        assert_eq!(store.sync_token().await.unwrap(), None);
+    }
+    let next = OutboundGroupSessionRecord {
+        generation: 1,
+        session_id: session_id.clone(),
+        ..outbound(&room_a, 1)
+    };
+    apply(&store, Changes { outbound_group_sessions: vec![next], ..Default::default() }).await;
+    assert_eq!(store.outbound_group_session(&room_a).await.unwrap().unwrap().generation, 1);
+    // A stale copy of another session (one this room rotated away from, at
+    // the generation the stored one expects next) is refused too.
+    let err = store
+        .apply(Changes {
+            outbound_group_sessions: vec![OutboundGroupSessionRecord {
+                generation: 2,
+                ..outbound(&room_a, 9)
+            }],
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::StaleGeneration { .. }), "{err:?}");
+    let stored = store.outbound_group_session(&room_a).await.unwrap().unwrap();
+    assert_eq!((stored.session_id, stored.generation), (session_id.clone(), 1));
+    // A discarded session cannot be written back from a stale copy...
+    apply(
+        &store,
+        Changes { removed_outbound_group_sessions: vec![room_a.clone()], ..Default::default() },
+    )
+    .await;
+    let err = store
+        .apply(Changes {
+            outbound_group_sessions: vec![OutboundGroupSessionRecord {
+                generation: 2,
+                ..outbound(&room_a, 2)
+            }],
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::StaleGeneration { .. }), "{err:?}");
+    assert!(store.outbound_group_session(&room_a).await.unwrap().is_none());
+    // ...but a new session may take its place.
+    apply(
+        &store,
+        Changes { outbound_group_sessions: vec![outbound(&room_a, 0)], ..Default::default() },
+    )
+    .await;
+    assert_eq!(store.outbound_group_session(&room_a).await.unwrap().unwrap().generation, 0);
+}
+
+async fn sender_keys_with_olm_sessions(store: impl Store) {
+    let mut peer = Account::new();
+    let with_two = olm_session(&mut peer, 0);
+    let key = with_two.sender_key.clone();
+    let mut second = olm_session(&mut peer, 0);
+    second.session_id = format!("{}-second", second.session_id);
+    let mut other_peer = Account::new();
+    let other = olm_session(&mut other_peer, 0);
+    let other_key = other.sender_key.clone();
+    apply(&store, Changes { olm_sessions: vec![with_two, second, other], ..Default::default() })
+        .await;
+    let unknown = Account::new().curve25519_key().to_base64();
+    let asked = [key.as_str(), unknown.as_str(), other_key.as_str(), key.as_str()];
+    let found = store.sender_keys_with_olm_sessions(&asked).await.unwrap();
+    let expected: std::collections::HashSet<String> = [key, other_key].into_iter().collect();
+    assert_eq!(found, expected);
+    assert!(store.sender_keys_with_olm_sessions(&[]).await.unwrap().is_empty());
+    assert!(store.sender_keys_with_olm_sessions(&[unknown.as_str()]).await.unwrap().is_empty());
+}
+
+async fn inbound_batch(store: impl Store) {
+    let room_a = room(ROOM_A);
+    let room_b = room(ROOM_B);
+    let a = inbound(&room_a);
+    let b = inbound(&room_b);
+    let (a_key, b_key) = (a.session_id.clone(), b.session_id.clone());
+    let (a_json, b_json) = (to_json(&a), to_json(&b));
+    apply(&store, Changes { inbound_group_sessions: vec![a, b], ..Default::default() }).await;
+    let asked = vec![
+        (room_b.clone(), b_key.clone()),
+        (room_a.clone(), "absent".to_owned()),
+        // The right session ID in the wrong room is absent.
+        (room_b.clone(), a_key.clone()),
+        (room_a.clone(), a_key.clone()),
+    ];
+    let found: BTreeSet<String> = store
+        .inbound_group_sessions(&asked)
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| to_json(r).to_string())
+        .collect();
+    let expected: BTreeSet<String> = [a_json, b_json].iter().map(Value::to_string).collect();
+    assert_eq!(found, expected);
+    assert!(store.inbound_group_sessions(&[]).await.unwrap().is_empty());
 }
 
 async fn devices_by_user(store: impl Store) {
@@ -738,6 +879,7 @@ fn outbound(room_id: &RoomId, message_count: u64) -> OutboundGroupSessionRecord 
         rotation_period_ms: 604_800_000,
         shared_with: Default::default(),
         withheld_to: Default::default(),
+        generation: 0,
     }
 }
 
@@ -833,7 +975,11 @@ fn everything(n: u64) -> Changes {
         account: None,
         olm_sessions: vec![olm],
         inbound_group_sessions: vec![inbound_a, inbound_b],
-        outbound_group_sessions: vec![outbound(&room_a, n), outbound(&room_b, n)],
+        outbound_group_sessions: vec![
+            // New sessions each time: generation 0 may replace any session.
+            outbound(&room_a, n),
+            outbound(&room_b, n),
+        ],
         removed_outbound_group_sessions: Vec::new(),
         devices: vec![alice_device, device_record(BOB, "BOB1")],
         removed_devices: Vec::new(),

@@ -32,6 +32,8 @@ mod memory;
 pub use memory::MemoryStore;
 pub use newt_proto::changes::Changes;
 
+use std::collections::HashSet;
+
 use newt_proto::identities::{IdentityRecord, PrivateIdentityRecord};
 use newt_proto::ids::{RoomId, UserId};
 use newt_proto::records::{
@@ -84,7 +86,9 @@ pub type SessionCursor = Option<(RoomId, String)>;
 /// generation check ([`check_generation_value`]) to the account and to every
 /// Olm session in `changes`: if a stored record's `generation` is not
 /// exactly one less than the incoming one, `apply` fails with
-/// [`StoreError::StaleGeneration`] and writes nothing.
+/// [`StoreError::StaleGeneration`] and writes nothing. Outbound Megolm
+/// sessions get the stricter [`check_outbound_generation`] (against the
+/// state after the removals of the same `changes`).
 #[cfg_attr(not(target_arch = "wasm32"), async_trait::async_trait)]
 #[cfg_attr(target_arch = "wasm32", async_trait::async_trait(?Send))]
 pub trait Store: StoreBounds {
@@ -147,6 +151,40 @@ pub trait Store: StoreBounds {
     async fn private_identity(&self) -> Result<Option<PrivateIdentityRecord>, StoreError>;
     /// Commits `changes` atomically.
     async fn apply(&self, changes: Changes) -> Result<(), StoreError>;
+
+    /// Which of `sender_keys` (Curve25519 keys) have at least one Olm
+    /// session: one batched read instead of [`olm_sessions`](Self::olm_sessions)
+    /// per device. Backends should override the default (one read per key)
+    /// with something that does not load the sessions.
+    async fn sender_keys_with_olm_sessions(
+        &self,
+        sender_keys: &[&str],
+    ) -> Result<HashSet<String>, StoreError> {
+        let mut found = HashSet::new();
+        for key in sender_keys {
+            if !self.olm_sessions(key).await?.is_empty() {
+                found.insert((*key).to_owned());
+            }
+        }
+        Ok(found)
+    }
+
+    /// The stored inbound sessions among `keys` ((room, session ID) pairs);
+    /// absent ones are left out, the order is the backend's. One batched
+    /// read instead of [`inbound_group_session`](Self::inbound_group_session)
+    /// per key (imports).
+    async fn inbound_group_sessions(
+        &self,
+        keys: &[(RoomId, String)],
+    ) -> Result<Vec<InboundGroupSessionRecord>, StoreError> {
+        let mut found = Vec::new();
+        for (room_id, session_id) in keys {
+            if let Some(r) = self.inbound_group_session(room_id, session_id).await? {
+                found.push(r);
+            }
+        }
+        Ok(found)
+    }
 }
 
 /// `Send + Sync` on native targets, nothing on wasm32 (browser storage
@@ -168,6 +206,30 @@ pub fn check_generation(
     incoming: &AccountRecord,
 ) -> Result<(), StoreError> {
     check_generation_value(stored.map(|a| a.generation), incoming.generation)
+}
+
+/// The generation rule of outbound Megolm sessions, given the stored and
+/// incoming (session ID, generation): an update of the stored session must
+/// be exactly one generation past it; anything else (nothing stored — never
+/// was, or discarded — or another session stored) must be a new session,
+/// generation 0. So a process holding a cached session can neither
+/// overwrite another process's newer write, nor bring back a session that
+/// was discarded or replaced (a rotation, e.g. after a member left).
+pub fn check_outbound_generation(
+    stored: Option<(&str, u64)>,
+    incoming: (&str, u64),
+) -> Result<(), StoreError> {
+    let (session_id, generation) = incoming;
+    match stored {
+        Some((stored_id, stored_generation)) if stored_id == session_id => {
+            check_generation_value(Some(stored_generation), generation)
+        }
+        _ if generation == 0 => Ok(()),
+        _ => Err(StoreError::StaleGeneration {
+            expected: generation.saturating_sub(1),
+            found: stored.map_or(0, |(_, g)| g),
+        }),
+    }
 }
 
 /// The generation rule for any record that carries one (the account, Olm

@@ -1,8 +1,10 @@
 //! [`MemoryStore`]: the reference backend. State lives in a mutex-guarded set
 //! of ordered maps; records are stored as serialised JSON so that a read
-//! always returns an independent copy (pickles are not `Clone`).
+//! always returns an independent copy (pickles are not `Clone`). Outbound
+//! sessions, written after every encryption and rarely read, are kept as
+//! records and copied (through JSON) when read.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Mutex;
 
 use newt_proto::identities::{IdentityRecord, PrivateIdentityRecord};
@@ -15,16 +17,20 @@ use newt_proto::records::{
 /// independent copy (pickles are not `Clone`).
 type Value = Vec<u8>;
 
-use crate::{check_generation, check_generation_value, Changes, SessionCursor, Store, StoreError};
+use crate::{
+    check_generation, check_generation_value, check_outbound_generation, Changes, SessionCursor,
+    Store, StoreError,
+};
 
 type Key2 = (String, String);
 
 #[derive(Default)]
 struct Inner {
     account: Option<Value>,
-    olm_sessions: BTreeMap<Key2, Value>,
+    /// With each session's generation, so the generation rule needs no parse.
+    olm_sessions: BTreeMap<Key2, (u64, Value)>,
     inbound: BTreeMap<Key2, Value>,
-    outbound: BTreeMap<String, Value>,
+    outbound: BTreeMap<String, OutboundGroupSessionRecord>,
     devices: BTreeMap<Key2, DeviceRecord>,
     tracked: BTreeMap<String, TrackedUser>,
     key_requests: BTreeMap<String, KeyRequestRecord>,
@@ -74,7 +80,7 @@ impl Store for MemoryStore {
             .olm_sessions
             .range((sender_key.to_owned(), String::new())..)
             .take_while(|((k, _), _)| k == sender_key)
-            .map(|(_, v)| from_value(v))
+            .map(|(_, (_, v))| from_value(v))
             .collect()
     }
 
@@ -110,7 +116,8 @@ impl Store for MemoryStore {
         &self,
         room_id: &RoomId,
     ) -> Result<Option<OutboundGroupSessionRecord>, StoreError> {
-        self.lock()?.outbound.get(room_id.as_str()).map(from_value).transpose()
+        let inner = self.lock()?;
+        inner.outbound.get(room_id.as_str()).map(|r| from_value(&to_value(r)?)).transpose()
     }
 
     async fn devices(&self, user_id: &UserId) -> Result<Vec<DeviceRecord>, StoreError> {
@@ -178,6 +185,35 @@ impl Store for MemoryStore {
         Ok(self.lock()?.private_identity.clone())
     }
 
+    async fn sender_keys_with_olm_sessions(
+        &self,
+        sender_keys: &[&str],
+    ) -> Result<HashSet<String>, StoreError> {
+        let inner = self.lock()?;
+        Ok(sender_keys
+            .iter()
+            .filter(|k| {
+                inner
+                    .olm_sessions
+                    .range(((**k).to_owned(), String::new())..)
+                    .next()
+                    .is_some_and(|((sender, _), _)| sender == **k)
+            })
+            .map(|k| (*k).to_owned())
+            .collect())
+    }
+
+    async fn inbound_group_sessions(
+        &self,
+        keys: &[(RoomId, String)],
+    ) -> Result<Vec<InboundGroupSessionRecord>, StoreError> {
+        let inner = self.lock()?;
+        keys.iter()
+            .filter_map(|(room, session)| inner.inbound.get(&(room.to_string(), session.clone())))
+            .map(from_value)
+            .collect()
+    }
+
     async fn apply(&self, changes: Changes) -> Result<(), StoreError> {
         let mut inner = self.lock()?;
         // Validate and serialise everything before touching the maps: all or nothing.
@@ -193,25 +229,33 @@ impl Store for MemoryStore {
         }
         for s in &changes.olm_sessions {
             let key = (s.sender_key.clone(), s.session_id.clone());
-            let stored =
-                inner.olm_sessions.get(&key).map(from_value::<OlmSessionRecord>).transpose()?;
-            check_generation_value(stored.map(|r| r.generation), s.generation)?;
+            let stored = inner.olm_sessions.get(&key).map(|(generation, _)| *generation);
+            check_generation_value(stored, s.generation)?;
+        }
+        for s in &changes.outbound_group_sessions {
+            let stored = if changes.removed_outbound_group_sessions.contains(&s.room_id) {
+                None
+            } else {
+                inner.outbound.get(s.room_id.as_str())
+            };
+            check_outbound_generation(
+                stored.map(|r| (r.session_id.as_str(), r.generation)),
+                (&s.session_id, s.generation),
+            )?;
         }
         let account = changes.account.as_ref().map(to_value).transpose()?;
         let olm = changes
             .olm_sessions
             .iter()
-            .map(|s| Ok(((s.sender_key.clone(), s.session_id.clone()), to_value(s)?)))
+            .map(|s| {
+                let key = (s.sender_key.clone(), s.session_id.clone());
+                Ok((key, (s.generation, to_value(s)?)))
+            })
             .collect::<Result<Vec<_>, StoreError>>()?;
         let inbound = changes
             .inbound_group_sessions
             .iter()
             .map(|s| Ok(((s.room_id.to_string(), s.session_id.clone()), to_value(s)?)))
-            .collect::<Result<Vec<_>, StoreError>>()?;
-        let outbound = changes
-            .outbound_group_sessions
-            .iter()
-            .map(|s| Ok((s.room_id.to_string(), to_value(s)?)))
             .collect::<Result<Vec<_>, StoreError>>()?;
 
         for room in &changes.removed_outbound_group_sessions {
@@ -232,7 +276,9 @@ impl Store for MemoryStore {
         }
         inner.olm_sessions.extend(olm);
         inner.inbound.extend(inbound);
-        inner.outbound.extend(outbound);
+        for s in changes.outbound_group_sessions {
+            inner.outbound.insert(s.room_id.to_string(), s);
+        }
         for d in changes.devices {
             inner.devices.insert((d.user_id.to_string(), d.device_id.to_string()), d);
         }

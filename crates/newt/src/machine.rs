@@ -6,7 +6,7 @@
 //! (persist before acknowledge). If the commit fails, the in-memory account
 //! is reloaded from the store, so memory never runs ahead of disk.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
 use futures::lock::Mutex;
@@ -15,7 +15,7 @@ use serde_json::{json, Map, Value};
 use newt_proto::account::{OwnAccount, SIGNED_CURVE25519};
 use newt_proto::changes::Changes;
 use newt_proto::devices::{handle_keys_query, keys_query_body, parse_device_keys, RejectedDevice};
-use newt_proto::export::{ExportReader, ExportWriter};
+use newt_proto::export::{ExportStream, ExportWriter, ExportedRoomKey};
 use newt_proto::identities::{
     signatures_upload_body, BootstrapRequests, CrossSigningError, CrossSigningKeys, DeviceTrust,
     IdentityRecord, IdentityTrust, OwnIdentity, OwnIdentityTrust, PrivateCrossSigningIdentity,
@@ -26,19 +26,20 @@ use newt_proto::key_requests::{
     accept_forwarded_key, answer_request, parse_request, request_content, KeyShareError,
 };
 use newt_proto::megolm::{
-    decrypt_room_event, export_session, parse_room_event, parse_withheld, session_from_export,
-    session_from_room_key, should_replace, DecryptedRoomEvent, MegolmError, OutboundSession,
-    RotationSettings,
+    decrypt_room_event_with, export_record, live_inbound, parse_room_event, parse_withheld,
+    session_from_export, session_from_room_key, should_replace, DecryptedRoomEvent,
+    EncryptedRoomEvent, MegolmError, OutboundSession, RotationSettings,
 };
 use newt_proto::olm::{
     self, handle_keys_claim, keys_claim_body, OlmError, OlmSession, KEY_CARRYING_TYPES,
 };
 use newt_proto::records::{
-    DeviceRecord, InboundGroupSessionRecord, KeyRequestRecord, LocalTrust, SessionSource,
-    ShareInfo, TrackedUser,
+    DeviceRecord, InboundGroupSessionRecord, KeyRequestRecord, LocalTrust, MessageIndexRecord,
+    SessionSource, ShareInfo, TrackedUser,
 };
 use newt_proto::sharing::{audience_shrank, plan_share, withheld_content, SharingPolicy};
 use newt_proto::trust::{with_cross_signing, SenderTrust};
+use newt_proto::vodozemac::megolm::InboundGroupSession;
 use newt_proto::OLM_V1;
 use newt_store::{Store, StoreError};
 
@@ -60,9 +61,12 @@ const UNWEDGE_INTERVAL_MS: u64 = 3600 * 1000;
 /// To-device messages per request.
 const TO_DEVICE_CHUNK: usize = 250;
 /// Sessions written per store transaction during an import.
-const IMPORT_BATCH: usize = 1000;
+const IMPORT_BATCH: usize = 2000;
 /// `/keys/query` reports kept until [`Machine::take_keys_query_reports`].
 const MAX_REPORTS: usize = 64;
+/// Unpickled inbound Megolm sessions kept in memory (least recently used
+/// first out).
+const INBOUND_CACHE_SIZE: usize = 256;
 
 /// What a sync delivered that the crypto layer needs.
 #[derive(Debug, Clone, Default)]
@@ -240,6 +244,68 @@ struct State {
     reports: Vec<KeysQueryReport>,
     flows: verification::Flows,
     share_batches: BTreeMap<String, ShareBatch>,
+    /// Live outbound sessions by room, as last committed by this process.
+    /// Every write of one is generation-checked by the store, so a stale
+    /// entry (another process encrypted, shared or rotated) fails to commit
+    /// and is reloaded; cleared whenever a commit fails.
+    outbound: BTreeMap<RoomId, OutboundSession>,
+    /// Unpickled inbound sessions; see [`InboundCache`].
+    inbound: InboundCache,
+}
+
+/// A bounded LRU of unpickled inbound Megolm sessions with their records.
+/// An entry is dropped when this process writes its session and on any
+/// failed commit; a session another process improved (a lower first index)
+/// is reloaded when the cached copy cannot decrypt an event.
+#[derive(Default)]
+struct InboundCache {
+    entries: HashMap<(RoomId, String), CachedInbound>,
+    tick: u64,
+}
+
+struct CachedInbound {
+    record: InboundGroupSessionRecord,
+    live: InboundGroupSession,
+    used: u64,
+}
+
+/// What one decrypt call (one event, or a batch) reads once: the senders'
+/// devices and identities, our trust material, and the replay records of the
+/// batch not yet committed, by (session ID, index).
+#[derive(Default)]
+struct DecryptContext {
+    devices: HashMap<UserId, Vec<DeviceRecord>>,
+    owners: HashMap<UserId, Option<UserIdentity>>,
+    material: Option<(Option<OwnIdentity>, Option<PrivateCrossSigningIdentity>)>,
+    pending: HashMap<(String, u32), MessageIndexRecord>,
+}
+
+impl InboundCache {
+    fn get_mut(&mut self, key: &(RoomId, String)) -> Option<&mut CachedInbound> {
+        self.tick += 1;
+        let tick = self.tick;
+        let entry = self.entries.get_mut(key)?;
+        entry.used = tick;
+        Some(entry)
+    }
+
+    fn insert(&mut self, record: InboundGroupSessionRecord, live: InboundGroupSession) {
+        if self.entries.len() >= INBOUND_CACHE_SIZE {
+            let oldest = self.entries.iter().min_by_key(|(_, e)| e.used).map(|(k, _)| k.clone());
+            if let Some(oldest) = oldest {
+                self.entries.remove(&oldest);
+            }
+        }
+        self.tick += 1;
+        let key = (record.room_id.clone(), record.session_id.clone());
+        self.entries.insert(key, CachedInbound { record, live, used: self.tick });
+    }
+
+    fn remove(&mut self, room_id: &RoomId, session_id: &str) {
+        if !self.entries.is_empty() {
+            self.entries.remove(&(room_id.clone(), session_id.to_owned()));
+        }
+    }
 }
 
 /// The chunks of one `share_room_key` call: who got the key is recorded in
@@ -335,6 +401,8 @@ impl Machine {
                     reports: Vec::new(),
                     flows: verification::Flows::default(),
                     share_batches: BTreeMap::new(),
+                    outbound: BTreeMap::new(),
+                    inbound: InboundCache::default(),
                 }),
             }),
         })
@@ -380,12 +448,20 @@ impl Machine {
         if changes.is_empty() {
             return Ok(());
         }
+        // Sessions written here are read again from the store next time.
+        for s in &changes.inbound_group_sessions {
+            st.inbound.remove(&s.room_id, &s.session_id);
+        }
         match self.store().apply(changes).await {
             Ok(()) => Ok(()),
             Err(e) => {
                 if let Ok(Some(record)) = self.store().account().await {
                     st.account = OwnAccount::from_record(record);
                 }
+                // Caches may be ahead of the store (an advanced outbound
+                // ratchet that was not committed): drop them.
+                st.outbound.clear();
+                st.inbound.entries.clear();
                 Err(e.into())
             }
         }
@@ -902,29 +978,46 @@ impl Machine {
                     return Ok(());
                 }
                 let Some(b) = st.share_batches.remove(&batch) else { return Ok(()) };
-                let Some(record) = self.store().outbound_group_session(&b.room_id).await? else {
-                    return Ok(());
-                };
-                if record.session_id != b.session_id {
-                    return Ok(()); // rotated meanwhile
+                // The cached session if it is still this one; if another
+                // process wrote it since, the commit is refused: re-read.
+                let mut cached = st.outbound.remove(&b.room_id);
+                for attempt in 0..2 {
+                    let mut session = match cached.take() {
+                        Some(s) if s.session_id() == b.session_id => s,
+                        _ => match self.store().outbound_group_session(&b.room_id).await? {
+                            Some(r) if r.session_id == b.session_id => {
+                                OutboundSession::from_record(r)
+                            }
+                            _ => return Ok(()), // rotated or discarded meanwhile
+                        },
+                    };
+                    let shared_with = Arc::make_mut(&mut session.meta.shared_with);
+                    for (u, d, sender_key, message_index) in &b.devices {
+                        let info = ShareInfo {
+                            sender_key: sender_key.clone(),
+                            message_index: *message_index,
+                        };
+                        shared_with.entry(u.clone()).or_default().insert(d.clone(), info);
+                    }
+                    let withheld_to = Arc::make_mut(&mut session.meta.withheld_to);
+                    for (u, d, code) in &b.withheld {
+                        withheld_to.entry(u.clone()).or_default().insert(d.clone(), code.clone());
+                    }
+                    session.meta.generation += 1;
+                    let changes = Changes {
+                        outbound_group_sessions: vec![session.to_record()],
+                        ..Default::default()
+                    };
+                    match self.commit(&mut st, changes, false).await {
+                        Ok(()) => {
+                            st.outbound.insert(b.room_id, session);
+                            return Ok(());
+                        }
+                        Err(Error::Store(StoreError::StaleGeneration { .. })) if attempt == 0 => {}
+                        Err(e) => return Err(e),
+                    }
                 }
-                let mut session = OutboundSession::from_record(record);
-                for (u, d, sender_key, message_index) in b.devices {
-                    session
-                        .meta
-                        .shared_with
-                        .entry(u)
-                        .or_default()
-                        .insert(d, ShareInfo { sender_key, message_index });
-                }
-                for (u, d, code) in b.withheld {
-                    session.meta.withheld_to.entry(u).or_default().insert(d, code);
-                }
-                let changes = Changes {
-                    outbound_group_sessions: vec![session.to_record()],
-                    ..Default::default()
-                };
-                self.commit(&mut st, changes, false).await
+                Ok(())
             }
             Pending::KeyRequest(request_id) => {
                 let Some(mut request) = self.store().key_request(&request_id).await? else {
@@ -953,6 +1046,7 @@ impl Machine {
         }
         let mut missing: BTreeSet<(UserId, DeviceId)> = st.wedged.iter().cloned().collect();
         let users: BTreeSet<UserId> = users.into_iter().collect();
+        let mut candidates = Vec::new();
         for u in &users {
             for d in self.store().devices(u).await? {
                 if d.deleted || d.curve25519 == own_curve {
@@ -964,9 +1058,16 @@ impl Machine {
                 {
                     continue;
                 }
-                if self.store().olm_sessions(&d.curve25519).await?.is_empty() {
-                    missing.insert(key);
-                }
+                candidates.push((key, d.curve25519));
+            }
+        }
+        // One batched read: which of these devices already have a session.
+        let keys: Vec<&str> = candidates.iter().map(|(_, k)| k.as_str()).collect();
+        let with_session: HashSet<String> =
+            self.store().sender_keys_with_olm_sessions(&keys).await?;
+        for (key, curve) in candidates {
+            if !with_session.contains(&curve) {
+                missing.insert(key);
             }
         }
         if missing.is_empty() {
@@ -1078,14 +1179,18 @@ impl Machine {
                 BTreeMap::new()
             };
         let mut changes = Changes::default();
+        // The store's record, not the cache: it has other processes' writes.
+        // An update is one generation past the stored record; a new session
+        // starts at generation 0 (the store's rule for outbound sessions).
         let mut outbound = match self.store().outbound_group_session(room_id).await? {
             Some(r) => {
-                let s = OutboundSession::from_record(r);
+                let mut s = OutboundSession::from_record(r);
                 if s.expired(&settings.rotation, now)
                     || audience_shrank(&s, &members, &devices_by_user)
                 {
                     None
                 } else {
+                    s.meta.generation += 1;
                     Some(s)
                 }
             }
@@ -1153,7 +1258,9 @@ impl Machine {
         }
         let session_id = outbound.session_id();
         changes.outbound_group_sessions.push(outbound.to_record());
+        st.outbound.remove(room_id);
         self.commit(&mut st, changes, false).await?;
+        st.outbound.insert(room_id.clone(), outbound);
 
         let mut out = Vec::new();
         let batch = st.next_id();
@@ -1201,21 +1308,42 @@ impl Machine {
         content: Value,
     ) -> Result<Value, Error> {
         let mut st = self.inner.state.lock().await;
-        let record = self
-            .store()
-            .outbound_group_session(room_id)
-            .await?
-            .ok_or_else(|| Error::NoOutboundSession(room_id.clone()))?;
-        let mut session = OutboundSession::from_record(record);
-        let settings = session.meta.settings.clone();
-        if session.expired(&settings, now_ms()) {
-            return Err(Error::NoOutboundSession(room_id.clone()));
+        let now = now_ms();
+        // The live session is cached; every advance is committed (generation
+        // checked) before the ciphertext is returned. If another process
+        // wrote the room's session since, the commit is refused: reload,
+        // encrypt again, and never return the refused ciphertext.
+        for attempt in 0..2 {
+            let cached = if attempt == 0 { st.outbound.remove(room_id) } else { None };
+            let mut session = match cached {
+                Some(s) => s,
+                None => OutboundSession::from_record(
+                    self.store()
+                        .outbound_group_session(room_id)
+                        .await?
+                        .ok_or_else(|| Error::NoOutboundSession(room_id.clone()))?,
+                ),
+            };
+            let settings = session.meta.settings.clone();
+            if session.expired(&settings, now) {
+                return Err(Error::NoOutboundSession(room_id.clone()));
+            }
+            let encrypted = session.encrypt_ref(&st.account, event_type, &content);
+            session.meta.generation += 1;
+            let changes = Changes {
+                outbound_group_sessions: vec![session.to_record()],
+                ..Default::default()
+            };
+            match self.commit(&mut st, changes, false).await {
+                Ok(()) => {
+                    st.outbound.insert(room_id.clone(), session);
+                    return Ok(encrypted);
+                }
+                Err(Error::Store(StoreError::StaleGeneration { .. })) if attempt == 0 => {}
+                Err(e) => return Err(e),
+            }
         }
-        let encrypted = session.encrypt(&st.account, event_type, content);
-        let changes =
-            Changes { outbound_group_sessions: vec![session.to_record()], ..Default::default() };
-        self.commit(&mut st, changes, false).await?;
-        Ok(encrypted)
+        Err(Error::NoOutboundSession(room_id.clone()))
     }
 
     /// Decrypts an `m.room.encrypted` room event (the whole event JSON).
@@ -1228,35 +1356,133 @@ impl Machine {
         event: &Value,
     ) -> Result<DecryptedRoomEvent, Error> {
         let parsed = parse_room_event(event)?;
-        let Some(session) = self.store().inbound_group_session(room_id, &parsed.session_id).await?
-        else {
-            let withheld = self.store().withheld(room_id, &parsed.session_id).await?.map(Box::new);
-            return Err(MegolmError::MissingSession {
-                room_id: room_id.clone(),
-                session_id: parsed.session_id,
-                withheld,
-            }
-            .into());
-        };
-        let mut sender_devices = self.store().devices(&parsed.sender).await?;
         // The replay check reads then writes: hold the lock so two decrypts
         // of different events at one index cannot both pass.
         let mut st = self.inner.state.lock().await;
-        if parsed.sender == self.inner.user_id {
-            // Our own device is not stored among the devices; it is trusted by definition.
-            if let Ok(mut own) = parse_device_keys(
-                &self.inner.user_id,
-                self.inner.device_id.as_str(),
-                &st.account.device_keys(),
-            ) {
-                own.local_trust = LocalTrust::Verified;
-                sender_devices.push(own);
+        let mut ctx = DecryptContext::default();
+        let (decrypted, record) = self.decrypt_parsed(&mut st, &mut ctx, room_id, parsed).await?;
+        if let Some(record) = record {
+            let changes = Changes { message_indices: vec![record], ..Default::default() };
+            self.commit(&mut st, changes, false).await?;
+        }
+        Ok(decrypted)
+    }
+
+    /// Decrypts several `m.room.encrypted` events of one room (a timeline
+    /// page, a backfill) with the same checks as
+    /// [`decrypt_room_event`](Self::decrypt_room_event), one result per
+    /// event in order. The replay records of the whole batch are committed
+    /// together, once, before any plaintext is returned; a replay is
+    /// detected within the batch as well as against earlier batches. The
+    /// sender's devices and identity are read once per sender per batch.
+    /// A storage failure fails the whole call (and returns no plaintext).
+    pub async fn decrypt_room_events(
+        &self,
+        room_id: &RoomId,
+        events: &[Value],
+    ) -> Result<Vec<Result<DecryptedRoomEvent, Error>>, Error> {
+        let mut st = self.inner.state.lock().await;
+        let mut ctx = DecryptContext::default();
+        let mut out = Vec::with_capacity(events.len());
+        for event in events {
+            let parsed = match parse_room_event(event) {
+                Ok(p) => p,
+                Err(e) => {
+                    out.push(Err(e.into()));
+                    continue;
+                }
+            };
+            match self.decrypt_parsed(&mut st, &mut ctx, room_id, parsed).await {
+                Ok((decrypted, record)) => {
+                    if let Some(record) = record {
+                        ctx.pending.insert((record.session_id.clone(), record.index), record);
+                    }
+                    out.push(Ok(decrypted));
+                }
+                Err(Error::Store(e)) => return Err(e.into()),
+                Err(e) => out.push(Err(e)),
             }
         }
+        let records = ctx.pending.into_values().collect();
+        let changes = Changes { message_indices: records, ..Default::default() };
+        self.commit(&mut st, changes, false).await?;
+        Ok(out)
+    }
+
+    /// One decryption under the state lock: the session from the cache (or
+    /// the store), every check of [`decrypt_room_event_with`], the replay
+    /// record (`ctx.pending` first, then the store) and the sender's trust.
+    /// Returns the new replay record to commit, if the index is new.
+    async fn decrypt_parsed(
+        &self,
+        st: &mut State,
+        ctx: &mut DecryptContext,
+        room_id: &RoomId,
+        parsed: EncryptedRoomEvent,
+    ) -> Result<(DecryptedRoomEvent, Option<MessageIndexRecord>), Error> {
+        let key = (room_id.clone(), parsed.session_id.clone());
+        if !ctx.devices.contains_key(&parsed.sender) {
+            let mut devices = self.store().devices(&parsed.sender).await?;
+            if parsed.sender == self.inner.user_id {
+                // Our own device is not stored among the devices; it is trusted by definition.
+                if let Ok(mut own) = parse_device_keys(
+                    &self.inner.user_id,
+                    self.inner.device_id.as_str(),
+                    &st.account.device_keys(),
+                ) {
+                    own.local_trust = LocalTrust::Verified;
+                    devices.push(own);
+                }
+            }
+            ctx.devices.insert(parsed.sender.clone(), devices);
+        }
+        let sender_devices = ctx.devices.get(&parsed.sender).map(Vec::as_slice).unwrap_or(&[]);
         let index = parsed.message.message_index();
-        let seen = self.store().message_index(room_id, &parsed.session_id, index).await?;
+        let seen = match ctx.pending.get(&(parsed.session_id.clone(), index)) {
+            Some(record) => Some(record.clone()),
+            None => self.store().message_index(room_id, &parsed.session_id, index).await?,
+        };
+        let mut result = None;
+        for attempt in 0..2 {
+            let cached = attempt == 0 && st.inbound.get_mut(&key).is_some();
+            if !cached {
+                st.inbound.remove(&key.0, &key.1);
+                let Some(record) =
+                    self.store().inbound_group_session(room_id, &parsed.session_id).await?
+                else {
+                    let withheld =
+                        self.store().withheld(room_id, &parsed.session_id).await?.map(Box::new);
+                    return Err(MegolmError::MissingSession {
+                        room_id: room_id.clone(),
+                        session_id: parsed.session_id,
+                        withheld,
+                    }
+                    .into());
+                };
+                let live = live_inbound(&record)?;
+                st.inbound.insert(record, live);
+            }
+            let entry =
+                st.inbound.get_mut(&key).ok_or(Error::BadResponse("internal: session cache"))?;
+            let r = decrypt_room_event_with(
+                room_id,
+                &parsed,
+                &entry.record,
+                &mut entry.live,
+                sender_devices,
+                seen.as_ref(),
+            );
+            // Another process may have stored a copy of the session that
+            // starts earlier: a cached copy that cannot reach the index is
+            // reloaded once.
+            let retry = cached && matches!(r, Err(MegolmError::UnknownIndex { .. }));
+            result = Some(r);
+            if !retry {
+                break;
+            }
+        }
         let (mut decrypted, record) =
-            decrypt_room_event(room_id, &parsed, &session, &sender_devices, seen.as_ref())?;
+            result.ok_or(Error::BadResponse("internal: session cache"))??;
         if decrypted.trust == SenderTrust::Unverified {
             // Known device, not verified here: it may be cross-signed by a
             // verified identity. Only read identities when there is one.
@@ -1265,23 +1491,28 @@ impl Machine {
                 .find(|d| Some(&d.device_id) == decrypted.sender_device.as_ref());
             if let Some(device) = device {
                 let own_user = parsed.sender == self.inner.user_id;
-                let owner =
-                    if own_user { None } else { self.user_identity(&parsed.sender).await? };
+                if !own_user && !ctx.owners.contains_key(&parsed.sender) {
+                    let owner = self.user_identity(&parsed.sender).await?;
+                    ctx.owners.insert(parsed.sender.clone(), owner);
+                }
+                let owner = if own_user { None } else { ctx.owners.get(&parsed.sender) };
+                let owner = owner.and_then(Option::as_ref);
                 if own_user || owner.is_some() {
-                    let (own_identity, private) = self.trust_material().await?;
-                    let root = TrustRoot::new(&st.account, own_identity.as_ref(), private.as_ref());
-                    decrypted.trust = with_cross_signing(
-                        decrypted.trust,
-                        Some(root.device_trust(owner.as_ref(), device)),
-                    );
+                    if ctx.material.is_none() {
+                        ctx.material = Some(self.trust_material().await?);
+                    }
+                    if let Some((own_identity, private)) = &ctx.material {
+                        let root =
+                            TrustRoot::new(&st.account, own_identity.as_ref(), private.as_ref());
+                        decrypted.trust = with_cross_signing(
+                            decrypted.trust,
+                            Some(root.device_trust(owner, device)),
+                        );
+                    }
                 }
             }
         }
-        if let Some(record) = record {
-            let changes = Changes { message_indices: vec![record], ..Default::default() };
-            self.commit(&mut st, changes, false).await?;
-        }
-        Ok(decrypted)
+        Ok((decrypted, record))
     }
 
     /// Asks our other devices for the key of an undecryptable event. The
@@ -1329,6 +1560,7 @@ impl Machine {
     /// Discards the outbound session of a room, so the next share rotates.
     pub async fn discard_room_key(&self, room_id: &RoomId) -> Result<(), Error> {
         let mut st = self.inner.state.lock().await;
+        st.outbound.remove(room_id);
         let changes = Changes {
             removed_outbound_group_sessions: vec![room_id.clone()],
             ..Default::default()
@@ -1662,8 +1894,8 @@ impl Machine {
             let page = self.store().inbound_group_sessions_page(cursor.clone(), 1000).await?;
             let Some(last) = page.last() else { break };
             cursor = Some((last.room_id.clone(), last.session_id.clone()));
-            for r in &page {
-                writer.push(&export_session(r)?)?;
+            for r in page {
+                writer.push(&export_record(r))?;
             }
             progress(writer.keys_written());
         }
@@ -1671,7 +1903,7 @@ impl Machine {
     }
 
     /// Imports a key export file. Keys are checked and committed in batches
-    /// of 1,000; `progress(done, total)` is called after each batch is
+    /// of 5,000; `progress(done, total)` is called after each batch is
     /// committed (so `done` keys are durable). Existing sessions are only
     /// replaced by ones that start at a lower index.
     pub async fn import_room_keys(
@@ -1680,23 +1912,37 @@ impl Machine {
         passphrase: &str,
         mut progress: impl FnMut(usize, usize),
     ) -> Result<ImportSummary, Error> {
-        // Decrypt and validate once; then parse, check and commit one batch
-        // at a time, so memory holds the decrypted file and one batch.
-        let mut reader = ExportReader::open(file, passphrase)?;
-        let total = reader.total();
+        // Authenticate, decrypt and validate in one streaming pass; then
+        // decrypt again, parse, check and commit one batch at a time, so
+        // memory holds a few batches, never the decrypted file. Parsing the
+        // next batches (on another thread where there are threads) overlaps
+        // committing this one.
+        let stream = ExportStream::open(file, passphrase)?;
+        let total = stream.total();
         let mut summary = ImportSummary { total, ..Default::default() };
         let mut st = self.inner.state.lock().await;
+        let mut batches = ImportBatches::start(stream);
         let mut changes = Changes::default();
-        loop {
-            let batch = reader.next_batch(IMPORT_BATCH)?;
-            if batch.is_empty() {
-                break;
-            }
+        while let Some((records, done)) = batches.next().await? {
+            // What the store already holds of this batch, in one read.
+            let keys: Vec<(RoomId, String)> = records
+                .iter()
+                .flatten()
+                .map(|r| (r.room_id.clone(), r.session_id.clone()))
+                .collect();
+            let mut stored: HashMap<(RoomId, String), InboundGroupSessionRecord> = self
+                .store()
+                .inbound_group_sessions(&keys)
+                .await?
+                .into_iter()
+                .map(|r| ((r.room_id.clone(), r.session_id.clone()), r))
+                .collect();
+            drop(keys);
             // Within a batch, a later copy of the same session competes with
             // the earlier one, not with the store.
-            let mut seen: BTreeMap<(RoomId, String), usize> = BTreeMap::new();
-            for key in &batch {
-                let Ok(record) = session_from_export(key, SessionSource::Imported) else {
+            let mut seen: HashMap<(RoomId, String), usize> = HashMap::new();
+            for record in records {
+                let Some(record) = record else {
                     summary.skipped += 1;
                     continue;
                 };
@@ -1705,7 +1951,7 @@ impl Machine {
                     Some(j) => {
                         changes.inbound_group_sessions.get(*j).map(clone_record).transpose()?
                     }
-                    None => self.store().inbound_group_session(&k.0, &k.1).await?,
+                    None => stored.remove(&k),
                 };
                 let better = match &existing {
                     None => true,
@@ -1720,7 +1966,7 @@ impl Machine {
                 }
             }
             self.commit(&mut st, std::mem::take(&mut changes), false).await?;
-            progress(reader.done(), total);
+            progress(done, total);
         }
         self.commit(&mut st, changes, false).await?;
         Ok(summary)
@@ -1738,6 +1984,151 @@ struct Batch {
 struct BatchSessions {
     live: Vec<OlmSession>,
     dirty: BTreeSet<usize>,
+}
+
+/// Batches of an import, parsed into session records (`None` for an invalid
+/// key) with the count of keys read so far. The file is decrypted and its
+/// JSON parsed here, a batch at a time; on native targets the session keys
+/// (the expensive part) are parsed on a worker thread, two batches ahead,
+/// while the caller commits. On wasm32 everything happens when asked for.
+struct ImportBatches<'a> {
+    stream: ExportStream<'a>,
+    /// No worker: a file of one batch is parsed when asked for (a thread
+    /// would only add its start-up cost).
+    #[cfg(not(target_arch = "wasm32"))]
+    inline: bool,
+    #[cfg(not(target_arch = "wasm32"))]
+    worker: Option<ImportWorker>,
+    /// `stream.done()` after each batch handed to the worker, oldest first.
+    #[cfg(not(target_arch = "wasm32"))]
+    in_flight: std::collections::VecDeque<usize>,
+}
+
+#[cfg(not(target_arch = "wasm32"))]
+struct ImportWorker {
+    keys: std::sync::mpsc::Sender<Vec<ExportedRoomKey>>,
+    records: futures::channel::mpsc::UnboundedReceiver<Vec<Option<InboundGroupSessionRecord>>>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+type ParsedBatch = (Vec<Option<InboundGroupSessionRecord>>, usize);
+
+impl<'a> ImportBatches<'a> {
+    fn start(stream: ExportStream<'a>) -> Self {
+        #[cfg(not(target_arch = "wasm32"))]
+        {
+            if stream.total() <= IMPORT_BATCH {
+                return Self { stream, inline: true, worker: None, in_flight: Default::default() };
+            }
+            let (keys, keys_rx) = std::sync::mpsc::channel::<Vec<ExportedRoomKey>>();
+            let (records_tx, records) = futures::channel::mpsc::unbounded();
+            // Ends when `keys` is dropped (or nobody takes the records).
+            let thread = std::thread::spawn(move || {
+                while let Ok(batch) = keys_rx.recv() {
+                    if records_tx.unbounded_send(sessions_from_export(&batch)).is_err() {
+                        break;
+                    }
+                }
+            });
+            let worker = Some(ImportWorker { keys, records, thread });
+            Self { stream, inline: false, worker, in_flight: Default::default() }
+        }
+        #[cfg(target_arch = "wasm32")]
+        {
+            Self { stream }
+        }
+    }
+
+    /// The next batch parsed here, or `None` at the end.
+    fn parse_here(&mut self) -> Result<Option<ParsedBatch>, Error> {
+        let batch = self.stream.next_batch(IMPORT_BATCH)?;
+        if batch.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some((sessions_from_export(&batch), self.stream.done())))
+    }
+
+    async fn next(&mut self) -> Result<Option<ParsedBatch>, Error> {
+        #[cfg(not(target_arch = "wasm32"))]
+        {
+            use futures::StreamExt;
+            if self.inline {
+                return self.parse_here();
+            }
+            let Some(worker) = &mut self.worker else { return Ok(None) };
+            while self.in_flight.len() < 2 {
+                let batch = self.stream.next_batch(IMPORT_BATCH)?;
+                if batch.is_empty() {
+                    break;
+                }
+                self.in_flight.push_back(self.stream.done());
+                worker
+                    .keys
+                    .send(batch)
+                    .map_err(|_| Error::BadResponse("internal: import worker stopped"))?;
+            }
+            let Some(done) = self.in_flight.pop_front() else { return Ok(None) };
+            match worker.records.next().await {
+                Some(records) => Ok(Some((records, done))),
+                None => {
+                    // The worker died: if it panicked, so do we (rather than
+                    // report a short import as complete).
+                    if let Some(w) = self.worker.take() {
+                        drop(w.keys);
+                        if let Err(panic) = w.thread.join() {
+                            std::panic::resume_unwind(panic);
+                        }
+                    }
+                    Err(Error::BadResponse("internal: import worker stopped"))
+                }
+            }
+        }
+        #[cfg(target_arch = "wasm32")]
+        {
+            self.parse_here()
+        }
+    }
+}
+
+#[cfg(not(target_arch = "wasm32"))]
+impl Drop for ImportBatches<'_> {
+    fn drop(&mut self) {
+        if let Some(w) = self.worker.take() {
+            // Closing both channels stops the worker after its current batch.
+            drop(w.keys);
+            drop(w.records);
+            // A panic there ends only the parsing; this import already ended.
+            let _ = w.thread.join();
+        }
+    }
+}
+
+/// [`session_from_export`] for a batch of keys (`None` for an invalid one),
+/// in order, spread over up to four threads where there are threads.
+fn sessions_from_export(keys: &[ExportedRoomKey]) -> Vec<Option<InboundGroupSessionRecord>> {
+    let one = |k: &ExportedRoomKey| session_from_export(k, SessionSource::Imported).ok();
+    #[cfg(not(target_arch = "wasm32"))]
+    {
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(4);
+        if threads > 1 && keys.len() >= 64 {
+            let chunk = keys.len().div_ceil(threads);
+            return std::thread::scope(|s| {
+                let handles: Vec<_> = keys
+                    .chunks(chunk)
+                    .map(|c| s.spawn(move || c.iter().map(one).collect::<Vec<_>>()))
+                    .collect();
+                let mut out = Vec::with_capacity(keys.len());
+                for h in handles {
+                    match h.join() {
+                        Ok(part) => out.extend(part),
+                        Err(panic) => std::panic::resume_unwind(panic),
+                    }
+                }
+                out
+            });
+        }
+    }
+    keys.iter().map(one).collect()
 }
 
 fn clone_record(r: &InboundGroupSessionRecord) -> Result<InboundGroupSessionRecord, Error> {

@@ -54,7 +54,7 @@ fn main() {
         for (d, keys) in pool.iter().zip(&device_keys).take(n) {
             let mut keys = keys.clone();
             if cross_signed {
-                let identity = identities.entry(&d.user).or_insert_with(|| CrossSigning::new());
+                let identity = identities.entry(&d.user).or_insert_with(CrossSigning::new);
                 identity.sign(&d.user, &mut keys);
             }
             by_user.entry(&d.user).or_default().insert(d.device.clone(), keys);

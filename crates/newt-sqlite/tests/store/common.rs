@@ -94,6 +94,7 @@ pub(crate) fn outbound(room_id: &RoomId) -> OutboundGroupSessionRecord {
         rotation_period_ms: 604_800_000,
         shared_with: Default::default(),
         withheld_to: Default::default(),
+        generation: 0,
     }
 }
 

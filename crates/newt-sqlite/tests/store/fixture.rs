@@ -127,10 +127,12 @@ async fn v1_fixture_opens_and_reads_back() {
         assert_eq!(&to_json(&read), session);
     }
     assert_eq!(store.inbound_group_sessions_page(None, 10).await.unwrap().len(), 3);
-    assert_eq!(
-        to_json(&store.outbound_group_session(&room_id).await.unwrap().unwrap()),
-        manifest["outbound"]
-    );
+    // Written before outbound sessions had a generation: it loads as 0.
+    let mut outbound = manifest["outbound"].clone();
+    if outbound.get("generation").is_none() {
+        outbound["generation"] = json!(0);
+    }
+    assert_eq!(to_json(&store.outbound_group_session(&room_id).await.unwrap().unwrap()), outbound);
     assert_eq!(
         to_json(&store.devices(&user("@peer:example.org")).await.unwrap()),
         json!([manifest["device"]])
