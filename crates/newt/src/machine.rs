@@ -1656,10 +1656,10 @@ impl Machine {
                     }
                 }
             } else {
+                // The keys are verified already: ask only whether our USK
+                // signed the master key (no re-parse of the identity).
                 let root = TrustRoot::new(account, own_identity.as_ref(), private.as_ref());
-                let probe = UserIdentity::updated_record(old.as_ref(), &keys, false);
-                let verified_now = UserIdentity::from_record(&probe)
-                    .is_ok_and(|p| root.identity_trust(&p) == IdentityTrust::Verified);
+                let verified_now = root.signed_by_our_user_signing_key(user, &keys.master);
                 UserIdentity::updated_record(old.as_ref(), &keys, verified_now)
             };
             if old.as_ref() != Some(&record) {

@@ -16,6 +16,7 @@ use crate::json::verify_json;
 use crate::records::{DeviceRecord, LocalTrust};
 
 use super::identity::{OwnIdentity, UserIdentity};
+use super::keys::CrossSigningKey;
 use super::private::PrivateCrossSigningIdentity;
 
 /// Whether this device trusts our own master key.
@@ -118,12 +119,7 @@ impl<'a> TrustRoot<'a> {
 
     /// Our view of `other`'s identity.
     pub fn identity_trust(&self, other: &UserIdentity) -> IdentityTrust {
-        let signed_by_us = self.own_verified
-            && other.user_id() != self.own_user
-            && self.own.is_some_and(|own| {
-                own.user_signing_key().verify_signature_on(other.master_key().json()).is_ok()
-            });
-        if signed_by_us {
+        if self.signed_by_our_user_signing_key(other.user_id(), other.master_key()) {
             return IdentityTrust::Verified;
         }
         if other.was_previously_verified() {
@@ -134,6 +130,22 @@ impl<'a> TrustRoot<'a> {
             Some(pinned) if pinned != current => IdentityTrust::PinnedChanged,
             _ => IdentityTrust::Pinned,
         }
+    }
+
+    /// Whether `master_key` (another user's) carries a valid signature of
+    /// our user-signing key while this device trusts our identity: what
+    /// makes that user `Verified`. No work (no signature check) when we
+    /// have no trusted identity.
+    pub fn signed_by_our_user_signing_key(
+        &self,
+        user: &UserId,
+        master_key: &CrossSigningKey,
+    ) -> bool {
+        self.own_verified
+            && user != self.own_user
+            && self.own.is_some_and(|own| {
+                own.user_signing_key().verify_signature_on(master_key.json()).is_ok()
+            })
     }
 
     /// How much `device` is trusted. `owner` is the device owner's identity
