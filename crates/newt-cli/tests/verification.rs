@@ -308,13 +308,9 @@ async fn cancelled_requests_and_unknown_devices() {
 #[tokio::test]
 async fn users_verify_each_other_and_sign_the_other_master_key() {
     let router = Arc::new(Router::new());
-    let a1 = dev(&router, "@alice:hs", "A1").await;
-    let b = dev(&router, "@bob:hs", "B").await;
-    let users = [uid("@alice:hs"), uid("@bob:hs")];
-    settle(&[&a1, &b], &users).await;
-    bootstrap(&a1).await;
-    bootstrap(&b).await;
-    settle(&[&a1, &b], &users).await;
+    let mut devices = cross_signed(&router, &[("@alice:hs", "A1"), ("@bob:hs", "B")]).await;
+    let b = devices.pop().unwrap();
+    let a1 = devices.pop().unwrap();
     assert_eq!(
         a1.machine.user_identity_state(&uid("@bob:hs")).await.unwrap(),
         Some(newt::IdentityTrust::Pinned)

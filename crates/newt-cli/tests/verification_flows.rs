@@ -53,23 +53,29 @@ impl<'a> Timeline<'a> {
 /// room `!dm:hs` (both sent their room keys).
 async fn alice_and_bob() -> (Arc<Router>, SimDevice, SimDevice, RoomId) {
     let router = Arc::new(Router::new());
-    let a1 = dev(&router, "@alice:hs", "A1").await;
-    let b = dev(&router, "@bob:hs", "B").await;
-    let users = [uid("@alice:hs"), uid("@bob:hs")];
-    settle(&[&a1, &b], &users).await;
-    bootstrap(&a1).await;
-    bootstrap(&b).await;
-    settle(&[&a1, &b], &users).await;
-    let room = RoomId::parse("!dm:hs").unwrap();
-    a1.share_room_key(&room, &users, &RoomSettings::default()).await.unwrap();
-    b.share_room_key(&room, &users, &RoomSettings::default()).await.unwrap();
-    a1.sync().await.unwrap();
-    b.sync().await.unwrap();
+    let mut devices = cross_signed(&router, &[("@alice:hs", "A1"), ("@bob:hs", "B")]).await;
+    let room = share_dm(&devices).await;
+    let b = devices.pop().unwrap();
+    let a1 = devices.pop().unwrap();
     assert_eq!(
         a1.machine.user_identity_state(&uid("@bob:hs")).await.unwrap(),
         Some(IdentityTrust::Pinned)
     );
     (router, a1, b, room)
+}
+
+/// Every device sends its room key for `!dm:hs` to every member; then all
+/// sync.
+async fn share_dm(devices: &[SimDevice]) -> RoomId {
+    let room = RoomId::parse("!dm:hs").unwrap();
+    let users = [uid("@alice:hs"), uid("@bob:hs")];
+    for d in devices {
+        d.share_room_key(&room, &users, &RoomSettings::default()).await.unwrap();
+    }
+    for d in devices {
+        d.sync().await.unwrap();
+    }
+    room
 }
 
 /// Alice asks Bob in the room; Bob accepts; both are ready. Returns the
@@ -451,21 +457,11 @@ async fn a_master_key_replaced_mid_flow_is_never_signed() {
 #[tokio::test]
 async fn an_in_room_request_answered_by_another_of_our_devices_is_taken() {
     let router = Arc::new(Router::new());
-    let a1 = dev(&router, "@alice:hs", "A1").await;
-    let b = dev(&router, "@bob:hs", "B").await;
-    let b2 = dev(&router, "@bob:hs", "B2").await;
-    let users = [uid("@alice:hs"), uid("@bob:hs")];
-    settle(&[&a1, &b, &b2], &users).await;
-    bootstrap(&a1).await;
-    bootstrap(&b).await;
-    settle(&[&a1, &b, &b2], &users).await;
-    let room = RoomId::parse("!dm:hs").unwrap();
-    for d in [&a1, &b, &b2] {
-        d.share_room_key(&room, &users, &RoomSettings::default()).await.unwrap();
-    }
-    for d in [&a1, &b, &b2] {
-        d.sync().await.unwrap();
-    }
+    let devices =
+        cross_signed(&router, &[("@alice:hs", "A1"), ("@bob:hs", "B"), ("@bob:hs", "B2")]).await;
+    let room = share_dm(&devices).await;
+    let [a1, b, b2] = &devices[..] else { unreachable!() };
+    let (a1, b, b2) = (a1.clone(), b.clone(), b2.clone());
     let (mut ta, mut tb, mut tb2) =
         (Timeline::new(&a1, &room), Timeline::new(&b, &room), Timeline::new(&b2, &room));
     let content = a1.machine.room_verification_request_content(&uid("@bob:hs")).await;
@@ -604,16 +600,7 @@ async fn a_declined_fan_out_is_withdrawn_from_the_other_devices() {
 
 #[tokio::test]
 async fn a_ready_from_an_unknown_device_is_not_fatal() {
-    let router = Arc::new(Router::new());
-    let a1 = dev(&router, "@alice:hs", "A1").await;
-    let b = dev(&router, "@bob:hs", "B").await;
-    let users = [uid("@alice:hs"), uid("@bob:hs")];
-    settle(&[&a1, &b], &users).await;
-    bootstrap(&a1).await;
-    bootstrap(&b).await;
-    settle(&[&a1, &b], &users).await;
-    let room = RoomId::parse("!dm:hs").unwrap();
-    a1.share_room_key(&room, &users, &RoomSettings::default()).await.unwrap();
+    let (router, a1, _b, room) = alice_and_bob().await;
     let content = a1.machine.room_verification_request_content(&uid("@bob:hs")).await;
     let event = a1.send_event(&room, "m.room.message", content).await.unwrap();
     let flow = event["event_id"].as_str().unwrap().to_owned();

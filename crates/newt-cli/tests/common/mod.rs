@@ -46,6 +46,31 @@ pub(crate) async fn bootstrap(d: &SimDevice) -> String {
     master
 }
 
+/// Devices (`(user, device)`) on one router, every device tracking every
+/// listed user, and each user's cross-signing identity created by that
+/// user's first listed device (and seen by everyone).
+pub(crate) async fn cross_signed(router: &Arc<Router>, devices: &[(&str, &str)]) -> Vec<SimDevice> {
+    let mut out = Vec::new();
+    for (user, device) in devices {
+        out.push(dev(router, user, device).await);
+    }
+    let mut users: Vec<UserId> = Vec::new();
+    for d in &out {
+        if !users.contains(&d.user) {
+            users.push(d.user.clone());
+        }
+    }
+    let all: Vec<&SimDevice> = out.iter().collect();
+    settle(&all, &users).await;
+    for user in &users {
+        if let Some(first) = out.iter().find(|d| &d.user == user) {
+            bootstrap(first).await;
+        }
+    }
+    settle(&all, &users).await;
+    out
+}
+
 /// A raw POST from `d` (for bodies newt returns but does not send itself).
 pub(crate) fn post(d: &SimDevice, path: &str, body: &Value) -> Value {
     d.router().handle(d.user.as_str(), d.device.as_str(), "POST", path, body).unwrap()
