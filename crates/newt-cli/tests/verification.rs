@@ -28,18 +28,6 @@ async fn pump(devices: &[&SimDevice], rounds: usize) {
     }
 }
 
-/// Two devices of Alice, A1 holding the cross-signing keys; both know each
-/// other and the identity.
-async fn alice_pair() -> (Arc<Router>, SimDevice, SimDevice) {
-    let router = Arc::new(Router::new());
-    let a1 = dev(&router, "@alice:hs", "A1").await;
-    let a2 = dev(&router, "@alice:hs", "A2").await;
-    settle(&[&a1, &a2], &[uid("@alice:hs")]).await;
-    bootstrap(&a1).await;
-    settle(&[&a1, &a2], &[uid("@alice:hs")]).await;
-    (router, a1, a2)
-}
-
 /// A1 requests, A2 accepts, A1 starts: returns the flow ID (same on both).
 async fn request_and_start(a1: &SimDevice, a2: &SimDevice) -> String {
     let (flow, request) =

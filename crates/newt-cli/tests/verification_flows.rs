@@ -229,18 +229,6 @@ async fn a_qr_code_with_a_foreign_key_cancels_with_key_mismatch() {
     );
 }
 
-/// A1 (holding the cross-signing keys) and A2 (a new device) of Alice.
-async fn alice_pair() -> (Arc<Router>, SimDevice, SimDevice) {
-    let router = Arc::new(Router::new());
-    let a1 = dev(&router, "@alice:hs", "A1").await;
-    let a2 = dev(&router, "@alice:hs", "A2").await;
-    settle(&[&a1, &a2], &[uid("@alice:hs")]).await;
-    bootstrap(&a1).await;
-    settle(&[&a1, &a2], &[uid("@alice:hs")]).await;
-    assert_ne!(a2.machine.own_identity_state().await.unwrap(), Some(OwnIdentityTrust::Verified));
-    (router, a1, a2)
-}
-
 /// `from` requests, `to` accepts over to-device: both ready.
 async fn to_device_ready(from: &SimDevice, to: &SimDevice) -> String {
     let (flow, request) = from.machine.request_verification(&to.user, &to.device).await.unwrap();

@@ -71,6 +71,21 @@ pub(crate) async fn cross_signed(router: &Arc<Router>, devices: &[(&str, &str)])
     out
 }
 
+/// Two devices of Alice: A1 created the cross-signing identity (holds the
+/// private keys), A2 is new and does not trust it yet; both know each
+/// other and the identity.
+pub(crate) async fn alice_pair() -> (Arc<Router>, SimDevice, SimDevice) {
+    let router = Arc::new(Router::new());
+    let mut devices = cross_signed(&router, &[("@alice:hs", "A1"), ("@alice:hs", "A2")]).await;
+    let a2 = devices.pop().unwrap();
+    let a1 = devices.pop().unwrap();
+    assert_ne!(
+        a2.machine.own_identity_state().await.unwrap(),
+        Some(newt::OwnIdentityTrust::Verified)
+    );
+    (router, a1, a2)
+}
+
 /// A raw POST from `d` (for bodies newt returns but does not send itself).
 pub(crate) fn post(d: &SimDevice, path: &str, body: &Value) -> Value {
     d.router().handle(d.user.as_str(), d.device.as_str(), "POST", path, body).unwrap()
