@@ -628,3 +628,19 @@ async fn methods_follow_what_the_app_can_do() {
     // SAS is still possible.
     b.machine.start_sas(&flow).await.unwrap();
 }
+
+/// Registering an in-room request refuses our own user and a flow ID that
+/// is already in use (no second flow may shadow the first).
+#[tokio::test]
+async fn in_room_request_registration_refuses_bad_input() {
+    let (_router, a1, b, room) = alice_and_bob().await;
+    let own = a1.machine.room_verification_request_sent(&room, "$x", &uid("@alice:hs")).await;
+    assert!(matches!(own, Err(newt::Error::VerificationState(_))), "{own:?}");
+    let mut ta = Timeline::new(&a1, &room);
+    let mut tb = Timeline::new(&b, &room);
+    let flow = in_room_ready(&a1, &b, &room, &mut ta, &mut tb).await;
+    let again = a1.machine.room_verification_request_sent(&room, &flow, &uid("@bob:hs")).await;
+    assert!(matches!(again, Err(newt::Error::VerificationState(_))), "{again:?}");
+    assert_eq!(state(&a1, &flow).await, VerificationState::Ready, "the first flow is untouched");
+    assert!(a1.machine.verification_state("$x").await.is_none());
+}
