@@ -8,6 +8,7 @@
 //! marked deleted.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use serde_json::{json, Value};
 use vodozemac::{Curve25519PublicKey, Ed25519PublicKey};
@@ -111,7 +112,7 @@ pub fn parse_device_keys(
         ed25519: ed_key.to_base64(),
         algorithms,
         display_name,
-        keys: value.clone(),
+        keys: Arc::new(value.clone()),
         local_trust: LocalTrust::Unset,
         deleted: false,
     })

@@ -393,11 +393,18 @@ pub fn encrypt(
 
 /// The `/keys/claim` body for devices without a session.
 pub fn keys_claim_body(devices: &[(UserId, DeviceId)]) -> Value {
-    let mut map: BTreeMap<String, BTreeMap<String, &str>> = BTreeMap::new();
+    let mut users = serde_json::Map::new();
     for (u, d) in devices {
-        map.entry(u.to_string()).or_default().insert(d.to_string(), SIGNED_CURVE25519);
+        if !users.contains_key(u.as_str()) {
+            users.insert(u.to_string(), Value::Object(serde_json::Map::new()));
+        }
+        if let Some(Value::Object(devices)) = users.get_mut(u.as_str()) {
+            devices.insert(d.to_string(), Value::from(SIGNED_CURVE25519));
+        }
     }
-    json!({ "one_time_keys": map })
+    let mut body = serde_json::Map::new();
+    body.insert("one_time_keys".to_owned(), Value::Object(users));
+    Value::Object(body)
 }
 
 /// Why no session could be made with a device after a claim.

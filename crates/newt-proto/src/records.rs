@@ -253,8 +253,9 @@ pub struct DeviceRecord {
     #[serde(default)]
     pub display_name: Option<String>,
     /// The signed DeviceKeys object exactly as received (for re-checks and
-    /// cross-signing).
-    pub keys: Value,
+    /// cross-signing). Shared, so copying a record out of a store does not
+    /// copy the tree.
+    pub keys: Arc<Value>,
     /// The user's decision about this device.
     #[serde(default)]
     pub local_trust: LocalTrust,

@@ -98,7 +98,7 @@ pub(crate) fn prepare(cipher: &Cipher, changes: Changes) -> Result<Prepared, Sto
         writes.push(upsert(cipher, &OLM_SESSIONS, keys, s)?);
     }
     // Imports write thousands of these: seal them on every core.
-    writes.extend(map_parallel(&changes.inbound_group_sessions, |s| {
+    writes.extend(newt_store::parallel::map_parallel(&changes.inbound_group_sessions, |s| {
         let keys = vec![
             cipher.key(Kind::Room, s.room_id.as_str()),
             cipher.key(Kind::MegolmSession, &s.session_id),
@@ -172,37 +172,6 @@ pub(crate) fn prepare(cipher: &Cipher, changes: Changes) -> Result<Prepared, Sto
         )?);
     }
     Ok(Prepared { account: changes.account, olm_generations, outbound_generations, writes })
-}
-
-/// `items.iter().map(f).collect()`, in order, split over up to four threads
-/// when there are enough items for it to pay.
-fn map_parallel<T: Sync, R: Send>(
-    items: &[T],
-    f: impl Fn(&T) -> Result<R, StoreError> + Sync,
-) -> Result<Vec<R>, StoreError> {
-    const MIN_PER_THREAD: usize = 256;
-    let threads = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .min(4)
-        .min(items.len() / MIN_PER_THREAD);
-    if threads < 2 {
-        return items.iter().map(f).collect();
-    }
-    let f = &f;
-    std::thread::scope(|s| {
-        let handles: Vec<_> = items
-            .chunks(items.len().div_ceil(threads))
-            .map(|chunk| s.spawn(move || chunk.iter().map(f).collect::<Result<Vec<R>, _>>()))
-            .collect();
-        let mut out = Vec::with_capacity(items.len());
-        for h in handles {
-            match h.join() {
-                Ok(part) => out.extend(part?),
-                Err(panic) => std::panic::resume_unwind(panic),
-            }
-        }
-        Ok(out)
-    })
 }
 
 fn upsert<T: Serialize>(

@@ -106,7 +106,7 @@ impl SqliteStore {
         self.conn.lock().map_err(|_| StoreError::Backend("SQLite connection mutex poisoned".into()))
     }
 
-    fn read<T: DeserializeOwned>(
+    fn read<T: DeserializeOwned + Send>(
         &self,
         table: &Table,
         tail: &str,
@@ -116,7 +116,7 @@ impl SqliteStore {
         self.with_conn(|conn| query(conn, &self.cipher, table, &sql, params))
     }
 
-    fn read_one<T: DeserializeOwned>(
+    fn read_one<T: DeserializeOwned + Send>(
         &self,
         table: &Table,
         tail: &str,
@@ -187,7 +187,7 @@ fn unlock_or_create(
 }
 
 /// Runs a `SELECT` built by [`Table::select_sql`] and opens every row.
-pub(crate) fn query<T: DeserializeOwned>(
+pub(crate) fn query<T: DeserializeOwned + Send>(
     conn: &Connection,
     cipher: &Cipher,
     table: &Table,
@@ -196,13 +196,17 @@ pub(crate) fn query<T: DeserializeOwned>(
 ) -> Result<Vec<T>, TxError> {
     let mut statement = conn.prepare_cached(sql)?;
     let mut rows = statement.query(params_from_iter(params))?;
-    let mut records = Vec::new();
+    let mut sealed_rows = Vec::new();
     while let Some(row) = rows.next()? {
         let keys = (0..table.keys.len()).map(|i| row.get(i)).collect::<Result<Vec<Value>, _>>()?;
         let sealed: Vec<u8> = row.get(table.keys.len())?;
-        records.push(cipher.open_json(table.name, &keys, &sealed)?);
+        sealed_rows.push((keys, sealed));
     }
-    Ok(records)
+    // Pages of sessions are opened on every core (parsing a Megolm pickle
+    // decompresses its Ed25519 key).
+    Ok(newt_store::parallel::map_parallel(&sealed_rows, |(keys, sealed)| {
+        cipher.open_json(table.name, keys, sealed)
+    })?)
 }
 
 fn limit(limit: usize) -> Value {

@@ -892,7 +892,7 @@ fn device_record(user_id: &str, device_id: &str) -> DeviceRecord {
         ed25519: keys.ed25519_key().to_base64(),
         algorithms: vec!["m.olm.v1.curve25519-aes-sha2".into(), "m.megolm.v1.aes-sha2".into()],
         display_name: Some(format!("{device_id}'s phone")),
-        keys: json!({ "user_id": user_id, "device_id": device_id }),
+        keys: json!({ "user_id": user_id, "device_id": device_id }).into(),
         local_trust: LocalTrust::Unset,
         deleted: false,
     }

@@ -28,6 +28,7 @@
 #[cfg(feature = "conformance")]
 pub mod conformance;
 mod memory;
+pub mod parallel;
 
 pub use memory::MemoryStore;
 pub use newt_proto::changes::Changes;

@@ -1044,7 +1044,6 @@ impl Machine {
         if st.in_flight.values().any(|p| matches!(p, Pending::KeysClaim(_))) {
             return Ok(None);
         }
-        let mut missing: BTreeSet<(UserId, DeviceId)> = st.wedged.iter().cloned().collect();
         let users: BTreeSet<UserId> = users.into_iter().collect();
         let mut candidates = Vec::new();
         for u in &users {
@@ -1052,8 +1051,8 @@ impl Machine {
                 if d.deleted || d.curve25519 == own_curve {
                     continue;
                 }
-                let key = (d.user_id.clone(), d.device_id.clone());
-                if missing.contains(&key)
+                let key = (d.user_id, d.device_id);
+                if st.wedged.contains(&key)
                     || st.claim_failures.get(&key).is_some_and(|until| *until > now)
                 {
                     continue;
@@ -1065,15 +1064,19 @@ impl Machine {
         let keys: Vec<&str> = candidates.iter().map(|(_, k)| k.as_str()).collect();
         let with_session: HashSet<String> =
             self.store().sender_keys_with_olm_sessions(&keys).await?;
-        for (key, curve) in candidates {
-            if !with_session.contains(&curve) {
-                missing.insert(key);
-            }
-        }
+        let mut missing: Vec<(UserId, DeviceId)> = st.wedged.iter().cloned().collect();
+        missing.extend(
+            candidates
+                .into_iter()
+                .filter(|(_, curve)| !with_session.contains(curve))
+                .map(|(k, _)| k),
+        );
         if missing.is_empty() {
             return Ok(None);
         }
-        let missing: Vec<(UserId, DeviceId)> = missing.into_iter().collect();
+        // Sorted and unique, as the request body and the retry bookkeeping expect.
+        missing.sort_unstable();
+        missing.dedup();
         let id = st.next_id();
         let body = keys_claim_body(&missing);
         st.in_flight.insert(id.clone(), Pending::KeysClaim(missing));
@@ -1753,6 +1756,8 @@ impl Machine {
                 .find(|d| &d.device_id == device_id && !d.deleted)
                 .ok_or(Error::UnknownDevice)?
                 .keys
+                .as_ref()
+                .clone()
         };
         let signed = private.sign_device(&device_keys)?;
         let mut changes = Changes::default();

@@ -106,7 +106,7 @@ pub(crate) fn device_record(user_id: &str, device_id: &str, peer: &Account) -> D
         ed25519: peer.ed25519_key().to_base64(),
         algorithms: vec!["m.olm.v1.curve25519-aes-sha2".into(), "m.megolm.v1.aes-sha2".into()],
         display_name: Some(format!("{device_id} display name")),
-        keys: serde_json::json!({ "user_id": user_id, "device_id": device_id }),
+        keys: serde_json::json!({ "user_id": user_id, "device_id": device_id }).into(),
         local_trust: LocalTrust::Unset,
         deleted: false,
     }

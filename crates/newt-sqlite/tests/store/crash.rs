@@ -34,7 +34,7 @@ fn change(n: u64) -> Changes {
             ed25519: format!("ed-{n}"),
             algorithms: vec![],
             display_name: None,
-            keys: serde_json::json!({ "filler": filler }),
+            keys: serde_json::json!({ "filler": filler }).into(),
             local_trust: LocalTrust::Unset,
             deleted: false,
         }],
