@@ -15,10 +15,16 @@ pub fn map_parallel<T: Sync, R: Send>(
     #[cfg(not(target_arch = "wasm32"))]
     {
         const MIN_PER_THREAD: usize = 256;
-        let threads = std::thread::available_parallelism()
-            .map_or(1, |n| n.get())
-            .min(4)
-            .min(items.len() / MIN_PER_THREAD);
+        // `available_parallelism` reads cgroup files on Linux: ask once, and
+        // only when there is enough work to split.
+        static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+        let threads = if items.len() < 2 * MIN_PER_THREAD {
+            1
+        } else {
+            let cores =
+                *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+            cores.min(4).min(items.len() / MIN_PER_THREAD)
+        };
         if threads >= 2 {
             let f = &f;
             return std::thread::scope(|s| {
