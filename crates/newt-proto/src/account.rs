@@ -8,7 +8,7 @@
 //! succeeded, so a failed upload is retried with the same keys.
 
 use serde_json::{json, Map, Value};
-use vodozemac::olm::{Account, IdentityKeys};
+use vodozemac::olm::{Account, AccountPickle, IdentityKeys};
 use vodozemac::{Curve25519PublicKey, Ed25519PublicKey, Ed25519Signature, KeyId};
 
 use crate::ids::{DeviceId, UserId};
@@ -23,7 +23,7 @@ pub const SIGNED_CURVE25519: &str = "signed_curve25519";
 pub struct OwnAccount {
     user_id: UserId,
     device_id: DeviceId,
-    inner: Account,
+    inner: LazyAccount,
     shared: bool,
     uploaded_one_time_key_count: u64,
     fallback_key_created_at: Option<u64>,
@@ -32,6 +32,43 @@ pub struct OwnAccount {
     /// Our signed DeviceKeys: identity keys never change, so it is signed
     /// once (it goes into every Olm plaintext as `sender_device_keys`).
     signed_device_keys: std::sync::OnceLock<Value>,
+}
+
+/// vodozemac's account, unpickled on first use. Unpickling derives the
+/// public half of every one-time key (a base-point multiplication each, about
+/// 1 ms for a full set), which reopening a store to decrypt room events never
+/// needs.
+struct LazyAccount {
+    pickle: std::sync::Mutex<Option<AccountPickle>>,
+    account: std::sync::OnceLock<Account>,
+}
+
+impl LazyAccount {
+    fn ready(account: Account) -> Self {
+        Self { pickle: std::sync::Mutex::new(None), account: std::sync::OnceLock::from(account) }
+    }
+
+    fn unloaded(pickle: AccountPickle) -> Self {
+        Self { pickle: std::sync::Mutex::new(Some(pickle)), account: std::sync::OnceLock::new() }
+    }
+
+    // Invariant: `pickle` is `Some` exactly until `account` is set, and the
+    // one initialisation takes it; `expect` cannot fire.
+    #[allow(clippy::expect_used)]
+    fn get(&self) -> &Account {
+        self.account.get_or_init(|| {
+            // The pickle is taken exactly once, by the one initialisation.
+            let pickle =
+                self.pickle.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
+            Account::from_pickle(pickle.expect("an unloaded account holds its pickle"))
+        })
+    }
+
+    #[allow(clippy::expect_used)]
+    fn get_mut(&mut self) -> &mut Account {
+        self.get();
+        self.account.get_mut().expect("loaded just above")
+    }
 }
 
 /// How long an upload lease keeps other processes from uploading the same
@@ -43,7 +80,7 @@ impl std::fmt::Debug for OwnAccount {
         f.debug_struct("OwnAccount")
             .field("user_id", &self.user_id)
             .field("device_id", &self.device_id)
-            .field("curve25519", &self.inner.curve25519_key().to_base64())
+            .field("curve25519", &self.inner().curve25519_key().to_base64())
             .finish_non_exhaustive()
     }
 }
@@ -54,7 +91,7 @@ impl OwnAccount {
         Self {
             user_id,
             device_id,
-            inner: Account::new(),
+            inner: LazyAccount::ready(Account::new()),
             shared: false,
             uploaded_one_time_key_count: 0,
             fallback_key_created_at: None,
@@ -69,7 +106,7 @@ impl OwnAccount {
         Self {
             user_id: record.user_id,
             device_id: record.device_id,
-            inner: Account::from_pickle(record.pickle),
+            inner: LazyAccount::unloaded(record.pickle),
             shared: record.shared,
             uploaded_one_time_key_count: record.uploaded_one_time_key_count,
             fallback_key_created_at: record.fallback_key_created_at,
@@ -92,7 +129,7 @@ impl OwnAccount {
         AccountRecord {
             user_id: self.user_id.clone(),
             device_id: self.device_id.clone(),
-            pickle: self.inner.pickle(),
+            pickle: self.inner().pickle(),
             shared: self.shared,
             uploaded_one_time_key_count: self.uploaded_one_time_key_count,
             fallback_key_created_at: self.fallback_key_created_at,
@@ -118,17 +155,17 @@ impl OwnAccount {
 
     /// Our Curve25519 and Ed25519 identity keys.
     pub fn identity_keys(&self) -> IdentityKeys {
-        self.inner.identity_keys()
+        self.inner().identity_keys()
     }
 
     /// Our Ed25519 key.
     pub fn ed25519_key(&self) -> Ed25519PublicKey {
-        self.inner.ed25519_key()
+        self.inner().ed25519_key()
     }
 
     /// Our Curve25519 key.
     pub fn curve25519_key(&self) -> Curve25519PublicKey {
-        self.inner.curve25519_key()
+        self.inner().curve25519_key()
     }
 
     /// Whether our device keys were uploaded.
@@ -138,13 +175,13 @@ impl OwnAccount {
 
     /// Signs `message` with our Ed25519 key.
     pub fn sign(&self, message: &[u8]) -> Ed25519Signature {
-        self.inner.sign(message)
+        self.inner().sign(message)
     }
 
     /// Signs a JSON object as our device (`ed25519:<device_id>`).
     pub fn sign_json(&self, value: &mut Value) -> Result<(), JsonError> {
         let key_id = format!("ed25519:{}", self.device_id);
-        sign_json(value, &self.user_id, &key_id, |m| self.inner.sign(m))
+        sign_json(value, &self.user_id, &key_id, |m| self.inner().sign(m))
     }
 
     /// Our signed DeviceKeys object.
@@ -190,10 +227,10 @@ impl OwnAccount {
         changed |= self.generate_one_time_keys_if_needed();
         if let Some(types) = unused_fallback_key_types {
             let has_unused = types.iter().any(|t| t == SIGNED_CURVE25519);
-            if !has_unused && self.inner.fallback_key().is_empty() {
+            if !has_unused && self.inner().fallback_key().is_empty() {
                 // The server has no unused fallback key and we have none
                 // waiting for upload: rotate.
-                self.inner.generate_fallback_key();
+                self.inner_mut().generate_fallback_key();
                 self.fallback_key_created_at = Some(now);
                 changed = true;
             }
@@ -204,15 +241,15 @@ impl OwnAccount {
     /// Generates one-time keys so that, once uploaded, the server holds half of
     /// vodozemac's maximum. Does nothing while unpublished keys are pending.
     fn generate_one_time_keys_if_needed(&mut self) -> bool {
-        if !self.inner.one_time_keys().is_empty() {
+        if !self.inner().one_time_keys().is_empty() {
             return false;
         }
-        let target = self.inner.max_number_of_one_time_keys() as u64;
+        let target = self.inner().max_number_of_one_time_keys() as u64;
         let missing = target.saturating_sub(self.uploaded_one_time_key_count);
         if missing == 0 {
             return false;
         }
-        self.inner.generate_one_time_keys(missing as usize);
+        self.inner_mut().generate_one_time_keys(missing as usize);
         true
     }
 
@@ -221,7 +258,7 @@ impl OwnAccount {
     pub fn prepare_initial_upload(&mut self, now: u64) -> bool {
         let mut changed = self.generate_one_time_keys_if_needed();
         if self.fallback_key_created_at.is_none() {
-            self.inner.generate_fallback_key();
+            self.inner_mut().generate_fallback_key();
             self.fallback_key_created_at = Some(now);
             changed = true;
         }
@@ -230,8 +267,8 @@ impl OwnAccount {
 
     /// The `/keys/upload` body, or `None` when there is nothing to upload.
     pub fn keys_upload_body(&self) -> Option<Value> {
-        let one_time_keys = self.signed_keys(self.inner.one_time_keys(), false);
-        let fallback_keys = self.signed_keys(self.inner.fallback_key(), true);
+        let one_time_keys = self.signed_keys(self.inner().one_time_keys(), false);
+        let fallback_keys = self.signed_keys(self.inner().fallback_key(), true);
         if self.shared && one_time_keys.is_empty() && fallback_keys.is_empty() {
             return None;
         }
@@ -282,7 +319,7 @@ impl OwnAccount {
     pub fn mark_keys_uploaded(&mut self, response_count: Option<u64>) {
         self.shared = true;
         self.upload_lease_since = None;
-        self.inner.mark_keys_as_published();
+        self.inner_mut().mark_keys_as_published();
         if let Some(count) = response_count {
             self.uploaded_one_time_key_count = count;
         }
@@ -290,12 +327,12 @@ impl OwnAccount {
 
     /// The vodozemac account, for session creation.
     pub(crate) fn inner(&self) -> &Account {
-        &self.inner
+        self.inner.get()
     }
 
     /// The vodozemac account, mutably (inbound sessions consume one-time keys).
     pub(crate) fn inner_mut(&mut self) -> &mut Account {
-        &mut self.inner
+        self.inner.get_mut()
     }
 }
 
@@ -354,5 +391,23 @@ mod tests {
         assert_eq!(rec.generation, 1);
         let b = OwnAccount::from_record(rec);
         assert_eq!(b.identity_keys(), keys);
+    }
+
+    #[test]
+    fn an_account_never_unpickled_is_written_back_whole() {
+        let mut a = account();
+        a.prepare_initial_upload(0);
+        let keys = a.identity_keys();
+        let otks: Vec<_> = a.inner().one_time_keys().into_values().collect();
+        assert!(!otks.is_empty());
+        // Loaded lazily: to_record (first use) must still carry every key.
+        let mut b = OwnAccount::from_record(a.to_record());
+        let mut c = OwnAccount::from_record(b.to_record());
+        assert_eq!(c.identity_keys(), keys);
+        let mut again: Vec<_> = c.inner_mut().one_time_keys().into_values().collect();
+        let mut expected = otks;
+        again.sort_by_key(|k| k.to_base64());
+        expected.sort_by_key(|k| k.to_base64());
+        assert_eq!(again, expected);
     }
 }
