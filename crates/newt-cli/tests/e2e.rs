@@ -170,6 +170,38 @@ async fn messages_flow_and_late_device_gets_only_new_keys() {
     }
 }
 
+/// Enough devices that claiming sessions and encrypting the room key run on
+/// several threads (`newt_proto::parallel`): every device still gets its
+/// own key, and the advanced Olm sessions are stored (a second share over
+/// the same sessions works).
+#[tokio::test]
+async fn a_room_key_reaches_forty_devices_twice() {
+    let router = Arc::new(Router::new());
+    let alice = dev(&router, "@alice:hs", "A1").await;
+    let mut bobs = Vec::new();
+    for i in 0..40 {
+        bobs.push(dev(&router, "@bob:hs", &format!("B{i}")).await);
+    }
+    let users = [uid("@alice:hs"), uid("@bob:hs")];
+    settle(&[&alice], &users).await;
+    let room2 = RoomId::parse("!second:hs").unwrap();
+    for (room, body) in [(room(), "first"), (room2, "second")] {
+        let requests = alice.share_room_key(&room, &users, &RoomSettings::default()).await.unwrap();
+        assert!(requests >= 1);
+        let event = alice.send_text(&room, body).await.unwrap();
+        for b in &bobs {
+            let out = b.sync().await.unwrap();
+            let stored = out
+                .to_device
+                .iter()
+                .filter(|t| matches!(t.outcome, ToDeviceOutcome::RoomKeyStored(..)))
+                .count();
+            assert_eq!(stored, 1, "{}: {out:?}", b.device);
+            assert_eq!(b.decrypt(&room, &event).await.unwrap().content["body"], body);
+        }
+    }
+}
+
 #[tokio::test]
 async fn rotation_by_count_and_when_a_member_leaves() {
     let router = Arc::new(Router::new());

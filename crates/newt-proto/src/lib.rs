@@ -35,6 +35,7 @@ pub mod json;
 pub mod key_requests;
 pub mod megolm;
 pub mod olm;
+pub mod parallel;
 pub mod records;
 pub mod sharing;
 pub mod trust;

@@ -242,19 +242,15 @@ impl Store for MemoryStore {
             )?;
         }
         let account = changes.account.as_ref().map(to_value).transpose()?;
-        let olm = changes
-            .olm_sessions
-            .iter()
-            .map(|s| {
-                let key = (s.sender_key.clone(), s.session_id.clone());
-                Ok((key, (s.generation, to_value(s)?)))
-            })
-            .collect::<Result<Vec<_>, StoreError>>()?;
-        let inbound = changes
-            .inbound_group_sessions
-            .iter()
-            .map(|s| Ok(((s.room_id.to_string(), s.session_id.clone()), to_value(s)?)))
-            .collect::<Result<Vec<_>, StoreError>>()?;
+        // A room key share writes thousands of sessions, an import thousands
+        // of Megolm sessions: serialise them on every core.
+        let olm = crate::parallel::map_parallel(&changes.olm_sessions, |s| {
+            let key = (s.sender_key.clone(), s.session_id.clone());
+            Ok((key, (s.generation, to_value(s)?)))
+        })?;
+        let inbound = crate::parallel::map_parallel(&changes.inbound_group_sessions, |s| {
+            Ok(((s.room_id.to_string(), s.session_id.clone()), to_value(s)?))
+        })?;
 
         for room in &changes.removed_outbound_group_sessions {
             inner.outbound.remove(room.as_str());

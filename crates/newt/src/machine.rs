@@ -1239,7 +1239,36 @@ impl Machine {
         let index = outbound.session.message_index();
         let mut messages = Vec::new();
         let mut shared = Vec::new();
+        // Encrypt to each recipient key on every core (its sessions move into
+        // the job); a second device with the same key, if any, waits for a
+        // second, sequential round.
+        let mut jobs = Vec::with_capacity(plan.share.len());
+        let mut second_round = Vec::new();
+        changes.olm_sessions.reserve(plan.share.len());
         for d in &plan.share {
+            match sessions.remove(&d.curve25519) {
+                Some(live) => jobs.push((d, live)),
+                None => second_round.push(d),
+            }
+        }
+        let account = &st.account;
+        let encrypted = newt_proto::parallel::map_owned(jobs, 16, |(d, mut live)| {
+            let result = olm::preferred_session(&live).map(|i| {
+                olm::encrypt(account, &mut live[i], d, "m.room_key", room_key.clone())
+                    .map(|content| (content, live[i].to_record()))
+            });
+            (d, live, result)
+        });
+        for (d, live, result) in encrypted {
+            sessions.insert(d.curve25519.clone(), live);
+            let Some(result) = result else { continue };
+            let (content, record) =
+                result.map_err(|_| Error::BadResponse("olm encryption failed"))?;
+            changes.olm_sessions.push(record);
+            messages.push((d.user_id.clone(), d.device_id.to_string(), content));
+            shared.push((d.user_id.clone(), d.device_id.clone(), d.curve25519.clone(), index));
+        }
+        for d in second_round {
             let Some(live) = sessions.get_mut(&d.curve25519) else { continue };
             let Some(i) = olm::preferred_session(live) else { continue };
             let content =
@@ -1282,22 +1311,22 @@ impl Machine {
             );
         }
         let mut shared_iter = shared.into_iter();
-        for chunk in messages.chunks(TO_DEVICE_CHUNK) {
+        for chunk in newt_proto::parallel::owned_chunks(messages, TO_DEVICE_CHUNK) {
             let id = st.next_id();
             let devices: Vec<_> = shared_iter.by_ref().take(chunk.len()).collect();
             let pending =
                 Pending::RoomKeyShare { batch: batch.clone(), devices, withheld: Vec::new() };
             st.in_flight.insert(id.clone(), pending);
-            out.push(to_device_request(id, "m.room.encrypted", chunk.to_vec()));
+            out.push(to_device_request(id, "m.room.encrypted", chunk));
         }
         let mut withheld_iter = withheld.into_iter();
-        for chunk in withheld_messages.chunks(TO_DEVICE_CHUNK) {
+        for chunk in newt_proto::parallel::owned_chunks(withheld_messages, TO_DEVICE_CHUNK) {
             let id = st.next_id();
             let w: Vec<_> = withheld_iter.by_ref().take(chunk.len()).collect();
             let pending =
                 Pending::RoomKeyShare { batch: batch.clone(), devices: Vec::new(), withheld: w };
             st.in_flight.insert(id.clone(), pending);
-            out.push(to_device_request(id, "m.room_key.withheld", chunk.to_vec()));
+            out.push(to_device_request(id, "m.room_key.withheld", chunk));
         }
         Ok(out)
     }
@@ -2154,12 +2183,14 @@ fn to_device_request(
             user.insert(d, c);
         }
     }
+    let mut body = Map::new();
+    body.insert("messages".to_owned(), Value::Object(map));
     OutgoingRequest {
         id: id.clone(),
         kind: RequestKind::ToDevice {
             event_type: event_type.to_owned(),
             txn_id: id,
-            body: json!({ "messages": map }),
+            body: Value::Object(body),
         },
     }
 }

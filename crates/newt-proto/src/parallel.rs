@@ -1,0 +1,103 @@
+//! Spreading independent CPU work (signature checks, Olm session creation
+//! and encryption for many devices, record decoding) over the machine's
+//! cores.
+//!
+//! The functions here stay pure: the result is `items.iter().map(f)` in
+//! order, whatever the number of threads, so a caller cannot observe the
+//! split. Scoped threads only, at most four, and only when each gets at least
+//! `min_per_thread` items (below that a thread costs more than it saves). On
+//! `wasm32` everything runs on the caller's thread.
+
+/// `items.iter().map(f).collect()`, in order, over up to four scoped threads
+/// when there are at least `min_per_thread` items per thread. A panic in `f`
+/// is propagated to the caller.
+pub fn map<T: Sync, R: Send>(
+    items: &[T],
+    min_per_thread: usize,
+    f: impl Fn(&T) -> R + Sync,
+) -> Vec<R> {
+    map_owned(items.iter().collect(), min_per_thread, f)
+}
+
+/// [`map`] for work that needs its items by value (e.g. a session to
+/// advance): `items.into_iter().map(f).collect()`, in order.
+pub fn map_owned<T: Send, R: Send>(
+    items: Vec<T>,
+    min_per_thread: usize,
+    f: impl Fn(T) -> R + Sync,
+) -> Vec<R> {
+    let threads = threads_for(items.len(), min_per_thread);
+    #[cfg(not(target_arch = "wasm32"))]
+    if threads >= 2 {
+        let total = items.len();
+        let chunks = owned_chunks(items, total.div_ceil(threads));
+        let f = &f;
+        return std::thread::scope(|s| {
+            let handles: Vec<_> = chunks
+                .into_iter()
+                .map(|chunk| s.spawn(move || chunk.into_iter().map(f).collect::<Vec<R>>()))
+                .collect();
+            let mut out = Vec::with_capacity(total);
+            for h in handles {
+                match h.join() {
+                    Ok(part) => out.extend(part),
+                    Err(panic) => std::panic::resume_unwind(panic),
+                }
+            }
+            out
+        });
+    }
+    let _ = threads;
+    items.into_iter().map(f).collect()
+}
+
+/// `items` split into owned chunks of at most `size` items, in order (the
+/// last may be shorter; none is empty).
+pub fn owned_chunks<T>(items: Vec<T>, size: usize) -> Vec<Vec<T>> {
+    let size = size.max(1);
+    let mut chunks = Vec::with_capacity(items.len().div_ceil(size));
+    let mut items = items.into_iter();
+    loop {
+        let chunk: Vec<T> = items.by_ref().take(size).collect();
+        if chunk.is_empty() {
+            return chunks;
+        }
+        chunks.push(chunk);
+    }
+}
+
+/// How many threads `len` items get: 1 below two threads' worth, else up to
+/// the core count (at most 4).
+fn threads_for(len: usize, min_per_thread: usize) -> usize {
+    let min_per_thread = min_per_thread.max(1);
+    if cfg!(target_arch = "wasm32") || len < 2 * min_per_thread {
+        return 1;
+    }
+    // `available_parallelism` reads cgroup files on Linux: ask once.
+    static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    let cores = *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    cores.min(4).min(len / min_per_thread)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keeps_order_whatever_the_split() {
+        let items: Vec<u32> = (0..2000).collect();
+        let expected: Vec<u32> = items.iter().map(|i| i * 2).collect();
+        for min in [1, 7, 256, 1000, 5000] {
+            assert_eq!(map(&items, min, |i| i * 2), expected, "min_per_thread {min}");
+        }
+        assert_eq!(map(&[] as &[u32], 1, |i| *i), Vec::<u32>::new());
+        let chunks = owned_chunks((0..7).collect::<Vec<u8>>(), 3);
+        assert_eq!(chunks, vec![vec![0, 1, 2], vec![3, 4, 5], vec![6]]);
+        assert!(owned_chunks(Vec::<u8>::new(), 3).is_empty());
+        for min in [1, 3, 600] {
+            let owned: Vec<String> = (0..1999).map(|i| i.to_string()).collect();
+            let lens = map_owned(owned.clone(), min, |s| s.len());
+            assert_eq!(lens, owned.iter().map(String::len).collect::<Vec<_>>(), "min {min}");
+        }
+    }
+}
