@@ -171,12 +171,26 @@ pub fn handle_keys_query(
         Some(Value::Object(m)) => m,
         Some(_) => return Err(KeysQueryError("device_keys is not an object")),
     };
+    let mut users = Vec::new();
     for (user_str, devices) in device_keys {
         let Ok(user_id) = UserId::parse(user_str.as_str()) else { continue };
-        if !queried.contains(&user_id) {
-            continue;
+        if queried.contains(&user_id) {
+            users.push((user_str, user_id, devices.as_object()));
         }
-        let Some(devices) = devices.as_object() else {
+    }
+    // The signature checks (one Ed25519 verification per device) first, on
+    // every core; then everything else in response order.
+    let jobs: Vec<(&UserId, &String, &Value)> = users
+        .iter()
+        .filter_map(|(_, user_id, devices)| devices.map(|d| (user_id, d)))
+        .flat_map(|(user_id, devices)| devices.iter().map(move |(d, v)| (user_id, d, v)))
+        .collect();
+    let mut parsed = crate::parallel::map(&jobs, 16, |(user_id, device_str, value)| {
+        parse_device_keys(user_id, device_str, value)
+    })
+    .into_iter();
+    for (user_str, user_id, devices) in users {
+        let Some(devices) = devices else {
             out.rejected.push(RejectedDevice {
                 user_id: user_str.clone(),
                 device_id: String::new(),
@@ -187,14 +201,15 @@ pub fn handle_keys_query(
         let empty = Vec::new();
         let stored = known.get(&user_id).unwrap_or(&empty);
         let mut seen = BTreeSet::new();
-        for (device_str, value) in devices {
+        // `zip` asks `devices` first, so `parsed` stays aligned with it.
+        for ((device_str, _), parsed) in devices.iter().zip(parsed.by_ref()) {
             seen.insert(device_str.clone());
             let reject = |error| RejectedDevice {
                 user_id: user_str.clone(),
                 device_id: device_str.clone(),
                 error,
             };
-            let mut device = match parse_device_keys(&user_id, device_str, value) {
+            let mut device = match parsed {
                 Ok(d) => d,
                 Err(e) => {
                     out.rejected.push(reject(e));
@@ -289,6 +304,40 @@ mod tests {
             |r| r.device_id == "B4" && matches!(r.error, DeviceKeysError::MismatchedIds { .. })
         ));
         assert_eq!(out.changes.tracked_users, vec![TrackedUser { user_id: bob, outdated: false }]);
+    }
+
+    /// Enough devices for the signature checks to run on several threads:
+    /// each verdict still lands on its own device.
+    #[test]
+    fn many_devices_each_keep_their_own_verdict() {
+        let me = own();
+        let users: Vec<String> = (0..3).map(|u| format!("@user{u}:hs")).collect();
+        let mut entries = Vec::new();
+        for (u, user) in users.iter().enumerate() {
+            for d in 0..20 {
+                let device = format!("D{u}x{d}");
+                let (_, mut keys) = other(user, &device);
+                if (u, d) == (1, 13) || (u, d) == (2, 19) {
+                    keys["keys"][format!("curve25519:{device}")] =
+                        json!(me.curve25519_key().to_base64());
+                }
+                entries.push((user.as_str(), device, keys));
+            }
+        }
+        let entries: Vec<(&str, &str, Value)> =
+            entries.iter().map(|(u, d, v)| (*u, d.as_str(), v.clone())).collect();
+        let queried: BTreeSet<UserId> = users.iter().map(|u| UserId::parse(u).unwrap()).collect();
+        let out = handle_keys_query(&me, &queried, &BTreeMap::new(), &response(&entries)).unwrap();
+        let mut rejected: Vec<&str> = out.rejected.iter().map(|r| r.device_id.as_str()).collect();
+        rejected.sort_unstable();
+        assert_eq!(rejected, ["D1x13", "D2x19"]);
+        assert_eq!(out.changes.devices.len(), 58);
+        for d in &out.changes.devices {
+            let (_, _, sent) =
+                entries.iter().find(|(_, id, _)| *id == d.device_id.as_str()).unwrap();
+            assert_eq!(d.user_id.as_str(), sent["user_id"]);
+            assert_eq!(*d.keys, *sent, "{} kept its own keys", d.device_id);
+        }
     }
 
     #[test]
