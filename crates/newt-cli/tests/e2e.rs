@@ -971,6 +971,66 @@ async fn batched_decryption_rejects_replays_within_and_across_batches() {
     assert_eq!(out[2].as_ref().unwrap().content["body"], "two");
 }
 
+/// A batch large enough that its Megolm step runs ahead on several threads
+/// (`Machine::decrypt_ahead`): every verdict is the one a single decryption
+/// gives, in the batch's order.
+#[tokio::test]
+async fn a_large_batch_keeps_every_check_and_its_order() {
+    let router = Arc::new(Router::new());
+    let a = dev(&router, "@alice:hs", "A").await;
+    let b = dev(&router, "@bob:hs", "B").await;
+    let users = [uid("@alice:hs"), uid("@bob:hs")];
+    settle(&[&a, &b], &users).await;
+    a.share_room_key(&room(), &users, &RoomSettings::default()).await.unwrap();
+    b.sync().await.unwrap();
+    let mut batch = Vec::new();
+    // 90: under the default rotation (100 messages), one session.
+    for i in 0..90 {
+        batch.push(a.send_text(&room(), &format!("m{i}")).await.unwrap());
+    }
+    // A forged ciphertext, a replay of index 7 under another event ID, and
+    // an event of a session Bob never received.
+    let mut forged = batch[50].clone();
+    let ciphertext = forged["content"]["ciphertext"].as_str().unwrap().to_owned();
+    let flip = if &ciphertext[30..31] == "A" { "B" } else { "A" };
+    forged["content"]["ciphertext"] =
+        json!(format!("{}{flip}{}", &ciphertext[..30], &ciphertext[31..]));
+    batch[50] = forged;
+    let mut replay = batch[7].clone();
+    replay["event_id"] = json!("$replayed7");
+    batch.insert(70, replay);
+    let mut unknown = batch[3].clone();
+    unknown["content"]["session_id"] = json!("unknownsession");
+    batch.insert(80, unknown);
+
+    let out = b.machine.decrypt_room_events(&room(), &batch).await.unwrap();
+    assert_eq!(out.len(), 92);
+    for (i, r) in out.iter().enumerate() {
+        match i {
+            50 => assert!(matches!(r, Err(Error::Megolm(MegolmError::Decryption(_)))), "{r:?}"),
+            70 => {
+                assert!(matches!(r, Err(Error::Megolm(MegolmError::Replay { index: 7 }))), "{r:?}")
+            }
+            80 => assert!(
+                matches!(r, Err(Error::Megolm(MegolmError::MissingSession { .. }))),
+                "{r:?}"
+            ),
+            _ => {
+                let n = if i < 70 {
+                    i
+                } else if i < 80 {
+                    i - 1
+                } else {
+                    i - 2
+                };
+                let event = r.as_ref().unwrap();
+                assert_eq!(event.content["body"], format!("m{n}"), "event {i}");
+                assert_eq!(event.message_index as usize, n, "event {i}");
+            }
+        }
+    }
+}
+
 /// The Megolm message index of an `m.room.encrypted` content.
 fn megolm_index(content: &Value) -> u32 {
     let ciphertext = content["ciphertext"].as_str().unwrap();

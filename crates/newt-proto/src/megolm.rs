@@ -12,8 +12,8 @@ use std::sync::Arc;
 
 use serde_json::{json, Value};
 use vodozemac::megolm::{
-    ExportedSessionKey, GroupSession, InboundGroupSession, MegolmMessage, SessionConfig,
-    SessionKey, SessionOrdering,
+    DecryptedMessage, ExportedSessionKey, GroupSession, InboundGroupSession, MegolmMessage,
+    SessionConfig, SessionKey, SessionOrdering,
 };
 
 use crate::account::OwnAccount;
@@ -542,18 +542,51 @@ pub fn decrypt_room_event_with(
     sender_devices: &[DeviceRecord],
     seen: Option<&MessageIndexRecord>,
 ) -> Result<(DecryptedRoomEvent, Option<MessageIndexRecord>), MegolmError> {
+    check_session_room(room_id, session)?;
+    let decrypted = megolm_decrypt(inbound, &event.message)?;
+    finish_room_event(room_id, event, session, decrypted, sender_devices, seen)
+}
+
+fn check_session_room(
+    room_id: &RoomId,
+    session: &InboundGroupSessionRecord,
+) -> Result<(), MegolmError> {
     if &session.room_id != room_id {
         return Err(MegolmError::RoomMismatch {
             event_room: room_id.to_string(),
             other: session.room_id.to_string(),
         });
     }
-    let decrypted = inbound.decrypt(&event.message).map_err(|e| match e {
+    Ok(())
+}
+
+/// vodozemac's Megolm decryption alone (signature, MAC, cipher): the costly
+/// step, which a batch may run ahead on other threads with copies of the
+/// session (see [`finish_room_event`]).
+pub fn megolm_decrypt(
+    inbound: &mut InboundGroupSession,
+    message: &MegolmMessage,
+) -> Result<DecryptedMessage, MegolmError> {
+    inbound.decrypt(message).map_err(|e| match e {
         vodozemac::megolm::DecryptionError::UnknownMessageIndex(first, index) => {
             MegolmError::UnknownIndex { index, first_known: first }
         }
         other => MegolmError::Decryption(other.to_string()),
-    })?;
+    })
+}
+
+/// Every check of [`decrypt_room_event_with`] after the Megolm decryption,
+/// for a message `decrypted` by [`megolm_decrypt`] with a copy of the live
+/// session of `session`.
+pub fn finish_room_event(
+    room_id: &RoomId,
+    event: &EncryptedRoomEvent,
+    session: &InboundGroupSessionRecord,
+    decrypted: DecryptedMessage,
+    sender_devices: &[DeviceRecord],
+    seen: Option<&MessageIndexRecord>,
+) -> Result<(DecryptedRoomEvent, Option<MessageIndexRecord>), MegolmError> {
+    check_session_room(room_id, session)?;
     let payload: Value = serde_json::from_slice(&decrypted.plaintext)
         .map_err(|_| MegolmError::Malformed("payload JSON"))?;
     let payload_room = payload

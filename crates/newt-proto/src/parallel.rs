@@ -66,9 +66,9 @@ pub fn owned_chunks<T>(items: Vec<T>, size: usize) -> Vec<Vec<T>> {
     }
 }
 
-/// How many threads `len` items get: 1 below two threads' worth, else up to
-/// the core count (at most 4).
-fn threads_for(len: usize, min_per_thread: usize) -> usize {
+/// How many threads [`map`] gives `len` items: 1 below two threads' worth,
+/// else up to the core count (at most 4); always 1 on `wasm32`.
+pub fn threads_for(len: usize, min_per_thread: usize) -> usize {
     let min_per_thread = min_per_thread.max(1);
     if cfg!(target_arch = "wasm32") || len < 2 * min_per_thread {
         return 1;

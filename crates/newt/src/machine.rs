@@ -26,9 +26,9 @@ use newt_proto::key_requests::{
     accept_forwarded_key, answer_request, parse_request, request_content, KeyShareError,
 };
 use newt_proto::megolm::{
-    decrypt_room_event_with, export_record, live_inbound, parse_room_event, parse_withheld,
-    session_from_export, session_from_room_key, should_replace, DecryptedRoomEvent,
-    EncryptedRoomEvent, MegolmError, OutboundSession, RotationSettings,
+    decrypt_room_event_with, export_record, finish_room_event, live_inbound, megolm_decrypt,
+    parse_room_event, parse_withheld, session_from_export, session_from_room_key, should_replace,
+    DecryptedRoomEvent, EncryptedRoomEvent, MegolmError, OutboundSession, RotationSettings,
 };
 use newt_proto::olm::{
     self, handle_keys_claim, keys_claim_body, OlmError, OlmSession, KEY_CARRYING_TYPES,
@@ -39,7 +39,7 @@ use newt_proto::records::{
 };
 use newt_proto::sharing::{audience_shrank, plan_share, withheld_content, SharingPolicy};
 use newt_proto::trust::{with_cross_signing, SenderTrust};
-use newt_proto::vodozemac::megolm::InboundGroupSession;
+use newt_proto::vodozemac::megolm::{DecryptedMessage, InboundGroupSession, MegolmMessage};
 use newt_proto::OLM_V1;
 use newt_store::{Store, StoreError};
 
@@ -1392,7 +1392,8 @@ impl Machine {
         // of different events at one index cannot both pass.
         let mut st = self.inner.state.lock().await;
         let mut ctx = DecryptContext::default();
-        let (decrypted, record) = self.decrypt_parsed(&mut st, &mut ctx, room_id, parsed).await?;
+        let (decrypted, record) =
+            self.decrypt_parsed(&mut st, &mut ctx, room_id, parsed, None).await?;
         if let Some(record) = record {
             let changes = Changes { message_indices: vec![record], ..Default::default() };
             self.commit(&mut st, changes, false).await?;
@@ -1416,15 +1417,18 @@ impl Machine {
         let mut st = self.inner.state.lock().await;
         let mut ctx = DecryptContext::default();
         let mut out = Vec::with_capacity(events.len());
-        for event in events {
-            let parsed = match parse_room_event(event) {
+        let parsed: Vec<_> = events.iter().map(parse_room_event).collect();
+        let mut ahead = self.decrypt_ahead(&mut st, room_id, &parsed).await?.into_iter();
+        for parsed in parsed {
+            let ahead = ahead.next().flatten();
+            let parsed = match parsed {
                 Ok(p) => p,
                 Err(e) => {
                     out.push(Err(e.into()));
                     continue;
                 }
             };
-            match self.decrypt_parsed(&mut st, &mut ctx, room_id, parsed).await {
+            match self.decrypt_parsed(&mut st, &mut ctx, room_id, parsed, ahead).await {
                 Ok((decrypted, record)) => {
                     if let Some(record) = record {
                         ctx.pending.insert((record.session_id.clone(), record.index), record);
@@ -1441,16 +1445,71 @@ impl Machine {
         Ok(out)
     }
 
+    /// The Megolm step of a batch's events (signature, MAC, cipher), run
+    /// ahead on every core: for each session with enough events in the
+    /// batch, each thread decrypts a contiguous share of them with its own
+    /// copy of the cached session. An event left `None` (a small group, an
+    /// unknown session, a failure) takes the ordinary path, which decrypts
+    /// it again and reports the error; nothing here is a verdict.
+    async fn decrypt_ahead(
+        &self,
+        st: &mut State,
+        room_id: &RoomId,
+        parsed: &[Result<EncryptedRoomEvent, MegolmError>],
+    ) -> Result<Vec<Option<DecryptedMessage>>, Error> {
+        const MIN_PER_THREAD: usize = 32;
+        let mut ahead = vec![None; parsed.len()];
+        let mut by_session: BTreeMap<&str, Vec<(usize, &MegolmMessage)>> = BTreeMap::new();
+        for (i, p) in parsed.iter().enumerate() {
+            if let Ok(p) = p {
+                by_session.entry(p.session_id.as_str()).or_default().push((i, &p.message));
+            }
+        }
+        for (session_id, messages) in by_session {
+            let threads = newt_proto::parallel::threads_for(messages.len(), MIN_PER_THREAD);
+            if threads < 2 {
+                continue;
+            }
+            let key = (room_id.clone(), session_id.to_owned());
+            if st.inbound.get_mut(&key).is_none() {
+                let Some(record) = self.store().inbound_group_session(room_id, session_id).await?
+                else {
+                    continue;
+                };
+                let Ok(live) = live_inbound(&record) else { continue };
+                st.inbound.insert(record, live);
+            }
+            let Some(entry) = st.inbound.get_mut(&key) else { continue };
+            let per_thread = messages.len().div_ceil(threads);
+            let jobs: Vec<_> = newt_proto::parallel::owned_chunks(messages, per_thread)
+                .into_iter()
+                .map(|chunk| (InboundGroupSession::from_pickle(entry.live.pickle()), chunk))
+                .collect();
+            let done = newt_proto::parallel::map_owned(jobs, 1, |(mut copy, chunk)| {
+                chunk
+                    .into_iter()
+                    .map(|(i, message)| (i, megolm_decrypt(&mut copy, message).ok()))
+                    .collect::<Vec<_>>()
+            });
+            for (i, decrypted) in done.into_iter().flatten() {
+                ahead[i] = decrypted;
+            }
+        }
+        Ok(ahead)
+    }
+
     /// One decryption under the state lock: the session from the cache (or
     /// the store), every check of [`decrypt_room_event_with`], the replay
     /// record (`ctx.pending` first, then the store) and the sender's trust.
-    /// Returns the new replay record to commit, if the index is new.
+    /// `ahead` is the event's Megolm decryption if [`Self::decrypt_ahead`]
+    /// did it. Returns the new replay record to commit, if the index is new.
     async fn decrypt_parsed(
         &self,
         st: &mut State,
         ctx: &mut DecryptContext,
         room_id: &RoomId,
         parsed: EncryptedRoomEvent,
+        mut ahead: Option<DecryptedMessage>,
     ) -> Result<(DecryptedRoomEvent, Option<MessageIndexRecord>), Error> {
         let key = (room_id.clone(), parsed.session_id.clone());
         if !ctx.devices.contains_key(&parsed.sender) {
@@ -1496,14 +1555,24 @@ impl Machine {
             }
             let entry =
                 st.inbound.get_mut(&key).ok_or(Error::BadResponse("internal: session cache"))?;
-            let r = decrypt_room_event_with(
-                room_id,
-                &parsed,
-                &entry.record,
-                &mut entry.live,
-                sender_devices,
-                seen.as_ref(),
-            );
+            let r = match ahead.take() {
+                Some(decrypted) => finish_room_event(
+                    room_id,
+                    &parsed,
+                    &entry.record,
+                    decrypted,
+                    sender_devices,
+                    seen.as_ref(),
+                ),
+                None => decrypt_room_event_with(
+                    room_id,
+                    &parsed,
+                    &entry.record,
+                    &mut entry.live,
+                    sender_devices,
+                    seen.as_ref(),
+                ),
+            };
             // Another process may have stored a copy of the session that
             // starts earlier: a cached copy that cannot reach the index is
             // reloaded once.
