@@ -116,6 +116,29 @@ impl SqliteStore {
         self.with_conn(|conn| query(conn, &self.cipher, table, &sql, params))
     }
 
+    /// One `SELECT` per parameter set, under one lock and one read
+    /// transaction (one snapshot, and the WAL's shared-memory lock taken
+    /// once); the rows are opened after the lock is released, on every core
+    /// when there are many.
+    fn read_many<T: DeserializeOwned + Send>(
+        &self,
+        table: &Table,
+        tail: &str,
+        params: &[Vec<Value>],
+    ) -> Result<Vec<T>, StoreError> {
+        let sql = table.select_sql(tail);
+        let rows = self.with_conn(|conn| {
+            let tx = conn.transaction()?;
+            let mut rows = Vec::new();
+            for p in params {
+                rows.extend(query_sealed(&tx, table, &sql, p)?);
+            }
+            tx.commit()?;
+            Ok(rows)
+        })?;
+        open_rows(&self.cipher, table, &rows)
+    }
+
     fn read_one<T: DeserializeOwned + Send>(
         &self,
         table: &Table,
@@ -194,6 +217,20 @@ pub(crate) fn query<T: DeserializeOwned + Send>(
     sql: &str,
     params: &[Value],
 ) -> Result<Vec<T>, TxError> {
+    let rows = query_sealed(conn, table, sql, params)?;
+    Ok(open_rows(cipher, table, &rows)?)
+}
+
+/// A row as stored: its key columns and its sealed value.
+type SealedRow = (Vec<Value>, Vec<u8>);
+
+/// Runs a `SELECT` built by [`Table::select_sql`]; the rows stay sealed.
+fn query_sealed(
+    conn: &Connection,
+    table: &Table,
+    sql: &str,
+    params: &[Value],
+) -> Result<Vec<SealedRow>, TxError> {
     let mut statement = conn.prepare_cached(sql)?;
     let mut rows = statement.query(params_from_iter(params))?;
     let mut sealed_rows = Vec::new();
@@ -202,11 +239,19 @@ pub(crate) fn query<T: DeserializeOwned + Send>(
         let sealed: Vec<u8> = row.get(table.keys.len())?;
         sealed_rows.push((keys, sealed));
     }
-    // Pages of sessions are opened on every core (parsing a Megolm pickle
-    // decompresses its Ed25519 key).
-    Ok(newt_store::parallel::map_parallel(&sealed_rows, |(keys, sealed)| {
+    Ok(sealed_rows)
+}
+
+/// Opens rows read by [`query_sealed`], on every core when there are many
+/// (parsing a Megolm pickle decompresses its Ed25519 key).
+fn open_rows<T: DeserializeOwned + Send>(
+    cipher: &Cipher,
+    table: &Table,
+    rows: &[SealedRow],
+) -> Result<Vec<T>, StoreError> {
+    newt_store::parallel::map_parallel(rows, |(keys, sealed)| {
         cipher.open_json(table.name, keys, sealed)
-    })?)
+    })
 }
 
 fn limit(limit: usize) -> Value {
@@ -346,14 +391,20 @@ impl Store for SqliteStore {
         let hashed: Vec<(Value, &str)> =
             sender_keys.iter().map(|k| (self.cipher.key(Kind::SenderKey, k), *k)).collect();
         self.with_conn(|conn| {
-            let mut statement = conn
-                .prepare_cached("SELECT 1 FROM olm_sessions WHERE sender_key_hash = ?1 LIMIT 1")?;
+            // One read transaction for all the probes.
+            let tx = conn.transaction()?;
             let mut found = HashSet::new();
-            for (hash, key) in &hashed {
-                if statement.exists([hash])? {
-                    found.insert((*key).to_owned());
+            {
+                let mut statement = tx.prepare_cached(
+                    "SELECT 1 FROM olm_sessions WHERE sender_key_hash = ?1 LIMIT 1",
+                )?;
+                for (hash, key) in &hashed {
+                    if statement.exists([hash])? {
+                        found.insert((*key).to_owned());
+                    }
                 }
             }
+            tx.commit()?;
             Ok(found)
         })
     }
@@ -364,31 +415,31 @@ impl Store for SqliteStore {
         &self,
         keys: &[(RoomId, String)],
     ) -> Result<Vec<InboundGroupSessionRecord>, StoreError> {
-        let hashed: Vec<[Value; 2]> = keys
+        let hashed: Vec<Vec<Value>> = keys
             .iter()
             .map(|(room, session)| {
-                [
+                vec![
                     self.cipher.key(Kind::Room, room.as_str()),
                     self.cipher.key(Kind::MegolmSession, session),
                 ]
             })
             .collect();
-        let sql = INBOUND.select_sql("WHERE room_hash = ?1 AND session_hash = ?2");
-        self.with_conn(|conn| {
-            let tx = conn.transaction()?;
-            let mut found = Vec::new();
-            for params in &hashed {
-                found.extend(query::<InboundGroupSessionRecord>(
-                    &tx,
-                    &self.cipher,
-                    &INBOUND,
-                    &sql,
-                    params,
-                )?);
-            }
-            tx.commit()?;
-            Ok(found)
-        })
+        self.read_many(&INBOUND, "WHERE room_hash = ?1 AND session_hash = ?2", &hashed)
+    }
+
+    async fn devices_of(&self, users: &[UserId]) -> Result<Vec<DeviceRecord>, StoreError> {
+        let hashed: Vec<Vec<Value>> =
+            users.iter().map(|u| vec![self.cipher.key(Kind::User, u.as_str())]).collect();
+        self.read_many(&DEVICES, "WHERE user_hash = ?1", &hashed)
+    }
+
+    async fn olm_sessions_of(
+        &self,
+        sender_keys: &[&str],
+    ) -> Result<Vec<OlmSessionRecord>, StoreError> {
+        let hashed: Vec<Vec<Value>> =
+            sender_keys.iter().map(|k| vec![self.cipher.key(Kind::SenderKey, k)]).collect();
+        self.read_many(&OLM_SESSIONS, "WHERE sender_key_hash = ?1", &hashed)
     }
 
     async fn apply(&self, changes: Changes) -> Result<(), StoreError> {

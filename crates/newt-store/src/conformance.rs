@@ -52,6 +52,7 @@ pub async fn run_all<S: Store, F: Future<Output = S>>(make: impl Fn() -> F) {
     check("outbound_generation_rule", outbound_generation_rule(make().await)).await;
     check("sender_keys_with_olm_sessions", sender_keys_with_olm_sessions(make().await)).await;
     check("inbound_group_sessions_batch", inbound_batch(make().await)).await;
+    check("devices_and_olm_sessions_batch", devices_and_olm_batch(make().await)).await;
     check("devices_by_user", devices_by_user(make().await)).await;
     check("tracked_users", tracked_users(make().await)).await;
     check("key_requests", key_requests(make().await)).await;
@@ -478,6 +479,52 @@ async fn inbound_batch(store: impl Store) {
     let expected: BTreeSet<String> = [a_json, b_json].iter().map(Value::to_string).collect();
     assert_eq!(found, expected);
     assert!(store.inbound_group_sessions(&[]).await.unwrap().is_empty());
+}
+
+/// The batched reads return exactly what the single reads return, together.
+async fn devices_and_olm_batch(store: impl Store) {
+    let mut devices: Vec<DeviceRecord> =
+        ["ALICE1", "ALICE2"].iter().map(|d| device_record(ALICE, d)).collect();
+    devices.push(device_record(BOB, "BOB1"));
+    let mut peers = [Account::new(), Account::new()];
+    let mut sessions = vec![olm_session(&mut peers[0], 0), olm_session(&mut peers[1], 0)];
+    let mut second = olm_session(&mut peers[0], 1);
+    second.session_id = format!("{}-second", second.session_id);
+    sessions.push(second);
+    let keys: Vec<String> = peers.iter().map(|p| p.curve25519_key().to_base64()).collect();
+    apply(
+        &store,
+        Changes { devices: devices.clone(), olm_sessions: sessions, ..Default::default() },
+    )
+    .await;
+
+    let users = [user(CAROL), user(BOB), user(ALICE)];
+    let mut expected = Vec::new();
+    for u in &users {
+        expected.extend(store.devices(u).await.unwrap());
+    }
+    assert_eq!(sorted_devices(store.devices_of(&users).await.unwrap()), sorted_devices(expected));
+    assert_eq!(sorted_devices(store.devices_of(&users).await.unwrap()), sorted_devices(devices));
+    assert!(store.devices_of(&[]).await.unwrap().is_empty());
+
+    let unknown = Account::new().curve25519_key().to_base64();
+    let asked = [keys[1].as_str(), unknown.as_str(), keys[0].as_str()];
+    let mut expected = BTreeSet::new();
+    for k in asked {
+        for r in store.olm_sessions(k).await.unwrap() {
+            expected.insert(to_json(&r).to_string());
+        }
+    }
+    let found: BTreeSet<String> = store
+        .olm_sessions_of(&asked)
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| to_json(r).to_string())
+        .collect();
+    assert_eq!(found.len(), 3);
+    assert_eq!(found, expected);
+    assert!(store.olm_sessions_of(&[unknown.as_str()]).await.unwrap().is_empty());
 }
 
 async fn devices_by_user(store: impl Store) {

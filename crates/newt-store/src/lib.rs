@@ -186,6 +186,31 @@ pub trait Store: StoreBounds {
         }
         Ok(found)
     }
+
+    /// [`devices`](Self::devices) of each of `users`, in one call (room key
+    /// sharing and session claims read every member's devices). Backends
+    /// with a per-read cost should override the default (one read per user).
+    async fn devices_of(&self, users: &[UserId]) -> Result<Vec<DeviceRecord>, StoreError> {
+        let mut found = Vec::new();
+        for user_id in users {
+            found.extend(self.devices(user_id).await?);
+        }
+        Ok(found)
+    }
+
+    /// [`olm_sessions`](Self::olm_sessions) with each of `sender_keys`, in
+    /// one call (room key sharing reads every recipient's sessions).
+    /// Backends with a per-read cost should override the default.
+    async fn olm_sessions_of(
+        &self,
+        sender_keys: &[&str],
+    ) -> Result<Vec<OlmSessionRecord>, StoreError> {
+        let mut found = Vec::new();
+        for key in sender_keys {
+            found.extend(self.olm_sessions(key).await?);
+        }
+        Ok(found)
+    }
 }
 
 /// `Send + Sync` on native targets, nothing on wasm32 (browser storage

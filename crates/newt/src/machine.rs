@@ -1045,20 +1045,19 @@ impl Machine {
             return Ok(None);
         }
         let users: BTreeSet<UserId> = users.into_iter().collect();
+        let users: Vec<UserId> = users.into_iter().collect();
         let mut candidates = Vec::new();
-        for u in &users {
-            for d in self.store().devices(u).await? {
-                if d.deleted || d.curve25519 == own_curve {
-                    continue;
-                }
-                let key = (d.user_id, d.device_id);
-                if st.wedged.contains(&key)
-                    || st.claim_failures.get(&key).is_some_and(|until| *until > now)
-                {
-                    continue;
-                }
-                candidates.push((key, d.curve25519));
+        for d in self.store().devices_of(&users).await? {
+            if d.deleted || d.curve25519 == own_curve {
+                continue;
             }
+            let key = (d.user_id, d.device_id);
+            if st.wedged.contains(&key)
+                || st.claim_failures.get(&key).is_some_and(|until| *until > now)
+            {
+                continue;
+            }
+            candidates.push((key, d.curve25519));
         }
         // One batched read: which of these devices already have a session.
         let keys: Vec<&str> = candidates.iter().map(|(_, k)| k.as_str()).collect();
@@ -1095,10 +1094,9 @@ impl Machine {
         let now = now_ms();
         let mut devices = BTreeMap::new();
         let users: BTreeSet<&UserId> = requested.iter().map(|(u, _)| u).collect();
-        for u in users {
-            for d in self.store().devices(u).await? {
-                devices.insert((d.user_id.clone(), d.device_id.clone()), d);
-            }
+        let users: Vec<UserId> = users.into_iter().cloned().collect();
+        for d in self.store().devices_of(&users).await? {
+            devices.insert((d.user_id.clone(), d.device_id.clone()), d);
         }
         let outcome = handle_keys_claim(&st.account, requested, &devices, response, now);
         let mut changes = Changes::default();
@@ -1148,9 +1146,13 @@ impl Machine {
         let mut st = self.inner.state.lock().await;
         let now = now_ms();
         let members: BTreeSet<UserId> = members.into_iter().collect();
-        let mut devices_by_user = BTreeMap::new();
-        for u in &members {
-            devices_by_user.insert(u.clone(), self.store().devices(u).await?);
+        let mut devices_by_user: BTreeMap<UserId, Vec<DeviceRecord>> =
+            members.iter().map(|u| (u.clone(), Vec::new())).collect();
+        let member_list: Vec<UserId> = members.iter().cloned().collect();
+        for d in self.store().devices_of(&member_list).await? {
+            if let Some(devices) = devices_by_user.get_mut(&d.user_id) {
+                devices.push(d);
+            }
         }
         let device_trust =
             if settings.policy.needs_device_trust() || settings.block_on_verification_violation {
@@ -1209,17 +1211,15 @@ impl Machine {
         };
 
         let all: Vec<DeviceRecord> = devices_by_user.into_values().flatten().collect();
-        let mut sessions: BTreeMap<String, Vec<OlmSession>> = BTreeMap::new();
-        for d in &all {
-            if !sessions.contains_key(&d.curve25519) {
-                let live = self
-                    .store()
-                    .olm_sessions(&d.curve25519)
-                    .await?
-                    .into_iter()
-                    .map(OlmSession::from_record)
-                    .collect();
-                sessions.insert(d.curve25519.clone(), live);
+        // Every recipient's Olm sessions in one read, unpickled on every core.
+        let keys: BTreeSet<&str> = all.iter().map(|d| d.curve25519.as_str()).collect();
+        let keys: Vec<&str> = keys.into_iter().collect();
+        let mut sessions: BTreeMap<String, Vec<OlmSession>> =
+            keys.iter().map(|k| ((*k).to_owned(), Vec::new())).collect();
+        let records = self.store().olm_sessions_of(&keys).await?;
+        for live in newt_proto::parallel::map_owned(records, 64, OlmSession::from_record) {
+            if let Some(list) = sessions.get_mut(&live.sender_key) {
+                list.push(live);
             }
         }
         let plan = plan_share(
