@@ -8,7 +8,7 @@ mod common;
 use common::*;
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use newt::{
@@ -23,7 +23,7 @@ use newt_proto::key_requests::KeyShareError;
 use newt_proto::olm::{self, OlmError, OlmSession};
 use newt_proto::records::*;
 use newt_router::Router;
-use newt_store::{Changes, MemoryStore, SessionCursor, Store, StoreError};
+use newt_store::{MemoryStore, Store};
 use serde_json::{json, Value};
 
 fn room() -> RoomId {
@@ -651,101 +651,11 @@ async fn wedged_session_is_replaced_once_per_hour() {
     assert!(b.machine.get_missing_sessions([uid("@alice:hs")]).await.unwrap().is_none());
 }
 
-/// A store that fails `apply` while `fail` is set.
-struct FlakyStore {
-    inner: MemoryStore,
-    fail: AtomicBool,
-}
-
-#[async_trait::async_trait]
-impl Store for FlakyStore {
-    async fn account(&self) -> Result<Option<AccountRecord>, StoreError> {
-        self.inner.account().await
-    }
-    async fn olm_sessions(&self, k: &str) -> Result<Vec<OlmSessionRecord>, StoreError> {
-        self.inner.olm_sessions(k).await
-    }
-    async fn inbound_group_session(
-        &self,
-        r: &ProtoRoomId,
-        s: &str,
-    ) -> Result<Option<InboundGroupSessionRecord>, StoreError> {
-        self.inner.inbound_group_session(r, s).await
-    }
-    async fn inbound_group_sessions_page(
-        &self,
-        a: SessionCursor,
-        l: usize,
-    ) -> Result<Vec<InboundGroupSessionRecord>, StoreError> {
-        self.inner.inbound_group_sessions_page(a, l).await
-    }
-    async fn outbound_group_session(
-        &self,
-        r: &ProtoRoomId,
-    ) -> Result<Option<OutboundGroupSessionRecord>, StoreError> {
-        self.inner.outbound_group_session(r).await
-    }
-    async fn devices(&self, u: &newt_proto::ids::UserId) -> Result<Vec<DeviceRecord>, StoreError> {
-        self.inner.devices(u).await
-    }
-    async fn tracked_users(&self) -> Result<Vec<TrackedUser>, StoreError> {
-        self.inner.tracked_users().await
-    }
-    async fn key_request(&self, id: &str) -> Result<Option<KeyRequestRecord>, StoreError> {
-        self.inner.key_request(id).await
-    }
-    async fn key_request_for_session(
-        &self,
-        r: &ProtoRoomId,
-        s: &str,
-    ) -> Result<Option<KeyRequestRecord>, StoreError> {
-        self.inner.key_request_for_session(r, s).await
-    }
-    async fn unsent_key_requests(&self) -> Result<Vec<KeyRequestRecord>, StoreError> {
-        self.inner.unsent_key_requests().await
-    }
-    async fn withheld(
-        &self,
-        r: &ProtoRoomId,
-        s: &str,
-    ) -> Result<Option<WithheldRecord>, StoreError> {
-        self.inner.withheld(r, s).await
-    }
-    async fn message_index(
-        &self,
-        r: &ProtoRoomId,
-        s: &str,
-        i: u32,
-    ) -> Result<Option<MessageIndexRecord>, StoreError> {
-        self.inner.message_index(r, s, i).await
-    }
-    async fn sync_token(&self) -> Result<Option<String>, StoreError> {
-        self.inner.sync_token().await
-    }
-    async fn identity(
-        &self,
-        u: &newt_proto::ids::UserId,
-    ) -> Result<Option<newt_proto::identities::IdentityRecord>, StoreError> {
-        self.inner.identity(u).await
-    }
-    async fn private_identity(
-        &self,
-    ) -> Result<Option<newt_proto::identities::PrivateIdentityRecord>, StoreError> {
-        self.inner.private_identity().await
-    }
-    async fn apply(&self, c: Changes) -> Result<(), StoreError> {
-        if self.fail.load(Ordering::SeqCst) {
-            return Err(StoreError::Backend("disk full".into()));
-        }
-        self.inner.apply(c).await
-    }
-}
-
 #[tokio::test]
 async fn nothing_is_acknowledged_before_it_is_persisted() {
     let router = Arc::new(Router::new());
     let a = dev(&router, "@alice:hs", "A").await;
-    let flaky = Arc::new(FlakyStore { inner: MemoryStore::new(), fail: AtomicBool::new(false) });
+    let flaky = Arc::new(FlakyStore::new());
     let b = SimDevice::open(router.clone(), "@bob:hs", "B", flaky.clone()).await.unwrap();
     b.flush().await.unwrap();
     let users = [uid("@alice:hs"), uid("@bob:hs")];

@@ -155,6 +155,53 @@ async fn own_devices_verify_each_other_by_sas() {
     assert_eq!(decrypted.content["body"], "for verified devices");
 }
 
+/// A2's last step (A1's `done`, which finishes the flow and records A1 as
+/// verified) cannot be stored: the sync fails, A2 sends neither a signature
+/// upload nor anything else but a cancel, records nothing, and the same
+/// sync delivered again changes nothing (the flow stays cancelled).
+#[tokio::test]
+async fn a_finished_flow_that_cannot_be_stored_is_cancelled() {
+    let router = Arc::new(Router::new());
+    let a1 = dev(&router, "@alice:hs", "A1").await;
+    let flaky = Arc::new(FlakyStore::new());
+    let a2 = SimDevice::open(router.clone(), "@alice:hs", "A2", flaky.clone()).await.unwrap();
+    a2.flush().await.unwrap();
+    settle(&[&a1, &a2], &[uid("@alice:hs")]).await;
+    let flow = request_and_start(&a1, &a2).await;
+    pump(&[&a2, &a1], 2).await;
+    a1.machine.confirm_sas(&flow).await.unwrap();
+    a1.flush().await.unwrap();
+    a2.sync().await.unwrap(); // A1's MAC
+    a2.machine.confirm_sas(&flow).await.unwrap();
+    a2.flush().await.unwrap();
+    a1.sync().await.unwrap(); // A2's MAC: A1 is done and sends `done`
+    assert_eq!(state(&a1, &flow).await, VerificationState::Done);
+    assert_eq!(state(&a2, &flow).await, VerificationState::Confirmed);
+
+    let sync = a2.next_sync().unwrap();
+    flaky.fail.store(true, std::sync::atomic::Ordering::SeqCst);
+    assert!(matches!(a2.machine.receive_sync(sync.clone()).await, Err(newt::Error::Store(_))));
+    flaky.fail.store(false, std::sync::atomic::Ordering::SeqCst);
+    let custom = CancelCode::Other(newt::STORE_FAILURE.to_owned());
+    let cancelled = VerificationState::Cancelled { code: custom, by_us: true };
+    assert_eq!(state(&a2, &flow).await, cancelled);
+    assert_eq!(local_trust(&a2, "A1").await, LocalTrust::Unset);
+    let sent = a2.machine.outgoing_requests().await.unwrap();
+    let kinds: Vec<String> = sent
+        .iter()
+        .map(|r| match &r.kind {
+            RequestKind::ToDevice { event_type, .. } => event_type.clone(),
+            other => format!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(kinds, ["m.key.verification.cancel"], "no done, no signature upload");
+
+    // The same sync again (its token was not stored): the flow is over.
+    a2.machine.receive_sync(sync).await.unwrap();
+    assert_eq!(state(&a2, &flow).await, cancelled);
+    assert_eq!(local_trust(&a2, "A1").await, LocalTrust::Unset);
+}
+
 /// Sends `d`'s outgoing requests, replacing the `key` of any
 /// `m.key.verification.key` with a fresh one.
 async fn flush_swapping_key(d: &SimDevice) -> bool {

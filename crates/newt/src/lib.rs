@@ -125,7 +125,9 @@
 //!   [`Machine::confirm_qr_scanned`] when the other side scanned ours).
 //!
 //! Flows are kept in memory only: a restart forgets them (the other side
-//! times out after 10 minutes, or the user starts again).
+//! times out after 10 minutes, or the user starts again). A step whose
+//! store commit fails (e.g. recording what a finished flow verified) sends
+//! nothing it queued and cancels the flow with [`STORE_FAILURE`].
 
 mod clock;
 mod error;
@@ -136,7 +138,7 @@ pub use error::Error;
 pub use machine::{
     IdentityRejection, ImportSummary, KeysQueryReport, Machine, ProcessedToDevice,
     RejectedIdentity, RoomSettings, SyncChanges, SyncOutcome, ToDeviceError, ToDeviceOutcome,
-    VerificationFlow, VerificationMethods, VerificationState,
+    VerificationFlow, VerificationMethods, VerificationState, STORE_FAILURE,
 };
 pub use newt_proto::identities::{
     BootstrapRequests, CrossSigningError, DeviceTrust, IdentityTrust, OwnIdentityTrust,

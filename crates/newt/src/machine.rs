@@ -49,7 +49,7 @@ use crate::Error;
 
 #[path = "verification.rs"]
 mod verification;
-pub use verification::{VerificationFlow, VerificationMethods, VerificationState};
+pub use verification::{VerificationFlow, VerificationMethods, VerificationState, STORE_FAILURE};
 
 /// To-device verification event types start with this.
 const VERIFICATION_PREFIX: &str = "m.key.verification.";
@@ -533,6 +533,8 @@ impl Machine {
         );
 
         // To-device events.
+        let queued = st.queued.len();
+        let flows_before = Self::flow_states(&st);
         let mut batch = Batch::default();
         let mut outcome = SyncOutcome::default();
         for event in &sync.to_device_events {
@@ -550,7 +552,7 @@ impl Machine {
             }
         }
         changes.sync_token = sync.next_batch;
-        self.commit(&mut st, changes, account_changed).await?;
+        self.commit_flows(&mut st, changes, account_changed, queued, &flows_before).await?;
         self.poll_verification_timeouts(&mut st, now).await?;
         st.queued.extend(batch.requests);
         Ok(outcome)

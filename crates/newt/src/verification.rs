@@ -56,6 +56,9 @@ const REQUEST_MAX_AGE_MS: u64 = VERIFICATION_TIMEOUT_MS;
 const REQUEST_MAX_FUTURE_MS: u64 = 5 * 60 * 1000;
 /// `msgtype` of an in-room request.
 const MSGTYPE_REQUEST: &str = "m.key.verification.request";
+/// The cancel code of a flow whose step could not be stored (no `m.` code
+/// fits; custom codes use Java package naming).
+pub const STORE_FAILURE: &str = "org.newt.store_failure";
 
 /// Where a verification flow stands, as the application sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -583,11 +586,75 @@ impl Machine {
             return Err(Error::UnknownFlow(flow_id.to_owned()));
         };
         let mut changes = Changes::default();
+        let queued = st.queued.len();
         let result = f(self, &mut *st, &mut flow, &mut changes).await;
+        let value = match result {
+            Ok(value) => value,
+            Err(e) => {
+                st.flows.insert(key, flow);
+                return Err(e);
+            }
+        };
+        if let Err(e) = self.commit(&mut st, changes, false).await {
+            // Nothing the step recorded (e.g. the keys a `Done` verified)
+            // is stored: what it queued (a MAC, a `done`, a signature
+            // upload) must not go out as if it were, and the flow cannot go
+            // on. It ends cancelled, on both sides.
+            st.queued.truncate(queued);
+            if !matches!(flow.phase, Phase::Cancelled(_)) {
+                let out = flow.cancel_handshake(CancelCode::Other(STORE_FAILURE.to_owned()));
+                self.queue_verification(&mut st, &flow, vec![out]);
+            }
+            st.flows.insert(key, flow);
+            return Err(e);
+        }
         st.flows.insert(key, flow);
-        let value = result?;
-        self.commit(&mut st, changes, false).await?;
         Ok(value)
+    }
+
+    /// Each flow's state, before a batch of incoming messages (see
+    /// [`Self::commit_flows`]).
+    pub(super) fn flow_states(st: &State) -> BTreeMap<(UserId, String), VerificationState> {
+        st.flows.iter().map(|(k, f)| (k.clone(), f.state())).collect()
+    }
+
+    /// Commits what a batch of incoming messages changed. If that fails, the
+    /// batch will be delivered again, so what it did to flows is undone as
+    /// far as it can be: what it queued is dropped, flows it created are
+    /// forgotten (the retried request creates them again), and flows it
+    /// moved are cancelled (their step, e.g. recording what a `Done`
+    /// verified, was not stored, and a retried message would be ignored).
+    pub(super) async fn commit_flows(
+        &self,
+        st: &mut State,
+        changes: Changes,
+        account_changed: bool,
+        queued: usize,
+        before: &BTreeMap<(UserId, String), VerificationState>,
+    ) -> Result<(), Error> {
+        let Err(e) = self.commit(st, changes, account_changed).await else { return Ok(()) };
+        st.queued.truncate(queued);
+        let keys: Vec<(UserId, String)> = st.flows.keys().cloned().collect();
+        for key in keys {
+            let Some(mut flow) = st.flows.remove(&key) else { continue };
+            let Some(old) = before.get(&key) else { continue };
+            let now = flow.state();
+            if *old != now {
+                let out = match now {
+                    VerificationState::Cancelled { by_us: false, .. } => None,
+                    // Our cancel was among the dropped messages.
+                    VerificationState::Cancelled { code, by_us: true } => {
+                        Some(cancel_content(&flow.flow, &code))
+                    }
+                    _ => Some(flow.cancel_handshake(CancelCode::Other(STORE_FAILURE.to_owned()))),
+                };
+                if let Some(out) = out {
+                    self.queue_verification(st, &flow, vec![out]);
+                }
+            }
+            st.flows.insert(key, flow);
+        }
+        Err(e)
     }
 
     /// Accepts a request we received: sends `ready` (the keys of the other
@@ -1074,6 +1141,8 @@ impl Machine {
         let now = now_ms();
         let mut st = self.inner.state.lock().await;
         let mut changes = Changes::default();
+        let queued = st.queued.len();
+        let before = Self::flow_states(&st);
         let own_user = self.inner.user_id.clone();
         if event_type == "m.room.message" {
             let ts = event.get("origin_server_ts").and_then(Value::as_u64).unwrap_or(0);
@@ -1099,7 +1168,7 @@ impl Machine {
                     }
                 }
             }
-            return self.commit(&mut st, changes, false).await;
+            return self.commit_flows(&mut st, changes, false, queued, &before).await;
         }
         if !event_type.starts_with("m.key.verification.") {
             return Ok(());
@@ -1161,7 +1230,7 @@ impl Machine {
         };
         st.flows.insert(key, flow);
         result?;
-        self.commit(&mut st, changes, false).await
+        self.commit_flows(&mut st, changes, false, queued, &before).await
     }
 
     /// Feeds one message of the other side into `flow`; `sender_device` is

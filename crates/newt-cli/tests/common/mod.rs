@@ -2,13 +2,18 @@
 
 #![allow(dead_code, clippy::unwrap_used)]
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use newt::UserId;
 use newt_cli::SimDevice;
 use newt_proto::ids::DeviceId;
+use newt_proto::records::{
+    AccountRecord, DeviceRecord, InboundGroupSessionRecord, KeyRequestRecord, MessageIndexRecord,
+    OlmSessionRecord, OutboundGroupSessionRecord, TrackedUser, WithheldRecord,
+};
 use newt_router::Router;
-use newt_store::MemoryStore;
+use newt_store::{Changes, MemoryStore, SessionCursor, Store, StoreError};
 use serde_json::Value;
 
 /// A user ID known to be valid.
@@ -89,4 +94,100 @@ pub(crate) async fn alice_pair() -> (Arc<Router>, SimDevice, SimDevice) {
 /// A raw POST from `d` (for bodies newt returns but does not send itself).
 pub(crate) fn post(d: &SimDevice, path: &str, body: &Value) -> Value {
     d.router().handle(d.user.as_str(), d.device.as_str(), "POST", path, body).unwrap()
+}
+
+/// A store that fails `apply` while `fail` is set.
+pub(crate) struct FlakyStore {
+    pub(crate) inner: MemoryStore,
+    pub(crate) fail: AtomicBool,
+}
+
+impl FlakyStore {
+    pub(crate) fn new() -> Self {
+        Self { inner: MemoryStore::new(), fail: AtomicBool::new(false) }
+    }
+}
+
+#[async_trait::async_trait]
+impl Store for FlakyStore {
+    async fn account(&self) -> Result<Option<AccountRecord>, StoreError> {
+        self.inner.account().await
+    }
+    async fn olm_sessions(&self, k: &str) -> Result<Vec<OlmSessionRecord>, StoreError> {
+        self.inner.olm_sessions(k).await
+    }
+    async fn inbound_group_session(
+        &self,
+        r: &newt_proto::ids::RoomId,
+        s: &str,
+    ) -> Result<Option<InboundGroupSessionRecord>, StoreError> {
+        self.inner.inbound_group_session(r, s).await
+    }
+    async fn inbound_group_sessions_page(
+        &self,
+        a: SessionCursor,
+        l: usize,
+    ) -> Result<Vec<InboundGroupSessionRecord>, StoreError> {
+        self.inner.inbound_group_sessions_page(a, l).await
+    }
+    async fn outbound_group_session(
+        &self,
+        r: &newt_proto::ids::RoomId,
+    ) -> Result<Option<OutboundGroupSessionRecord>, StoreError> {
+        self.inner.outbound_group_session(r).await
+    }
+    async fn devices(&self, u: &newt_proto::ids::UserId) -> Result<Vec<DeviceRecord>, StoreError> {
+        self.inner.devices(u).await
+    }
+    async fn tracked_users(&self) -> Result<Vec<TrackedUser>, StoreError> {
+        self.inner.tracked_users().await
+    }
+    async fn key_request(&self, id: &str) -> Result<Option<KeyRequestRecord>, StoreError> {
+        self.inner.key_request(id).await
+    }
+    async fn key_request_for_session(
+        &self,
+        r: &newt_proto::ids::RoomId,
+        s: &str,
+    ) -> Result<Option<KeyRequestRecord>, StoreError> {
+        self.inner.key_request_for_session(r, s).await
+    }
+    async fn unsent_key_requests(&self) -> Result<Vec<KeyRequestRecord>, StoreError> {
+        self.inner.unsent_key_requests().await
+    }
+    async fn withheld(
+        &self,
+        r: &newt_proto::ids::RoomId,
+        s: &str,
+    ) -> Result<Option<WithheldRecord>, StoreError> {
+        self.inner.withheld(r, s).await
+    }
+    async fn message_index(
+        &self,
+        r: &newt_proto::ids::RoomId,
+        s: &str,
+        i: u32,
+    ) -> Result<Option<MessageIndexRecord>, StoreError> {
+        self.inner.message_index(r, s, i).await
+    }
+    async fn sync_token(&self) -> Result<Option<String>, StoreError> {
+        self.inner.sync_token().await
+    }
+    async fn identity(
+        &self,
+        u: &newt_proto::ids::UserId,
+    ) -> Result<Option<newt_proto::identities::IdentityRecord>, StoreError> {
+        self.inner.identity(u).await
+    }
+    async fn private_identity(
+        &self,
+    ) -> Result<Option<newt_proto::identities::PrivateIdentityRecord>, StoreError> {
+        self.inner.private_identity().await
+    }
+    async fn apply(&self, c: Changes) -> Result<(), StoreError> {
+        if self.fail.load(Ordering::SeqCst) {
+            return Err(StoreError::Backend("disk full".into()));
+        }
+        self.inner.apply(c).await
+    }
 }
