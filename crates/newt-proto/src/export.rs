@@ -326,77 +326,6 @@ pub fn encrypt_export_bytes(
     seal(payload, passphrase, rounds)
 }
 
-/// Reads a key export file in batches: the file is decrypted (and its MAC
-/// checked) once, every entry is validated and counted, and keys are then
-/// parsed a batch at a time, so an importer holds one batch of parsed keys,
-/// not all of them.
-///
-/// ```
-/// use newt_proto::export::{ExportReader, ExportWriter};
-/// let file = String::from_utf8(ExportWriter::new(Vec::new(), "pw", 1)?.finish()?).unwrap_or_default();
-/// let mut reader = ExportReader::open(&file, "pw")?;
-/// assert_eq!(reader.total(), 0);
-/// assert!(reader.next_batch(100)?.is_empty());
-/// # Ok::<(), newt_proto::export::ExportError>(())
-/// ```
-pub struct ExportReader {
-    plaintext: Zeroizing<Vec<u8>>,
-    /// Byte offset of the next element (or of the closing bracket).
-    pos: usize,
-    total: usize,
-    done: usize,
-}
-
-impl ExportReader {
-    /// Decrypts `file` with `passphrase` and validates every entry.
-    pub fn open(file: &str, passphrase: &str) -> Result<Self, ExportError> {
-        let plaintext = decrypt_export_bytes(file, passphrase)?;
-        let total = validate_and_count(&plaintext)?;
-        // Validated above as one JSON array: position after the `[`.
-        let start = plaintext.iter().position(|b| *b == b'[').map_or(0, |p| p + 1);
-        Ok(Self { plaintext, pos: start, total, done: 0 })
-    }
-
-    /// Keys in the file.
-    pub fn total(&self) -> usize {
-        self.total
-    }
-
-    /// Keys handed out so far.
-    pub fn done(&self) -> usize {
-        self.done
-    }
-
-    /// Up to `max` next keys; empty when all were read.
-    pub fn next_batch(&mut self, max: usize) -> Result<Vec<ExportedRoomKey>, ExportError> {
-        let mut batch = Vec::with_capacity(max.min(self.total - self.done));
-        while batch.len() < max && self.done < self.total {
-            self.skip_separators();
-            let mut stream = serde_json::Deserializer::from_slice(&self.plaintext[self.pos..])
-                .into_iter::<ExportedRoomKey>();
-            let key = match stream.next() {
-                Some(Ok(key)) => key,
-                Some(Err(e)) => return Err(json_error(e)),
-                None => return Err(ExportError::Json("fewer keys than counted".into())),
-            };
-            self.pos += stream.byte_offset();
-            self.done += 1;
-            batch.push(key);
-        }
-        Ok(batch)
-    }
-
-    fn skip_separators(&mut self) {
-        while let Some(b) = self.plaintext.get(self.pos) {
-            if b.is_ascii_whitespace() || *b == b',' {
-                self.pos += 1;
-            } else {
-                break;
-            }
-        }
-    }
-}
-
 /// Incremental, lenient base64 decoding of an armored body: whitespace
 /// anywhere, `=` padding at the end of any group (as [`decode_base64_body`]).
 struct Base64Stream<'a> {
@@ -1589,36 +1518,5 @@ mod tests {
         let debug = format!("{k:?}");
         assert!(!debug.contains("SECRET-SESSION-KEY"), "{debug}");
         assert!(debug.contains("session7"));
-    }
-
-    #[test]
-    fn reader_hands_out_batches_in_order() {
-        let keys: Vec<ExportedRoomKey> = (0..25)
-            .map(|i| ExportedRoomKey {
-                algorithm: "m.megolm.v1.aes-sha2".into(),
-                room_id: format!("!r{i}:hs"),
-                sender_key: "s".into(),
-                session_id: format!("id{i}"),
-                session_key: "k".into(),
-                sender_claimed_keys: BTreeMap::new(),
-                forwarding_curve25519_key_chain: vec![],
-                shared_history: i % 2 == 0,
-            })
-            .collect();
-        let file = encrypt_export(&keys, "pw", 1).unwrap();
-        let mut reader = ExportReader::open(&file, "pw").unwrap();
-        assert_eq!(reader.total(), 25);
-        let mut got = Vec::new();
-        loop {
-            let batch = reader.next_batch(10).unwrap();
-            if batch.is_empty() {
-                break;
-            }
-            assert!(batch.len() <= 10);
-            got.extend(batch);
-        }
-        assert_eq!(got, keys);
-        assert_eq!(reader.done(), 25);
-        assert!(matches!(ExportReader::open(&file, "wrong"), Err(ExportError::BadMac)));
     }
 }
