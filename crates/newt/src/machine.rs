@@ -2008,7 +2008,7 @@ impl Machine {
     }
 
     /// Imports a key export file. Keys are checked and committed in batches
-    /// of 5,000; `progress(done, total)` is called after each batch is
+    /// of 2,000; `progress(done, total)` is called after each batch is
     /// committed (so `done` keys are durable). Existing sessions are only
     /// replaced by ones that start at a lower index.
     pub async fn import_room_keys(
@@ -2209,31 +2209,9 @@ impl Drop for ImportBatches<'_> {
 }
 
 /// [`session_from_export`] for a batch of keys (`None` for an invalid one),
-/// in order, spread over up to four threads where there are threads.
+/// in order, on every core where there are threads.
 fn sessions_from_export(keys: &[ExportedRoomKey]) -> Vec<Option<InboundGroupSessionRecord>> {
-    let one = |k: &ExportedRoomKey| session_from_export(k, SessionSource::Imported).ok();
-    #[cfg(not(target_arch = "wasm32"))]
-    {
-        let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(4);
-        if threads > 1 && keys.len() >= 64 {
-            let chunk = keys.len().div_ceil(threads);
-            return std::thread::scope(|s| {
-                let handles: Vec<_> = keys
-                    .chunks(chunk)
-                    .map(|c| s.spawn(move || c.iter().map(one).collect::<Vec<_>>()))
-                    .collect();
-                let mut out = Vec::with_capacity(keys.len());
-                for h in handles {
-                    match h.join() {
-                        Ok(part) => out.extend(part),
-                        Err(panic) => std::panic::resume_unwind(panic),
-                    }
-                }
-                out
-            });
-        }
-    }
-    keys.iter().map(one).collect()
+    newt_proto::parallel::map(keys, 32, |k| session_from_export(k, SessionSource::Imported).ok())
 }
 
 fn clone_record(r: &InboundGroupSessionRecord) -> Result<InboundGroupSessionRecord, Error> {
