@@ -155,51 +155,88 @@ async fn own_devices_verify_each_other_by_sas() {
     assert_eq!(decrypted.content["body"], "for verified devices");
 }
 
-/// A2's last step (A1's `done`, which finishes the flow and records A1 as
-/// verified) cannot be stored: the sync fails, A2 sends neither a signature
-/// upload nor anything else but a cancel, records nothing, and the same
-/// sync delivered again changes nothing (the flow stays cancelled).
-#[tokio::test]
-async fn a_finished_flow_that_cannot_be_stored_is_cancelled() {
-    let router = Arc::new(Router::new());
-    let a1 = dev(&router, "@alice:hs", "A1").await;
-    let flaky = Arc::new(FlakyStore::new());
-    let a2 = SimDevice::open(router.clone(), "@alice:hs", "A2", flaky.clone()).await.unwrap();
-    a2.flush().await.unwrap();
-    settle(&[&a1, &a2], &[uid("@alice:hs")]).await;
-    let flow = request_and_start(&a1, &a2).await;
-    pump(&[&a2, &a1], 2).await;
-    a1.machine.confirm_sas(&flow).await.unwrap();
-    a1.flush().await.unwrap();
-    a2.sync().await.unwrap(); // A1's MAC
-    a2.machine.confirm_sas(&flow).await.unwrap();
-    a2.flush().await.unwrap();
-    a1.sync().await.unwrap(); // A2's MAC: A1 is done and sends `done`
-    assert_eq!(state(&a1, &flow).await, VerificationState::Done);
-    assert_eq!(state(&a2, &flow).await, VerificationState::Confirmed);
-
-    let sync = a2.next_sync().unwrap();
-    flaky.fail.store(true, std::sync::atomic::Ordering::SeqCst);
-    assert!(matches!(a2.machine.receive_sync(sync.clone()).await, Err(newt::Error::Store(_))));
-    flaky.fail.store(false, std::sync::atomic::Ordering::SeqCst);
-    let custom = CancelCode::Other(newt::STORE_FAILURE.to_owned());
-    let cancelled = VerificationState::Cancelled { code: custom, by_us: true };
-    assert_eq!(state(&a2, &flow).await, cancelled);
-    assert_eq!(local_trust(&a2, "A1").await, LocalTrust::Unset);
-    let sent = a2.machine.outgoing_requests().await.unwrap();
-    let kinds: Vec<String> = sent
-        .iter()
+/// What `d` would send now: the event types of its to-device requests
+/// (anything else by its debug form).
+async fn pending_types(d: &SimDevice) -> Vec<String> {
+    let sent = d.machine.outgoing_requests().await.unwrap();
+    sent.iter()
         .map(|r| match &r.kind {
             RequestKind::ToDevice { event_type, .. } => event_type.clone(),
             other => format!("{other:?}"),
         })
-        .collect();
-    assert_eq!(kinds, ["m.key.verification.cancel"], "no done, no signature upload");
+        .collect()
+}
 
-    // The same sync again (its token was not stored): the flow is over.
-    a2.machine.receive_sync(sync).await.unwrap();
-    assert_eq!(state(&a2, &flow).await, cancelled);
-    assert_eq!(local_trust(&a2, "A1").await, LocalTrust::Unset);
+/// A2's last step (A1's `done`, which finishes the flow and records A1 as
+/// verified) fails, either at the commit or at a store read before it: the
+/// sync fails, A2 sends neither a signature upload nor anything else but a
+/// cancel, records nothing, and the same sync delivered again changes
+/// nothing (the flow stays cancelled).
+#[tokio::test]
+async fn a_finished_flow_that_cannot_be_stored_is_cancelled() {
+    for fail_reads in [false, true] {
+        let router = Arc::new(Router::new());
+        let a1 = dev(&router, "@alice:hs", "A1").await;
+        let flaky = Arc::new(FlakyStore::new());
+        let a2 = SimDevice::open(router.clone(), "@alice:hs", "A2", flaky.clone()).await.unwrap();
+        a2.flush().await.unwrap();
+        settle(&[&a1, &a2], &[uid("@alice:hs")]).await;
+        let flow = request_and_start(&a1, &a2).await;
+        pump(&[&a2, &a1], 2).await;
+        a1.machine.confirm_sas(&flow).await.unwrap();
+        a1.flush().await.unwrap();
+        a2.sync().await.unwrap(); // A1's MAC
+        a2.machine.confirm_sas(&flow).await.unwrap();
+        a2.flush().await.unwrap();
+        a1.sync().await.unwrap(); // A2's MAC: A1 is done and sends `done`
+        assert_eq!(state(&a1, &flow).await, VerificationState::Done);
+        assert_eq!(state(&a2, &flow).await, VerificationState::Confirmed);
+
+        let sync = a2.next_sync().unwrap();
+        let switch = if fail_reads { &flaky.fail_reads } else { &flaky.fail };
+        switch.store(true, std::sync::atomic::Ordering::SeqCst);
+        let result = a2.machine.receive_sync(sync.clone()).await;
+        switch.store(false, std::sync::atomic::Ordering::SeqCst);
+        assert!(matches!(result, Err(newt::Error::Store(_))), "{result:?}");
+        let custom = CancelCode::Other(newt::STORE_FAILURE.to_owned());
+        let cancelled = VerificationState::Cancelled { code: custom, by_us: true };
+        assert_eq!(state(&a2, &flow).await, cancelled);
+        assert_eq!(local_trust(&a2, "A1").await, LocalTrust::Unset);
+        assert_eq!(pending_types(&a2).await, ["m.key.verification.cancel"]);
+
+        // The same sync again (its token was not stored): the flow is over.
+        a2.machine.receive_sync(sync).await.unwrap();
+        assert_eq!(state(&a2, &flow).await, cancelled);
+        assert_eq!(local_trust(&a2, "A1").await, LocalTrust::Unset);
+    }
+}
+
+/// A sync that moves a flow without changing its public state (their
+/// `accept` makes us send our key; both are "started") fails to commit: the
+/// key is not sent, and the flow is cancelled rather than left waiting for
+/// a key that never went out.
+#[tokio::test]
+async fn a_step_that_cannot_be_stored_is_cancelled_even_when_the_state_looks_the_same() {
+    let router = Arc::new(Router::new());
+    let flaky = Arc::new(FlakyStore::new());
+    let a1 = SimDevice::open(router.clone(), "@alice:hs", "A1", flaky.clone()).await.unwrap();
+    a1.flush().await.unwrap();
+    let a2 = dev(&router, "@alice:hs", "A2").await;
+    settle(&[&a1, &a2], &[uid("@alice:hs")]).await;
+    let flow = request_and_start(&a1, &a2).await;
+    a2.sync().await.unwrap(); // start -> A2 accepts
+    assert_eq!(state(&a1, &flow).await, VerificationState::Started);
+    let sync = a1.next_sync().unwrap();
+    // Something else in the same sync must be written, or the commit is empty.
+    let mut sync_with_token = sync.clone();
+    sync_with_token.next_batch = Some("next".into());
+    flaky.fail.store(true, std::sync::atomic::Ordering::SeqCst);
+    let result = a1.machine.receive_sync(sync_with_token).await;
+    flaky.fail.store(false, std::sync::atomic::Ordering::SeqCst);
+    assert!(matches!(result, Err(newt::Error::Store(_))), "{result:?}");
+    let custom = CancelCode::Other(newt::STORE_FAILURE.to_owned());
+    assert_eq!(state(&a1, &flow).await, VerificationState::Cancelled { code: custom, by_us: true });
+    assert_eq!(pending_types(&a1).await, ["m.key.verification.cancel"]);
 }
 
 /// Sends `d`'s outgoing requests, replacing the `key` of any

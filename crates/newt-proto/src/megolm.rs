@@ -578,6 +578,11 @@ pub fn megolm_decrypt(
 /// Every check of [`decrypt_room_event_with`] after the Megolm decryption,
 /// for a message `decrypted` by [`megolm_decrypt`] with a copy of the live
 /// session of `session`.
+///
+/// The signature and MAC checks happen in [`megolm_decrypt`]: passing
+/// anything else as `decrypted` (plaintext from another session, or not
+/// decrypted at all) skips them. Prefer [`decrypt_room_event_with`]; this
+/// split exists so a batch can run the Megolm step on other threads.
 pub fn finish_room_event(
     room_id: &RoomId,
     event: &EncryptedRoomEvent,

@@ -44,6 +44,9 @@ pub(crate) struct Prepared {
     /// generation) of each outbound session.
     outbound_generations: Vec<(Value, bool, String, u64)>,
     writes: Vec<Write>,
+    /// Only replay records: committed without waiting for the disk (see
+    /// the crate docs, "Durability and crashes").
+    replay_only: bool,
 }
 
 /// Only the generation of a stored record (the rest of the value is skipped,
@@ -57,7 +60,10 @@ struct GenerationOnly {
 }
 
 /// Hashes and seals everything in `changes`.
-pub(crate) fn prepare(cipher: &Cipher, changes: Changes) -> Result<Prepared, StoreError> {
+pub(crate) fn prepare(cipher: &Cipher, mut changes: Changes) -> Result<Prepared, StoreError> {
+    let indices = std::mem::take(&mut changes.message_indices);
+    let replay_only = !indices.is_empty() && changes.is_empty();
+    changes.message_indices = indices;
     let mut writes = Vec::new();
     let delete = |table: &Table, by: &[&str], params: Vec<Value>| Write {
         sql: table.delete_sql(by),
@@ -171,7 +177,13 @@ pub(crate) fn prepare(cipher: &Cipher, changes: Changes) -> Result<Prepared, Sto
             private,
         )?);
     }
-    Ok(Prepared { account: changes.account, olm_generations, outbound_generations, writes })
+    Ok(Prepared {
+        account: changes.account,
+        olm_generations,
+        outbound_generations,
+        writes,
+        replay_only,
+    })
 }
 
 fn upsert<T: Serialize>(
@@ -190,6 +202,22 @@ fn upsert<T: Serialize>(
 /// checks read the stored account inside that transaction, so no other
 /// process can change it between the check and the write.
 pub(crate) fn commit(
+    conn: &mut Connection,
+    cipher: &Cipher,
+    prepared: &Prepared,
+) -> Result<(), TxError> {
+    // Every commit sets its own durability (a pragma, no I/O), and a relaxed
+    // one puts FULL back at once, so it never leaks into another write.
+    let sync = if prepared.replay_only { "NORMAL" } else { "FULL" };
+    conn.pragma_update(None, "synchronous", sync)?;
+    let result = commit_in_transaction(conn, cipher, prepared);
+    if prepared.replay_only {
+        conn.pragma_update(None, "synchronous", "FULL")?;
+    }
+    result
+}
+
+fn commit_in_transaction(
     conn: &mut Connection,
     cipher: &Cipher,
     prepared: &Prepared,

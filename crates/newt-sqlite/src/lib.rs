@@ -66,6 +66,16 @@
 //! does not flush the drive cache. Each [`apply`] is one `BEGIN IMMEDIATE`
 //! transaction: after a crash, a change is either wholly there or not at all.
 //!
+//! One exception: a change made of Megolm replay records alone (what
+//! decrypting a room event writes) is committed with `synchronous = NORMAL`.
+//! It survives a crash of the application at once, and a power cut from the
+//! next durable commit on (which syncs the WAL holding it); only a power cut
+//! in between can lose it, and with it the replay check of that one index
+//! (an event already decrypted and shown). That saves the fsync on every
+//! decryption (decrypting one event: 287 → 73 µs on the benchmark machine).
+//! Ratchet state, keys, trust and sync tokens are always committed with
+//! `FULL`.
+//!
 //! # Several processes
 //!
 //! Any number of processes may open the same file. Writers queue on SQLite's

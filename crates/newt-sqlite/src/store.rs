@@ -455,6 +455,43 @@ impl Store for SqliteStore {
 mod tests {
     use super::*;
 
+    /// A commit of replay records alone is relaxed (see the crate docs);
+    /// the connection is back at FULL right after it, whatever comes next.
+    #[test]
+    fn relaxed_replay_commits_leave_the_connection_at_full() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path().join("s.db"), StoreKey::Raw([1; 32])).unwrap();
+        let sync = |store: &SqliteStore| -> i64 {
+            store.lock().unwrap().pragma_query_value(None, "synchronous", |r| r.get(0)).unwrap()
+        };
+        assert_eq!(sync(&store), 2);
+        let room = RoomId::parse("!r:hs").unwrap();
+        let index = |i: u32| MessageIndexRecord {
+            room_id: room.clone(),
+            session_id: "s".into(),
+            index: i,
+            event_id: format!("$e{i}"),
+            origin_server_ts: 1,
+        };
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        rt.block_on(async {
+            let replay = Changes { message_indices: vec![index(1)], ..Default::default() };
+            store.apply(replay).await.unwrap();
+            assert_eq!(sync(&store), 2);
+            let mixed = Changes {
+                message_indices: vec![index(2)],
+                sync_token: Some("t".into()),
+                ..Default::default()
+            };
+            store.apply(mixed).await.unwrap();
+            assert_eq!(sync(&store), 2);
+            for i in [1, 2] {
+                let stored = store.message_index(&room, "s", i).await.unwrap().unwrap();
+                assert_eq!(stored.event_id, format!("$e{i}"));
+            }
+        });
+    }
+
     /// Every hot-path read is answered from an index, never a table scan.
     #[test]
     fn hot_paths_use_indexes() {

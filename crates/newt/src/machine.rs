@@ -534,12 +534,19 @@ impl Machine {
 
         // To-device events.
         let queued = st.queued.len();
-        let flows_before = Self::flow_states(&st);
+        let flows_before = Self::flow_marks(&st);
         let mut batch = Batch::default();
         let mut outcome = SyncOutcome::default();
         for event in &sync.to_device_events {
             let processed =
-                self.process_to_device(&mut st, &mut batch, &mut changes, event, now).await?;
+                match self.process_to_device(&mut st, &mut batch, &mut changes, event, now).await {
+                    Ok(processed) => processed,
+                    Err(e) => {
+                        // Nothing is committed: this sync will come again.
+                        self.rollback_flows(&mut st, queued, &flows_before);
+                        return Err(e);
+                    }
+                };
             account_changed |= batch.account_changed;
             batch.account_changed = false;
             outcome.to_device.push(processed);

@@ -235,9 +235,38 @@ pub(crate) struct Flow {
     seen_events: BTreeSet<String>,
     deadline: u64,
     phase: Phase,
+    /// Messages queued for this flow so far (see [`FlowMark`]).
+    sent: u64,
+}
+
+/// Where a flow stands, finely enough to tell whether a batch of incoming
+/// messages moved it: the phase, down to the SAS or QR step, and how many
+/// messages it has queued. Taken before a batch so that a batch whose
+/// commit fails can be undone ([`Machine::rollback_flows`]).
+#[derive(PartialEq, Eq)]
+pub(super) struct FlowMark {
+    phase: std::mem::Discriminant<Phase>,
+    step: Option<std::mem::Discriminant<SasState>>,
+    qr_step: Option<std::mem::Discriminant<QrState>>,
+    sent: u64,
 }
 
 impl Flow {
+    fn mark(&self) -> FlowMark {
+        FlowMark {
+            phase: std::mem::discriminant(&self.phase),
+            step: match &self.phase {
+                Phase::Sas(s) => Some(std::mem::discriminant(s)),
+                _ => None,
+            },
+            qr_step: match &self.phase {
+                Phase::Qr(s) => Some(std::mem::discriminant(s)),
+                _ => None,
+            },
+            sent: self.sent,
+        }
+    }
+
     fn state(&self) -> VerificationState {
         match &self.phase {
             Phase::Requested => VerificationState::Requested,
@@ -395,7 +424,8 @@ impl Machine {
     /// Queues `outgoing` for the flow's transport: to the other device (or,
     /// before one answered, to every device the request went to), or into
     /// the flow's room.
-    fn queue_verification(&self, st: &mut State, flow: &Flow, outgoing: Vec<OutgoingContent>) {
+    fn queue_verification(&self, st: &mut State, flow: &mut Flow, outgoing: Vec<OutgoingContent>) {
+        flow.sent += outgoing.len() as u64;
         for out in outgoing {
             let id = st.next_id();
             let request = match &flow.flow {
@@ -441,6 +471,7 @@ impl Machine {
             seen_events: BTreeSet::new(),
             deadline: now.saturating_add(VERIFICATION_TIMEOUT_MS),
             phase,
+            sent: 0,
         }
     }
 
@@ -587,74 +618,83 @@ impl Machine {
         };
         let mut changes = Changes::default();
         let queued = st.queued.len();
+        let mut before = Self::flow_marks(&st);
+        before.insert(key.clone(), flow.mark());
         let result = f(self, &mut *st, &mut flow, &mut changes).await;
+        st.flows.insert(key, flow);
         let value = match result {
             Ok(value) => value,
             Err(e) => {
-                st.flows.insert(key, flow);
+                // E.g. a store read failed after the step queued its `done`.
+                self.rollback_flows(&mut st, queued, &before);
                 return Err(e);
             }
         };
-        if let Err(e) = self.commit(&mut st, changes, false).await {
-            // Nothing the step recorded (e.g. the keys a `Done` verified)
-            // is stored: what it queued (a MAC, a `done`, a signature
-            // upload) must not go out as if it were, and the flow cannot go
-            // on. It ends cancelled, on both sides.
-            st.queued.truncate(queued);
-            if !matches!(flow.phase, Phase::Cancelled(_)) {
-                let out = flow.cancel_handshake(CancelCode::Other(STORE_FAILURE.to_owned()));
-                self.queue_verification(&mut st, &flow, vec![out]);
-            }
-            st.flows.insert(key, flow);
-            return Err(e);
-        }
-        st.flows.insert(key, flow);
+        self.commit_flows(&mut st, changes, false, queued, &before).await?;
         Ok(value)
     }
 
-    /// Each flow's state, before a batch of incoming messages (see
-    /// [`Self::commit_flows`]).
-    pub(super) fn flow_states(st: &State) -> BTreeMap<(UserId, String), VerificationState> {
-        st.flows.iter().map(|(k, f)| (k.clone(), f.state())).collect()
+    /// Every flow's [`FlowMark`], before a batch of incoming messages or a
+    /// user action (see [`Self::rollback_flows`]).
+    pub(super) fn flow_marks(st: &State) -> BTreeMap<(UserId, String), FlowMark> {
+        st.flows.iter().map(|(k, f)| (k.clone(), f.mark())).collect()
     }
 
-    /// Commits what a batch of incoming messages changed. If that fails, the
-    /// batch will be delivered again, so what it did to flows is undone as
-    /// far as it can be: what it queued is dropped, flows it created are
-    /// forgotten (the retried request creates them again), and flows it
-    /// moved are cancelled (their step, e.g. recording what a `Done`
-    /// verified, was not stored, and a retried message would be ignored).
+    /// Commits what a batch of incoming messages (or an action) changed;
+    /// if that fails, [`Self::rollback_flows`].
     pub(super) async fn commit_flows(
         &self,
         st: &mut State,
         changes: Changes,
         account_changed: bool,
         queued: usize,
-        before: &BTreeMap<(UserId, String), VerificationState>,
+        before: &BTreeMap<(UserId, String), FlowMark>,
     ) -> Result<(), Error> {
-        let Err(e) = self.commit(st, changes, account_changed).await else { return Ok(()) };
+        let result = self.commit(st, changes, account_changed).await;
+        if result.is_err() {
+            self.rollback_flows(st, queued, before);
+        }
+        result
+    }
+
+    /// Undoes what a failed batch (or action) did to flows, as far as it
+    /// can be undone. Whatever it queued is dropped (`st.queued` back to
+    /// `queued` entries): nothing it meant to record was stored, so none of
+    /// it (a MAC, a `done`, a signature upload) may go out. Flows it moved
+    /// cannot step back (their state is not copyable), so they end
+    /// cancelled with [`STORE_FAILURE`], on both sides; a redelivered
+    /// message then finds the flow over. A flow the other side cancelled
+    /// stays as it is; one we cancelled sends its cancel again. Flows it
+    /// created and that sent nothing are kept (a redelivered request finds
+    /// its ID in use).
+    pub(super) fn rollback_flows(
+        &self,
+        st: &mut State,
+        queued: usize,
+        before: &BTreeMap<(UserId, String), FlowMark>,
+    ) {
         st.queued.truncate(queued);
         let keys: Vec<(UserId, String)> = st.flows.keys().cloned().collect();
         for key in keys {
             let Some(mut flow) = st.flows.remove(&key) else { continue };
-            let Some(old) = before.get(&key) else { continue };
-            let now = flow.state();
-            if *old != now {
-                let out = match now {
+            let moved = match before.get(&key) {
+                Some(mark) => *mark != flow.mark(),
+                None => flow.sent > 0,
+            };
+            if moved {
+                let out = match flow.state() {
                     VerificationState::Cancelled { by_us: false, .. } => None,
-                    // Our cancel was among the dropped messages.
                     VerificationState::Cancelled { code, by_us: true } => {
                         Some(cancel_content(&flow.flow, &code))
                     }
                     _ => Some(flow.cancel_handshake(CancelCode::Other(STORE_FAILURE.to_owned()))),
                 };
                 if let Some(out) = out {
-                    self.queue_verification(st, &flow, vec![out]);
+                    self.queue_verification(st, &mut flow, vec![out]);
                 }
             }
             st.flows.insert(key, flow);
         }
-        Err(e)
     }
 
     /// Accepts a request we received: sends `ready` (the keys of the other
@@ -1142,7 +1182,7 @@ impl Machine {
         let mut st = self.inner.state.lock().await;
         let mut changes = Changes::default();
         let queued = st.queued.len();
-        let before = Self::flow_states(&st);
+        let before = Self::flow_marks(&st);
         let own_user = self.inner.user_id.clone();
         if event_type == "m.room.message" {
             let ts = event.get("origin_server_ts").and_then(Value::as_u64).unwrap_or(0);
@@ -1161,8 +1201,13 @@ impl Machine {
                 if !st.flows.id_in_use(event_id) {
                     let flow =
                         FlowId::InRoom { room_id: room_id.clone(), event_id: event_id.to_owned() };
-                    self.request_received(&mut st, &mut changes, &sender, from, methods, flow, now)
-                        .await?;
+                    let received = self
+                        .request_received(&mut st, &mut changes, &sender, from, methods, flow, now)
+                        .await;
+                    if let Err(e) = received {
+                        self.rollback_flows(&mut st, queued, &before);
+                        return Err(e);
+                    }
                     if let Some(f) = st.flows.get_mut(&(sender.clone(), event_id.to_owned())) {
                         f.room_encrypted = Some(encrypted);
                     }
@@ -1229,7 +1274,10 @@ impl Machine {
             Ok(())
         };
         st.flows.insert(key, flow);
-        result?;
+        if let Err(e) = result {
+            self.rollback_flows(&mut st, queued, &before);
+            return Err(e);
+        }
         self.commit_flows(&mut st, changes, false, queued, &before).await
     }
 

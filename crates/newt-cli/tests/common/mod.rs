@@ -96,15 +96,21 @@ pub(crate) fn post(d: &SimDevice, path: &str, body: &Value) -> Value {
     d.router().handle(d.user.as_str(), d.device.as_str(), "POST", path, body).unwrap()
 }
 
-/// A store that fails `apply` while `fail` is set.
+/// A store that fails `apply` while `fail` is set, and reads of devices
+/// while `fail_reads` is set.
 pub(crate) struct FlakyStore {
     pub(crate) inner: MemoryStore,
     pub(crate) fail: AtomicBool,
+    pub(crate) fail_reads: AtomicBool,
 }
 
 impl FlakyStore {
     pub(crate) fn new() -> Self {
-        Self { inner: MemoryStore::new(), fail: AtomicBool::new(false) }
+        Self {
+            inner: MemoryStore::new(),
+            fail: AtomicBool::new(false),
+            fail_reads: AtomicBool::new(false),
+        }
     }
 }
 
@@ -137,6 +143,9 @@ impl Store for FlakyStore {
         self.inner.outbound_group_session(r).await
     }
     async fn devices(&self, u: &newt_proto::ids::UserId) -> Result<Vec<DeviceRecord>, StoreError> {
+        if self.fail_reads.load(Ordering::SeqCst) {
+            return Err(StoreError::Backend("I/O error".into()));
+        }
         self.inner.devices(u).await
     }
     async fn tracked_users(&self) -> Result<Vec<TrackedUser>, StoreError> {
