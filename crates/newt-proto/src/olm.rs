@@ -10,7 +10,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use serde_json::{json, Value};
+use serde_json::Value;
 use vodozemac::olm::{OlmMessage, PreKeyMessage, Session, SessionConfig};
 use vodozemac::{Curve25519PublicKey, Ed25519PublicKey};
 
@@ -29,8 +29,9 @@ pub const KEY_CARRYING_TYPES: [&str; 4] =
 pub struct OlmSession {
     /// The other device's Curve25519 key (unpadded base64).
     pub sender_key: String,
-    /// The vodozemac session.
-    pub session: Session,
+    /// The vodozemac session (boxed: it is 3.7 KB and sessions move through
+    /// batches of thousands).
+    pub session: Box<Session>,
     /// Creation time (ms).
     pub created_at: u64,
     /// Last successful decryption (ms), or creation time.
@@ -44,7 +45,7 @@ impl OlmSession {
     pub fn from_record(r: OlmSessionRecord) -> Self {
         Self {
             sender_key: r.sender_key,
-            session: Session::from_pickle(r.pickle),
+            session: Box::new(Session::from_pickle(*r.pickle)),
             created_at: r.created_at,
             last_used_at: r.last_used_at,
             generation: r.generation,
@@ -53,7 +54,13 @@ impl OlmSession {
 
     /// A session created now.
     pub fn new(sender_key: String, session: Session, now: u64) -> Self {
-        Self { sender_key, session, created_at: now, last_used_at: now, generation: 0 }
+        Self {
+            sender_key,
+            session: Box::new(session),
+            created_at: now,
+            last_used_at: now,
+            generation: 0,
+        }
     }
 
     /// To a record for storing: the next generation after the one it was
@@ -62,7 +69,7 @@ impl OlmSession {
         OlmSessionRecord {
             sender_key: self.sender_key.clone(),
             session_id: self.session.session_id(),
-            pickle: self.session.pickle(),
+            pickle: Box::new(self.session.pickle()),
             created_at: self.created_at,
             last_used_at: self.last_used_at,
             generation: self.generation + 1,
@@ -371,24 +378,73 @@ pub fn encrypt(
     event_type: &str,
     content: Value,
 ) -> Result<Value, OlmError> {
-    let plaintext = json!({
-        "type": event_type,
-        "content": content,
-        "sender": own.user_id(),
-        "recipient": recipient.user_id,
-        "recipient_keys": { "ed25519": recipient.ed25519 },
-        "keys": { "ed25519": own.ed25519_key().to_base64() },
-        "sender_device_keys": own.device_keys(),
-    });
-    let bytes = serde_json::to_vec(&plaintext).map_err(|e| OlmError::Encryption(e.to_string()))?;
-    let message =
-        session.session.encrypt(bytes).map_err(|e| OlmError::Encryption(e.to_string()))?;
-    let (msg_type, body) = message.to_parts();
-    Ok(json!({
-        "algorithm": OLM_V1,
-        "sender_key": own.curve25519_key().to_base64(),
-        "ciphertext": { recipient.curve25519.clone(): { "type": msg_type, "body": b64_encode(body) } },
-    }))
+    OlmPlaintext::new(own, event_type, &content)?.encrypt(session, recipient)
+}
+
+/// An Olm plaintext (see [`encrypt`]) with the parts that do not depend on
+/// the recipient serialised once: sharing a room key encrypts the same
+/// content for thousands of devices. Only `recipient` and `recipient_keys`
+/// are written per device.
+pub struct OlmPlaintext {
+    /// `{"type":…,"content":…,"sender":…,"keys":{…},"sender_device_keys":{…}`
+    /// (no closing brace).
+    head: Vec<u8>,
+    sender_key: String,
+}
+
+impl OlmPlaintext {
+    /// The plaintext of an `event_type` event with `content`, from `own`.
+    pub fn new(own: &OwnAccount, event_type: &str, content: &Value) -> Result<Self, OlmError> {
+        let json = |e: serde_json::Error| OlmError::Encryption(e.to_string());
+        let mut head = Vec::with_capacity(1024);
+        head.extend_from_slice(b"{\"type\":");
+        serde_json::to_writer(&mut head, event_type).map_err(json)?;
+        head.extend_from_slice(b",\"content\":");
+        serde_json::to_writer(&mut head, content).map_err(json)?;
+        head.extend_from_slice(b",\"sender\":");
+        serde_json::to_writer(&mut head, own.user_id()).map_err(json)?;
+        head.extend_from_slice(b",\"keys\":{\"ed25519\":");
+        serde_json::to_writer(&mut head, &own.ed25519_key().to_base64()).map_err(json)?;
+        head.extend_from_slice(b"},\"sender_device_keys\":");
+        serde_json::to_writer(&mut head, &own.device_keys()).map_err(json)?;
+        Ok(Self { head, sender_key: own.curve25519_key().to_base64() })
+    }
+
+    /// The bytes encrypted for `recipient`.
+    fn bytes_for(&self, recipient: &DeviceRecord) -> Result<Vec<u8>, OlmError> {
+        let json = |e: serde_json::Error| OlmError::Encryption(e.to_string());
+        let mut bytes = Vec::with_capacity(self.head.len() + 160);
+        bytes.extend_from_slice(&self.head);
+        bytes.extend_from_slice(b",\"recipient\":");
+        serde_json::to_writer(&mut bytes, &recipient.user_id).map_err(json)?;
+        bytes.extend_from_slice(b",\"recipient_keys\":{\"ed25519\":");
+        serde_json::to_writer(&mut bytes, &recipient.ed25519).map_err(json)?;
+        bytes.extend_from_slice(b"}}");
+        Ok(bytes)
+    }
+
+    /// Encrypts for `recipient` with `session`: the `m.room.encrypted`
+    /// content.
+    pub fn encrypt(
+        &self,
+        session: &mut OlmSession,
+        recipient: &DeviceRecord,
+    ) -> Result<Value, OlmError> {
+        let bytes = self.bytes_for(recipient)?;
+        let message =
+            session.session.encrypt(bytes).map_err(|e| OlmError::Encryption(e.to_string()))?;
+        let (msg_type, body) = message.to_parts();
+        let mut entry = serde_json::Map::new();
+        entry.insert("type".to_owned(), Value::from(msg_type));
+        entry.insert("body".to_owned(), Value::String(b64_encode(body)));
+        let mut ciphertext = serde_json::Map::new();
+        ciphertext.insert(recipient.curve25519.clone(), Value::Object(entry));
+        let mut out = serde_json::Map::new();
+        out.insert("algorithm".to_owned(), Value::from(OLM_V1));
+        out.insert("sender_key".to_owned(), Value::String(self.sender_key.clone()));
+        out.insert("ciphertext".to_owned(), Value::Object(ciphertext));
+        Ok(Value::Object(out))
+    }
 }
 
 /// The `/keys/claim` body for devices without a session.
@@ -516,6 +572,29 @@ fn session_from_key(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
+
+    /// The plaintext written piecewise is exactly the JSON object the
+    /// protocol defines (compared as parsed JSON: field order is free).
+    #[test]
+    fn plaintext_pieces_make_the_whole_object() {
+        let me = dev("@me:hs", "ME");
+        let them = dev("@them:hs", "THEM");
+        let content = json!({ "quote\"d": "line\nbreak", "n": [1, 2.5, null], "u": "\u{1F600}" });
+        let plaintext = OlmPlaintext::new(&me.acc, "m.room_key", &content).unwrap();
+        let parsed: Value =
+            serde_json::from_slice(&plaintext.bytes_for(&them.rec).unwrap()).unwrap();
+        let expected = json!({
+            "type": "m.room_key",
+            "content": content,
+            "sender": "@me:hs",
+            "recipient": "@them:hs",
+            "recipient_keys": { "ed25519": them.rec.ed25519 },
+            "keys": { "ed25519": me.acc.ed25519_key().to_base64() },
+            "sender_device_keys": me.acc.device_keys(),
+        });
+        assert_eq!(parsed, expected);
+    }
     use crate::devices::parse_device_keys;
 
     pub(crate) struct Dev {

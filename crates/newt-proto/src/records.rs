@@ -62,8 +62,9 @@ pub struct OlmSessionRecord {
     pub sender_key: String,
     /// vodozemac's session ID.
     pub session_id: String,
-    /// vodozemac's session state (secret).
-    pub pickle: SessionPickle,
+    /// vodozemac's session state (secret). Boxed: it is 3.7 KB, and
+    /// records move through batches of thousands.
+    pub pickle: Box<SessionPickle>,
     /// Creation time (ms since the epoch).
     pub created_at: u64,
     /// Last successful decryption (ms), or creation time if none yet.

@@ -882,7 +882,7 @@ fn olm_session(peer: &mut Account, created_at: u64) -> OlmSessionRecord {
     OlmSessionRecord {
         sender_key: peer.curve25519_key().to_base64(),
         session_id: session.session_id(),
-        pickle: session.pickle(),
+        pickle: Box::new(session.pickle()),
         created_at,
         last_used_at: created_at,
         generation: 0,

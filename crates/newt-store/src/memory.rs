@@ -84,6 +84,25 @@ impl Store for MemoryStore {
             .collect()
     }
 
+    async fn olm_sessions_of(
+        &self,
+        sender_keys: &[&str],
+    ) -> Result<Vec<OlmSessionRecord>, StoreError> {
+        let inner = self.lock()?;
+        let mut found: Vec<&Value> = Vec::new();
+        for key in sender_keys {
+            found.extend(
+                inner
+                    .olm_sessions
+                    .range((key.to_string(), String::new())..)
+                    .take_while(|((k, _), _)| k == key)
+                    .map(|(_, (_, v))| v),
+            );
+        }
+        // A room key share reads thousands: parse them on every core.
+        crate::parallel::map_parallel(&found, |v| from_value(v))
+    }
+
     async fn inbound_group_session(
         &self,
         room_id: &RoomId,

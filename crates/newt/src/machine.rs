@@ -1260,11 +1260,11 @@ impl Machine {
                 None => second_round.push(d),
             }
         }
-        let account = &st.account;
+        let plaintext = olm::OlmPlaintext::new(&st.account, "m.room_key", &room_key)
+            .map_err(|_| Error::BadResponse("olm encryption failed"))?;
         let encrypted = newt_proto::parallel::map_owned(jobs, 16, |(d, mut live)| {
             let result = olm::preferred_session(&live).map(|i| {
-                olm::encrypt(account, &mut live[i], d, "m.room_key", room_key.clone())
-                    .map(|content| (content, live[i].to_record()))
+                plaintext.encrypt(&mut live[i], d).map(|content| (content, live[i].to_record()))
             });
             (d, live, result)
         });
@@ -1280,9 +1280,9 @@ impl Machine {
         for d in second_round {
             let Some(live) = sessions.get_mut(&d.curve25519) else { continue };
             let Some(i) = olm::preferred_session(live) else { continue };
-            let content =
-                olm::encrypt(&st.account, &mut live[i], d, "m.room_key", room_key.clone())
-                    .map_err(|_| Error::BadResponse("olm encryption failed"))?;
+            let content = plaintext
+                .encrypt(&mut live[i], d)
+                .map_err(|_| Error::BadResponse("olm encryption failed"))?;
             changes.olm_sessions.push(live[i].to_record());
             messages.push((d.user_id.clone(), d.device_id.to_string(), content));
             shared.push((d.user_id.clone(), d.device_id.clone(), d.curve25519.clone(), index));

@@ -57,7 +57,7 @@ pub(crate) fn olm_session(peer: &mut Account) -> OlmSessionRecord {
     OlmSessionRecord {
         sender_key: peer.curve25519_key().to_base64(),
         session_id: session.session_id(),
-        pickle: session.pickle(),
+        pickle: Box::new(session.pickle()),
         created_at: 1_700_000_000_000,
         last_used_at: 1_700_000_000_000,
         generation: 0,
