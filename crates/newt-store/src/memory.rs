@@ -84,6 +84,23 @@ impl Store for MemoryStore {
             .collect()
     }
 
+    async fn devices_of(&self, users: &[UserId]) -> Result<Vec<DeviceRecord>, StoreError> {
+        let inner = self.lock()?;
+        let mut found: Vec<&DeviceRecord> = Vec::new();
+        for user in users {
+            let user = user.to_string();
+            found.extend(
+                inner
+                    .devices
+                    .range((user.clone(), String::new())..)
+                    .take_while(|((u, _), _)| *u == user)
+                    .map(|(_, d)| d),
+            );
+        }
+        // Thousands of records to copy out for a room key share.
+        crate::parallel::map_parallel(&found, |d| Ok((*d).clone()))
+    }
+
     async fn olm_sessions_of(
         &self,
         sender_keys: &[&str],
