@@ -651,6 +651,55 @@ async fn wedged_session_is_replaced_once_per_hour() {
     assert!(b.machine.get_missing_sessions([uid("@alice:hs")]).await.unwrap().is_none());
 }
 
+/// Another process on the same store (a notification extension encrypting
+/// in the room) writes the outbound session between the share's reads and
+/// its commit: the commit is refused and the share runs again, instead of
+/// failing; the new device gets the key and reads the next message.
+#[tokio::test]
+async fn a_share_racing_another_process_is_redone_not_refused() {
+    let router = Arc::new(Router::new());
+    let flaky = Arc::new(FlakyStore::new());
+    let a = SimDevice::open(router.clone(), "@alice:hs", "A", flaky.clone()).await.unwrap();
+    a.flush().await.unwrap();
+    let b = dev(&router, "@bob:hs", "B1").await;
+    let users = [uid("@alice:hs"), uid("@bob:hs")];
+    settle(&[&a, &b], &users).await;
+    a.share_room_key(&room(), &users, &RoomSettings::default()).await.unwrap();
+    b.sync().await.unwrap();
+
+    let b2 = dev(&router, "@bob:hs", "B2").await;
+    a.sync().await.unwrap();
+    a.machine.update_tracked_users(users.iter().cloned()).await.unwrap();
+    a.flush().await.unwrap();
+    let claim = a.machine.get_missing_sessions(users.iter().cloned()).await.unwrap().unwrap();
+    a.send(&claim).await.unwrap();
+    let proto_room = ProtoRoomId::parse("!room:hs").unwrap();
+    let mut stored = flaky.inner.outbound_group_session(&proto_room).await.unwrap().unwrap();
+    let generation = stored.generation;
+    stored.generation += 1;
+    *flaky.race.lock().unwrap() =
+        Some(newt_store::Changes { outbound_group_sessions: vec![stored], ..Default::default() });
+
+    let requests = a
+        .machine
+        .share_room_key(&room(), users.iter().cloned(), &RoomSettings::default())
+        .await
+        .unwrap();
+    assert!(flaky.race.lock().unwrap().is_none(), "the other process wrote first");
+    let after = flaky.inner.outbound_group_session(&proto_room).await.unwrap().unwrap();
+    assert_eq!(after.generation, generation + 2, "the redone share built on the other write");
+    for r in &requests {
+        a.send(r).await.unwrap();
+    }
+    let out = b2.sync().await.unwrap();
+    assert!(
+        out.to_device.iter().any(|t| matches!(t.outcome, ToDeviceOutcome::RoomKeyStored(..))),
+        "{out:?}"
+    );
+    let event = a.send_text(&room(), "after the race").await.unwrap();
+    assert_eq!(b2.decrypt(&room(), &event).await.unwrap().content["body"], "after the race");
+}
+
 #[tokio::test]
 async fn nothing_is_acknowledged_before_it_is_persisted() {
     let router = Arc::new(Router::new());

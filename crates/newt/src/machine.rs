@@ -1153,8 +1153,28 @@ impl Machine {
         settings: &RoomSettings,
     ) -> Result<Vec<OutgoingRequest>, Error> {
         let mut st = self.inner.state.lock().await;
-        let now = now_ms();
         let members: BTreeSet<UserId> = members.into_iter().collect();
+        // Another process (e.g. a notification extension encrypting in this
+        // room) may write the outbound session or an Olm session between
+        // our reads and our commit: the commit is refused, nothing is
+        // written, and the share runs again on what is stored now. What the
+        // refused attempt encrypted was never handed out.
+        match self.share_room_key_once(&mut st, room_id, &members, settings).await {
+            Err(Error::Store(StoreError::StaleGeneration { .. })) => {
+                self.share_room_key_once(&mut st, room_id, &members, settings).await
+            }
+            result => result,
+        }
+    }
+
+    async fn share_room_key_once(
+        &self,
+        st: &mut State,
+        room_id: &RoomId,
+        members: &BTreeSet<UserId>,
+        settings: &RoomSettings,
+    ) -> Result<Vec<OutgoingRequest>, Error> {
+        let now = now_ms();
         let mut devices_by_user: BTreeMap<UserId, Vec<DeviceRecord>> =
             members.iter().map(|u| (u.clone(), Vec::new())).collect();
         let member_list: Vec<UserId> = members.iter().cloned().collect();
@@ -1200,7 +1220,7 @@ impl Machine {
             Some(r) => {
                 let mut s = OutboundSession::from_record(r);
                 if s.expired(&settings.rotation, now)
-                    || audience_shrank(&s, &members, &devices_by_user)
+                    || audience_shrank(&s, members, &devices_by_user)
                 {
                     None
                 } else {
@@ -1300,7 +1320,7 @@ impl Machine {
         let session_id = outbound.session_id();
         changes.outbound_group_sessions.push(outbound.to_record());
         st.outbound.remove(room_id);
-        self.commit(&mut st, changes, false).await?;
+        self.commit(st, changes, false).await?;
         st.outbound.insert(room_id.clone(), outbound);
 
         let mut out = Vec::new();

@@ -97,11 +97,13 @@ pub(crate) fn post(d: &SimDevice, path: &str, body: &Value) -> Value {
 }
 
 /// A store that fails `apply` while `fail` is set, and reads of devices
-/// while `fail_reads` is set.
+/// while `fail_reads` is set; `race`, if set, is applied just before the
+/// next `apply` (another process writing in between).
 pub(crate) struct FlakyStore {
     pub(crate) inner: MemoryStore,
     pub(crate) fail: AtomicBool,
     pub(crate) fail_reads: AtomicBool,
+    pub(crate) race: std::sync::Mutex<Option<Changes>>,
 }
 
 impl FlakyStore {
@@ -110,6 +112,7 @@ impl FlakyStore {
             inner: MemoryStore::new(),
             fail: AtomicBool::new(false),
             fail_reads: AtomicBool::new(false),
+            race: std::sync::Mutex::new(None),
         }
     }
 }
@@ -196,6 +199,10 @@ impl Store for FlakyStore {
     async fn apply(&self, c: Changes) -> Result<(), StoreError> {
         if self.fail.load(Ordering::SeqCst) {
             return Err(StoreError::Backend("disk full".into()));
+        }
+        let race = self.race.lock().unwrap().take();
+        if let Some(other) = race {
+            self.inner.apply(other).await?;
         }
         self.inner.apply(c).await
     }
