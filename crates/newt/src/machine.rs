@@ -1012,18 +1012,9 @@ impl Machine {
                     for (u, d, code) in &b.withheld {
                         withheld_to.entry(u.clone()).or_default().insert(d.clone(), code.clone());
                     }
-                    session.meta.generation += 1;
-                    let changes = Changes {
-                        outbound_group_sessions: vec![session.to_record()],
-                        ..Default::default()
-                    };
-                    match self.commit(&mut st, changes, false).await {
-                        Ok(()) => {
-                            st.outbound.insert(b.room_id, session);
-                            return Ok(());
-                        }
+                    match self.commit_outbound(&mut st, &b.room_id, session).await {
                         Err(Error::Store(StoreError::StaleGeneration { .. })) if attempt == 0 => {}
-                        Err(e) => return Err(e),
+                        result => return result,
                     }
                 }
                 Ok(())
@@ -1360,6 +1351,25 @@ impl Machine {
         Ok(out)
     }
 
+    /// Stores `session` one generation on and, once stored, caches it as
+    /// the room's live session. If another process wrote the room's session
+    /// since this copy was loaded, the store refuses with
+    /// [`StoreError::StaleGeneration`], nothing is written or cached, and
+    /// the caller reloads from the store.
+    async fn commit_outbound(
+        &self,
+        st: &mut State,
+        room_id: &RoomId,
+        mut session: OutboundSession,
+    ) -> Result<(), Error> {
+        session.meta.generation += 1;
+        let changes =
+            Changes { outbound_group_sessions: vec![session.to_record()], ..Default::default() };
+        self.commit(st, changes, false).await?;
+        st.outbound.insert(room_id.clone(), session);
+        Ok(())
+    }
+
     /// Encrypts a room event with the room's outbound session. The advanced
     /// ratchet is committed before the ciphertext is returned.
     pub async fn encrypt_room_event(
@@ -1390,18 +1400,9 @@ impl Machine {
                 return Err(Error::NoOutboundSession(room_id.clone()));
             }
             let encrypted = session.encrypt_ref(&st.account, event_type, &content);
-            session.meta.generation += 1;
-            let changes = Changes {
-                outbound_group_sessions: vec![session.to_record()],
-                ..Default::default()
-            };
-            match self.commit(&mut st, changes, false).await {
-                Ok(()) => {
-                    st.outbound.insert(room_id.clone(), session);
-                    return Ok(encrypted);
-                }
+            match self.commit_outbound(&mut st, room_id, session).await {
                 Err(Error::Store(StoreError::StaleGeneration { .. })) if attempt == 0 => {}
-                Err(e) => return Err(e),
+                result => return result.map(|()| encrypted),
             }
         }
         Err(Error::NoOutboundSession(room_id.clone()))
