@@ -349,17 +349,17 @@ async fn outbound_sessions(store: impl Store) {
 async fn outbound_generation_rule(store: impl Store) {
     let room_a = room(ROOM_A);
     // Nothing stored: only a new session (generation 0) may be written.
-    let err = store
-        .apply(Changes {
+    refused(
+        &store,
+        Changes {
             outbound_group_sessions: vec![OutboundGroupSessionRecord {
                 generation: 3,
                 ..outbound(&room_a, 0)
             }],
             ..Default::default()
-        })
-        .await
-        .unwrap_err();
-    assert!(matches!(err, StoreError::StaleGeneration { .. }), "{err:?}");
+        },
+    )
+    .await;
     assert!(store.outbound_group_session(&room_a).await.unwrap().is_none());
     let first = outbound(&room_a, 0);
     let session_id = first.session_id.clone();
@@ -368,8 +368,9 @@ async fn outbound_generation_rule(store: impl Store) {
     // generation; anything else is stale and writes nothing (not even the
     // other parts of the changes).
     for generation in [0, 2, 5] {
-        let err = store
-            .apply(Changes {
+        refused(
+            &store,
+            Changes {
                 outbound_group_sessions: vec![OutboundGroupSessionRecord {
                     generation,
                     session_id: session_id.clone(),
@@ -377,10 +378,9 @@ async fn outbound_generation_rule(store: impl Store) {
                 }],
                 sync_token: Some("stale".into()),
                 ..Default::default()
-            })
-            .await
-            .unwrap_err();
-        assert!(matches!(err, StoreError::StaleGeneration { .. }), "{generation}: {err:?}");
+            },
+        )
+        .await;
         let stored = store.outbound_group_session(&room_a).await.unwrap().unwrap();
         assert_eq!((stored.session_id, stored.generation), (session_id.clone(), 0));
         assert_eq!(store.sync_token().await.unwrap(), None);
@@ -394,17 +394,17 @@ async fn outbound_generation_rule(store: impl Store) {
     assert_eq!(store.outbound_group_session(&room_a).await.unwrap().unwrap().generation, 1);
     // A stale copy of another session (one this room rotated away from, at
     // the generation the stored one expects next) is refused too.
-    let err = store
-        .apply(Changes {
+    refused(
+        &store,
+        Changes {
             outbound_group_sessions: vec![OutboundGroupSessionRecord {
                 generation: 2,
                 ..outbound(&room_a, 9)
             }],
             ..Default::default()
-        })
-        .await
-        .unwrap_err();
-    assert!(matches!(err, StoreError::StaleGeneration { .. }), "{err:?}");
+        },
+    )
+    .await;
     let stored = store.outbound_group_session(&room_a).await.unwrap().unwrap();
     assert_eq!((stored.session_id, stored.generation), (session_id.clone(), 1));
     // A discarded session cannot be written back from a stale copy...
@@ -413,17 +413,17 @@ async fn outbound_generation_rule(store: impl Store) {
         Changes { removed_outbound_group_sessions: vec![room_a.clone()], ..Default::default() },
     )
     .await;
-    let err = store
-        .apply(Changes {
+    refused(
+        &store,
+        Changes {
             outbound_group_sessions: vec![OutboundGroupSessionRecord {
                 generation: 2,
                 ..outbound(&room_a, 2)
             }],
             ..Default::default()
-        })
-        .await
-        .unwrap_err();
-    assert!(matches!(err, StoreError::StaleGeneration { .. }), "{err:?}");
+        },
+    )
+    .await;
     assert!(store.outbound_group_session(&room_a).await.unwrap().is_none());
     // ...but a new session may take its place.
     apply(
@@ -813,6 +813,12 @@ const DEVICE: &str = "ALICEDEVICE";
 const OTHER_DEVICE: &str = "OTHERDEVICE";
 const ROOM_A: &str = "!room-a:example.org";
 const ROOM_B: &str = "!room-b:example.org";
+
+/// Applies `changes`, which the generation rule must refuse.
+async fn refused(store: &impl Store, changes: Changes) {
+    let err = store.apply(changes).await.unwrap_err();
+    assert!(matches!(err, StoreError::StaleGeneration { .. }), "{err:?}");
+}
 
 async fn apply(store: &impl Store, changes: Changes) {
     store.apply(changes).await.unwrap();
