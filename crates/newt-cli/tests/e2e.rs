@@ -658,9 +658,7 @@ async fn wedged_session_is_replaced_once_per_hour() {
 #[tokio::test]
 async fn a_share_racing_another_process_is_redone_not_refused() {
     let router = Arc::new(Router::new());
-    let flaky = Arc::new(FlakyStore::new());
-    let a = SimDevice::open(router.clone(), "@alice:hs", "A", flaky.clone()).await.unwrap();
-    a.flush().await.unwrap();
+    let (a, flaky) = flaky_dev(&router, "@alice:hs", "A").await;
     let b = dev(&router, "@bob:hs", "B1").await;
     let users = [uid("@alice:hs"), uid("@bob:hs")];
     settle(&[&a, &b], &users).await;
@@ -704,9 +702,7 @@ async fn a_share_racing_another_process_is_redone_not_refused() {
 async fn nothing_is_acknowledged_before_it_is_persisted() {
     let router = Arc::new(Router::new());
     let a = dev(&router, "@alice:hs", "A").await;
-    let flaky = Arc::new(FlakyStore::new());
-    let b = SimDevice::open(router.clone(), "@bob:hs", "B", flaky.clone()).await.unwrap();
-    b.flush().await.unwrap();
+    let (b, flaky) = flaky_dev(&router, "@bob:hs", "B").await;
     let users = [uid("@alice:hs"), uid("@bob:hs")];
     settle(&[&a, &b], &users).await;
     a.share_room_key(&room(), &users, &RoomSettings::default()).await.unwrap();

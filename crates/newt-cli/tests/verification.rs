@@ -177,9 +177,7 @@ async fn a_finished_flow_that_cannot_be_stored_is_cancelled() {
     for fail_reads in [false, true] {
         let router = Arc::new(Router::new());
         let a1 = dev(&router, "@alice:hs", "A1").await;
-        let flaky = Arc::new(FlakyStore::new());
-        let a2 = SimDevice::open(router.clone(), "@alice:hs", "A2", flaky.clone()).await.unwrap();
-        a2.flush().await.unwrap();
+        let (a2, flaky) = flaky_dev(&router, "@alice:hs", "A2").await;
         settle(&[&a1, &a2], &[uid("@alice:hs")]).await;
         let flow = request_and_start(&a1, &a2).await;
         pump(&[&a2, &a1], 2).await;
@@ -218,9 +216,7 @@ async fn a_finished_flow_that_cannot_be_stored_is_cancelled() {
 #[tokio::test]
 async fn a_step_that_cannot_be_stored_is_cancelled_even_when_the_state_looks_the_same() {
     let router = Arc::new(Router::new());
-    let flaky = Arc::new(FlakyStore::new());
-    let a1 = SimDevice::open(router.clone(), "@alice:hs", "A1", flaky.clone()).await.unwrap();
-    a1.flush().await.unwrap();
+    let (a1, flaky) = flaky_dev(&router, "@alice:hs", "A1").await;
     let a2 = dev(&router, "@alice:hs", "A2").await;
     settle(&[&a1, &a2], &[uid("@alice:hs")]).await;
     let flow = request_and_start(&a1, &a2).await;

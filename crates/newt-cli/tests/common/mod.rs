@@ -34,6 +34,18 @@ pub(crate) async fn dev(router: &Arc<Router>, user: &str, device: &str) -> SimDe
     d
 }
 
+/// [`dev`] on a [`FlakyStore`], returned with it so a test can make it fail.
+pub(crate) async fn flaky_dev(
+    router: &Arc<Router>,
+    user: &str,
+    device: &str,
+) -> (SimDevice, Arc<FlakyStore>) {
+    let store = Arc::new(FlakyStore::new());
+    let d = SimDevice::open(router.clone(), user, device, store.clone()).await.unwrap();
+    d.flush().await.unwrap();
+    (d, store)
+}
+
 /// Everyone syncs and tracks everyone.
 pub(crate) async fn settle(devices: &[&SimDevice], users: &[UserId]) {
     for d in devices {
