@@ -113,7 +113,9 @@ impl SqliteStore {
         params: &[Value],
     ) -> Result<Vec<T>, StoreError> {
         let sql = table.select_sql(tail);
-        self.with_conn(|conn| query(conn, &self.cipher, table, &sql, params))
+        // Decrypting and parsing happen after the lock is released.
+        let rows = self.with_conn(|conn| query_sealed(conn, table, &sql, params))?;
+        open_rows(&self.cipher, table, &rows)
     }
 
     /// One `SELECT` per parameter set, under one lock and one read
