@@ -12,7 +12,18 @@ if [ "${1:-}" = "--quick" ]; then
     exec cargo test
 fi
 
-step() { printf '\n==> %s\n' "$*"; }
+# A clean run writes a few GB into target/. CI builds everything once, so the
+# incremental caches (3 GB of it) would only cost disk; the free space is
+# printed at each step so a full disk shows up as such.
+if [ -n "${CI:-}" ]; then
+    export CARGO_INCREMENTAL=0
+fi
+step() {
+    printf '\n==> %s\n' "$*"
+    if [ -n "${CI:-}" ]; then
+        df -h . | awk 'NR == 2 { print "    (disk: " $4 " free)" }'
+    fi
+}
 
 step "cargo fmt --check"
 cargo fmt --all -- --check
@@ -26,4 +37,5 @@ step "demo"
 cargo run -q -p newt-cli -- demo >/dev/null
 step "benchmarks, smoke mode (every workload once; no timings asserted)"
 benches/run.sh --smoke
+step "done"
 echo "all checks passed"
