@@ -171,11 +171,12 @@ async fn messages_flow_and_late_device_gets_only_new_keys() {
 }
 
 /// Enough devices that claiming sessions and encrypting the room key run on
-/// several threads (`newt_proto::parallel`): every device still gets its
-/// own key, and the advanced Olm sessions are stored (a second share over
-/// the same sessions works).
+/// several threads (`newt_proto::parallel`, four whatever the machine's
+/// cores): every device still gets its own key, and the advanced Olm
+/// sessions are stored (a second share over the same sessions works).
 #[tokio::test]
 async fn a_room_key_reaches_forty_devices_twice() {
+    newt::set_max_threads(4);
     let router = Arc::new(Router::new());
     let alice = dev(&router, "@alice:hs", "A1").await;
     let mut bobs = Vec::new();
@@ -927,10 +928,11 @@ async fn batched_decryption_rejects_replays_within_and_across_batches() {
 }
 
 /// A batch large enough that its Megolm step runs ahead on several threads
-/// (`Machine::decrypt_ahead`): every verdict is the one a single decryption
-/// gives, in the batch's order.
+/// (`Machine::decrypt_ahead`, four whatever the machine's cores): every
+/// verdict is the one a single decryption gives, in the batch's order.
 #[tokio::test]
 async fn a_large_batch_keeps_every_check_and_its_order() {
+    newt::set_max_threads(4);
     let router = Arc::new(Router::new());
     let a = dev(&router, "@alice:hs", "A").await;
     let b = dev(&router, "@bob:hs", "B").await;

@@ -306,10 +306,15 @@ mod tests {
         assert_eq!(out.changes.tracked_users, vec![TrackedUser { user_id: bob, outdated: false }]);
     }
 
-    /// Enough devices for the signature checks to run on several threads:
-    /// each verdict still lands on its own device.
+    /// Enough devices for the signature checks to run on several threads
+    /// (four, whatever the machine's cores): each verdict still lands on its
+    /// own device.
     #[test]
     fn many_devices_each_keep_their_own_verdict() {
+        let _cap = crate::parallel::CAP_FOR_TESTS
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        crate::parallel::set_max_threads(4);
         let me = own();
         let users: Vec<String> = (0..3).map(|u| format!("@user{u}:hs")).collect();
         let mut entries = Vec::new();

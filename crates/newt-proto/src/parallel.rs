@@ -4,9 +4,33 @@
 //!
 //! The functions here stay pure: the result is `items.iter().map(f)` in
 //! order, whatever the number of threads, so a caller cannot observe the
-//! split. Scoped threads only, at most four, and only when each gets at least
-//! `min_per_thread` items (below that a thread costs more than it saves). On
-//! `wasm32` everything runs on the caller's thread.
+//! split. Scoped threads only, at most four (or [`set_max_threads`]), and
+//! only when each gets at least `min_per_thread` items (below that a thread
+//! costs more than it saves). On `wasm32` everything runs on the caller's
+//! thread.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+/// [`set_max_threads`]'s value; 0 until it is called.
+static MAX_THREADS: AtomicUsize = AtomicUsize::new(0);
+
+/// Held by this crate's tests while they set the cap (they run concurrently).
+#[cfg(test)]
+pub(crate) static CAP_FOR_TESTS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Caps the threads batch work may use, for the whole process: `1` keeps
+/// everything on the caller's thread (an app that must not compete for cores
+/// with its UI, say). The default is the core count, at most 4. Results do
+/// not depend on it, only the time taken; a cap above the core count is
+/// kept (tests use it to run the threaded paths on one core).
+///
+/// ```
+/// newt_proto::parallel::set_max_threads(1);
+/// assert_eq!(newt_proto::parallel::threads_for(10_000, 10), 1);
+/// ```
+pub fn set_max_threads(threads: usize) {
+    MAX_THREADS.store(threads.max(1), Ordering::Relaxed);
+}
 
 /// `items.iter().map(f).collect()`, in order, over up to four scoped threads
 /// when there are at least `min_per_thread` items per thread. A panic in `f`
@@ -67,21 +91,52 @@ pub fn owned_chunks<T>(items: Vec<T>, size: usize) -> Vec<Vec<T>> {
 }
 
 /// How many threads [`map`] gives `len` items: 1 below two threads' worth,
-/// else up to the core count (at most 4); always 1 on `wasm32`.
+/// else up to the core count, at most 4 (or up to [`set_max_threads`]);
+/// always 1 on `wasm32`.
 pub fn threads_for(len: usize, min_per_thread: usize) -> usize {
     let min_per_thread = min_per_thread.max(1);
     if cfg!(target_arch = "wasm32") || len < 2 * min_per_thread {
         return 1;
     }
-    // `available_parallelism` reads cgroup files on Linux: ask once.
-    static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    let cores = *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    cores.min(4).min(len / min_per_thread)
+    let max = match MAX_THREADS.load(Ordering::Relaxed) {
+        0 => {
+            // `available_parallelism` reads cgroup files on Linux: ask once.
+            static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+            let cores = CORES.get_or_init(|| {
+                std::thread::available_parallelism().map_or(1, std::num::NonZero::get)
+            });
+            (*cores).min(4)
+        }
+        set => set,
+    };
+    max.min(len / min_per_thread)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_cap_decides_the_threads_and_never_the_result() {
+        let _cap = CAP_FOR_TESTS.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        set_max_threads(1);
+        assert_eq!(threads_for(10_000, 10), 1);
+        let items: Vec<u32> = (0..1000).collect();
+        let one = map(&items, 1, |i| (i * 3, std::thread::current().id()));
+        assert!(one.iter().all(|(_, t)| *t == std::thread::current().id()), "ran on a thread");
+        // Above the core count too: four threads even on a one-core machine.
+        set_max_threads(4);
+        assert_eq!(threads_for(10_000, 10), 4);
+        assert_eq!(threads_for(30, 10), 3, "each thread still gets min_per_thread");
+        let four = map(&items, 1, |i| (i * 3, std::thread::current().id()));
+        let threads: std::collections::HashSet<_> = four.iter().map(|(_, t)| *t).collect();
+        assert_eq!(threads.len(), 4, "one chunk per thread");
+        assert!(!threads.contains(&std::thread::current().id()));
+        let values =
+            |v: &[(u32, std::thread::ThreadId)]| v.iter().map(|(x, _)| *x).collect::<Vec<_>>();
+        assert_eq!(values(&four), values(&one));
+        assert_eq!(values(&one), items.iter().map(|i| i * 3).collect::<Vec<_>>());
+    }
 
     #[test]
     fn keeps_order_whatever_the_split() {
