@@ -235,6 +235,46 @@ async fn a_step_that_cannot_be_stored_is_cancelled_even_when_the_state_looks_the
     assert_eq!(pending_types(&a1).await, ["m.key.verification.cancel"]);
 }
 
+/// A user action whose store read fails (accepting a request reads the
+/// other device's keys) fails, sends nothing and leaves the flow as it was:
+/// accepting again works, and the flow goes on to the end.
+#[tokio::test]
+async fn an_action_whose_store_read_fails_leaves_the_flow_to_retry() {
+    let router = Arc::new(Router::new());
+    let a1 = dev(&router, "@alice:hs", "A1").await;
+    let (a2, flaky) = flaky_dev(&router, "@alice:hs", "A2").await;
+    settle(&[&a1, &a2], &[uid("@alice:hs")]).await;
+    let (flow, request) =
+        a1.machine.request_verification(&uid("@alice:hs"), &did("A2")).await.unwrap();
+    a1.send(&request).await.unwrap();
+    a2.sync().await.unwrap();
+    assert_eq!(state(&a2, &flow).await, VerificationState::RequestReceived);
+
+    flaky.fail_reads.store(true, std::sync::atomic::Ordering::SeqCst);
+    let result = a2.machine.accept_verification(&flow).await;
+    flaky.fail_reads.store(false, std::sync::atomic::Ordering::SeqCst);
+    assert!(matches!(result, Err(newt::Error::Store(_))), "{result:?}");
+    assert_eq!(state(&a2, &flow).await, VerificationState::RequestReceived);
+    assert_eq!(pending_types(&a2).await, Vec::<String>::new());
+
+    a2.machine.accept_verification(&flow).await.unwrap();
+    a2.flush().await.unwrap();
+    a1.sync().await.unwrap();
+    assert_eq!(state(&a1, &flow).await, VerificationState::Ready);
+    a1.machine.start_sas(&flow).await.unwrap();
+    a1.flush().await.unwrap();
+    pump(&[&a2, &a1], 2).await;
+    assert_eq!(a1.machine.sas_emoji(&flow).await, a2.machine.sas_emoji(&flow).await);
+    for d in [&a1, &a2] {
+        d.machine.confirm_sas(&flow).await.unwrap();
+        d.flush().await.unwrap();
+    }
+    pump(&[&a1, &a2], 2).await;
+    assert_eq!(state(&a1, &flow).await, VerificationState::Done);
+    assert_eq!(state(&a2, &flow).await, VerificationState::Done);
+    assert_eq!(local_trust(&a2, "A1").await, LocalTrust::Verified);
+}
+
 /// Sends `d`'s outgoing requests, replacing the `key` of any
 /// `m.key.verification.key` with a fresh one.
 async fn flush_swapping_key(d: &SimDevice) -> bool {

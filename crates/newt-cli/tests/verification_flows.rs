@@ -167,6 +167,104 @@ async fn sas_in_a_room_between_two_users() {
     identities_verified_both_ways(&a1, &b).await;
 }
 
+/// Bob's last step in a room (Alice's `done`, which finishes his side and
+/// records her identity as verified) cannot be stored: that event fails,
+/// Bob sends a cancel and no signature upload, and trusts nothing, even
+/// after a sync. The decryption of each event (its replay record) is let
+/// through, so that the flow's own commit is the one that fails.
+#[tokio::test]
+async fn an_in_room_step_that_cannot_be_stored_is_cancelled() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let router = Arc::new(Router::new());
+    let a1 = dev(&router, "@alice:hs", "A1").await;
+    let (b, flaky) = flaky_dev(&router, "@bob:hs", "B").await;
+    let users = [uid("@alice:hs"), uid("@bob:hs")];
+    settle(&[&a1, &b], &users).await;
+    bootstrap(&a1).await;
+    bootstrap(&b).await;
+    settle(&[&a1, &b], &users).await;
+    let room = RoomId::parse("!dm:hs").unwrap();
+    for d in [&a1, &b] {
+        d.share_room_key(&room, &users, &RoomSettings::default()).await.unwrap();
+    }
+    for d in [&a1, &b] {
+        d.sync().await.unwrap();
+    }
+    let mut ta = Timeline::new(&a1, &room);
+    let mut tb = Timeline::new(&b, &room);
+    let flow = in_room_ready(&a1, &b, &room, &mut ta, &mut tb).await;
+    a1.machine.start_sas(&flow).await.unwrap();
+    a1.flush().await.unwrap();
+    for _ in 0..3 {
+        tb.catch_up().await;
+        ta.catch_up().await;
+    }
+    assert_eq!(state(&b, &flow).await, VerificationState::KeysExchanged);
+    // Bob confirms first; Alice sees his MAC and confirms.
+    b.machine.confirm_sas(&flow).await.unwrap();
+    b.flush().await.unwrap();
+    ta.catch_up().await;
+    a1.machine.confirm_sas(&flow).await.unwrap();
+    a1.flush().await.unwrap();
+
+    // Bob reads Alice's messages with every flow commit failing, until one
+    // fails; Alice answers in between.
+    let mut failed = Vec::new();
+    for _ in 0..4 {
+        let events = router.room_events(room.as_str()).unwrap();
+        for (i, event) in events.iter().enumerate().skip(tb.seen) {
+            flaky.pass.store(1, SeqCst);
+            flaky.fail.store(true, SeqCst);
+            let result = b.machine.receive_room_verification_event(&room, event).await;
+            flaky.fail.store(false, SeqCst);
+            tb.seen = i + 1;
+            match result {
+                Ok(()) => {}
+                Err(newt::Error::Store(_)) => failed.push(event["type"].clone()),
+                Err(e) => panic!("event {i}: {e:?}"),
+            }
+        }
+        if !failed.is_empty() {
+            break;
+        }
+        b.flush().await.unwrap();
+        ta.catch_up().await;
+    }
+    assert_eq!(failed.len(), 1, "exactly the finishing step fails: {failed:?}");
+    let custom = CancelCode::Other(newt::STORE_FAILURE.to_owned());
+    let cancelled = VerificationState::Cancelled { code: custom.clone(), by_us: true };
+    assert_eq!(state(&b, &flow).await, cancelled);
+    assert_eq!(
+        b.machine.user_identity_state(&uid("@alice:hs")).await.unwrap(),
+        Some(IdentityTrust::Pinned)
+    );
+    let sent = b.machine.outgoing_requests().await.unwrap();
+    let kinds: Vec<String> = sent
+        .iter()
+        .map(|r| match &r.kind {
+            RequestKind::RoomMessage { event_type, .. } => event_type.clone(),
+            other => format!("{other:?}"),
+        })
+        .collect();
+    // Alice's MAC (checked, nothing to store) had Bob queue his `done`
+    // before her `done` failed; that step returned Ok, so its `done` stays.
+    // Nothing of the failed step goes out but the cancel.
+    assert_eq!(kinds, ["m.key.verification.done", "m.key.verification.cancel"]);
+    for r in &sent {
+        b.send(r).await.unwrap();
+    }
+    ta.catch_up().await;
+    // Alice finishes on Bob's `done` (she checked his MAC, his user
+    // confirmed); his cancel comes after it and changes nothing.
+    assert_eq!(state(&a1, &flow).await, VerificationState::Done);
+    // Bob's view of Alice is unchanged after a sync too.
+    b.sync().await.unwrap();
+    assert_eq!(
+        b.machine.user_identity_state(&uid("@alice:hs")).await.unwrap(),
+        Some(IdentityTrust::Pinned)
+    );
+}
+
 #[tokio::test]
 async fn qr_in_a_room_between_two_users() {
     let (_router, a1, b, room) = alice_and_bob().await;

@@ -108,12 +108,14 @@ pub(crate) fn post(d: &SimDevice, path: &str, body: &Value) -> Value {
     d.router().handle(d.user.as_str(), d.device.as_str(), "POST", path, body).unwrap()
 }
 
-/// A store that fails `apply` while `fail` is set, and reads of devices
-/// while `fail_reads` is set; `race`, if set, is applied just before the
-/// next `apply` (another process writing in between).
+/// A store that fails `apply` while `fail` is set (after letting `pass`
+/// more through), and reads of devices while `fail_reads` is set; `race`,
+/// if set, is applied just before the next `apply` (another process writing
+/// in between).
 pub(crate) struct FlakyStore {
     pub(crate) inner: MemoryStore,
     pub(crate) fail: AtomicBool,
+    pub(crate) pass: std::sync::atomic::AtomicUsize,
     pub(crate) fail_reads: AtomicBool,
     pub(crate) race: std::sync::Mutex<Option<Changes>>,
 }
@@ -123,6 +125,7 @@ impl FlakyStore {
         Self {
             inner: MemoryStore::new(),
             fail: AtomicBool::new(false),
+            pass: std::sync::atomic::AtomicUsize::new(0),
             fail_reads: AtomicBool::new(false),
             race: std::sync::Mutex::new(None),
         }
@@ -209,7 +212,12 @@ impl Store for FlakyStore {
         self.inner.private_identity().await
     }
     async fn apply(&self, c: Changes) -> Result<(), StoreError> {
-        if self.fail.load(Ordering::SeqCst) {
+        if self.fail.load(Ordering::SeqCst)
+            && self
+                .pass
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_err()
+        {
             return Err(StoreError::Backend("disk full".into()));
         }
         let race = self.race.lock().unwrap().take();
