@@ -54,7 +54,7 @@ impl<'a> Timeline<'a> {
 async fn alice_and_bob() -> (Arc<Router>, SimDevice, SimDevice, RoomId) {
     let router = Arc::new(Router::new());
     let mut devices = cross_signed(&router, &[("@alice:hs", "A1"), ("@bob:hs", "B")]).await;
-    let room = share_dm(&devices).await;
+    let room = share_dm(&devices.iter().collect::<Vec<_>>()).await;
     let b = devices.pop().unwrap();
     let a1 = devices.pop().unwrap();
     assert_eq!(
@@ -66,7 +66,7 @@ async fn alice_and_bob() -> (Arc<Router>, SimDevice, SimDevice, RoomId) {
 
 /// Every device sends its room key for `!dm:hs` to every member; then all
 /// sync.
-async fn share_dm(devices: &[SimDevice]) -> RoomId {
+async fn share_dm(devices: &[&SimDevice]) -> RoomId {
     let room = RoomId::parse("!dm:hs").unwrap();
     let users = [uid("@alice:hs"), uid("@bob:hs")];
     for d in devices {
@@ -117,6 +117,26 @@ async fn in_room_ready(
     flow
 }
 
+/// [`in_room_ready`], then Alice starts SAS and both exchange keys.
+async fn in_room_keys_exchanged(
+    a1: &SimDevice,
+    b: &SimDevice,
+    room: &RoomId,
+    ta: &mut Timeline<'_>,
+    tb: &mut Timeline<'_>,
+) -> String {
+    let flow = in_room_ready(a1, b, room, ta, tb).await;
+    a1.machine.start_sas(&flow).await.unwrap();
+    a1.flush().await.unwrap();
+    for _ in 0..3 {
+        tb.catch_up().await;
+        ta.catch_up().await;
+    }
+    assert_eq!(state(a1, &flow).await, VerificationState::KeysExchanged);
+    assert_eq!(state(b, &flow).await, VerificationState::KeysExchanged);
+    flow
+}
+
 async fn identities_verified_both_ways(a1: &SimDevice, b: &SimDevice) {
     for _ in 0..2 {
         a1.sync().await.unwrap();
@@ -142,15 +162,7 @@ async fn sas_in_a_room_between_two_users() {
     let (_router, a1, b, room) = alice_and_bob().await;
     let mut ta = Timeline::new(&a1, &room);
     let mut tb = Timeline::new(&b, &room);
-    let flow = in_room_ready(&a1, &b, &room, &mut ta, &mut tb).await;
-    a1.machine.start_sas(&flow).await.unwrap();
-    a1.flush().await.unwrap();
-    for _ in 0..3 {
-        tb.catch_up().await;
-        ta.catch_up().await;
-    }
-    assert_eq!(state(&a1, &flow).await, VerificationState::KeysExchanged);
-    assert_eq!(state(&b, &flow).await, VerificationState::KeysExchanged);
+    let flow = in_room_keys_exchanged(&a1, &b, &room, &mut ta, &mut tb).await;
     let emoji = a1.machine.sas_emoji(&flow).await;
     assert!(emoji.is_some());
     assert_eq!(emoji, b.machine.sas_emoji(&flow).await);
@@ -183,23 +195,10 @@ async fn an_in_room_step_that_cannot_be_stored_is_cancelled() {
     bootstrap(&a1).await;
     bootstrap(&b).await;
     settle(&[&a1, &b], &users).await;
-    let room = RoomId::parse("!dm:hs").unwrap();
-    for d in [&a1, &b] {
-        d.share_room_key(&room, &users, &RoomSettings::default()).await.unwrap();
-    }
-    for d in [&a1, &b] {
-        d.sync().await.unwrap();
-    }
+    let room = share_dm(&[&a1, &b]).await;
     let mut ta = Timeline::new(&a1, &room);
     let mut tb = Timeline::new(&b, &room);
-    let flow = in_room_ready(&a1, &b, &room, &mut ta, &mut tb).await;
-    a1.machine.start_sas(&flow).await.unwrap();
-    a1.flush().await.unwrap();
-    for _ in 0..3 {
-        tb.catch_up().await;
-        ta.catch_up().await;
-    }
-    assert_eq!(state(&b, &flow).await, VerificationState::KeysExchanged);
+    let flow = in_room_keys_exchanged(&a1, &b, &room, &mut ta, &mut tb).await;
     // Bob confirms first; Alice sees his MAC and confirms.
     b.machine.confirm_sas(&flow).await.unwrap();
     b.flush().await.unwrap();
@@ -545,7 +544,7 @@ async fn an_in_room_request_answered_by_another_of_our_devices_is_taken() {
     let router = Arc::new(Router::new());
     let devices =
         cross_signed(&router, &[("@alice:hs", "A1"), ("@bob:hs", "B"), ("@bob:hs", "B2")]).await;
-    let room = share_dm(&devices).await;
+    let room = share_dm(&devices.iter().collect::<Vec<_>>()).await;
     let [a1, b, b2] = &devices[..] else { unreachable!() };
     let (a1, b, b2) = (a1.clone(), b.clone(), b2.clone());
     let (mut ta, mut tb, mut tb2) =
