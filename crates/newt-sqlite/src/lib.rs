@@ -31,8 +31,9 @@
 //!
 //! # Encryption at rest
 //!
-//! Every record is stored as its JSON, sealed with AES-256-GCM under a fresh
-//! random 96-bit nonce; the associated data is the table name and the row's
+//! Every record is stored as its JSON (vodozemac pickles inside it as
+//! base64 of MessagePack, see `newt_proto::records::pickle_encoding`),
+//! sealed with AES-256-GCM under a fresh random 96-bit nonce; the associated data is the table name and the row's
 //! key columns, so a ciphertext cannot be moved to another row. Identifiers
 //! (user, room, device and session IDs, Curve25519 keys, request IDs) are
 //! stored only as HMAC-SHA256 keyed hashes. Both keys are derived with
