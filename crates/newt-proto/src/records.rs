@@ -8,7 +8,7 @@
 //! Records are JSON, but the vodozemac pickles inside them are not: serde
 //! writes their key bytes as JSON arrays of numbers (an inbound Megolm
 //! session took 700 bytes, an Olm session 1.4 KB). They are stored as
-//! base64 of MessagePack instead, a third of that; see [`pickle_encoding`].
+//! base64 of MessagePack instead, 60-70 % of that; see [`pickle_encoding`].
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -19,18 +19,64 @@ use serde_json::Value;
 use vodozemac::megolm::{GroupSessionPickle, InboundGroupSessionPickle};
 use vodozemac::olm::{AccountPickle, SessionPickle};
 
+use zeroize::Zeroizing;
+
 use crate::ids::{DeviceId, RoomId, UserId};
+
+/// A growable byte buffer for secrets: an [`std::io::Write`] sink whose
+/// every allocation is zeroised when it is outgrown or dropped (a plain
+/// `Vec` frees its old copy unwiped on each reallocation).
+///
+/// ```
+/// use std::io::Write;
+/// let mut buf = newt_proto::records::SecretBuf::with_capacity(4);
+/// buf.write_all(b"more than four bytes")?;
+/// assert_eq!(&buf.into_inner()[..], b"more than four bytes");
+/// # Ok::<(), std::io::Error>(())
+/// ```
+pub struct SecretBuf(Zeroizing<Vec<u8>>);
+
+impl SecretBuf {
+    /// An empty buffer with room for `capacity` bytes.
+    pub fn with_capacity(capacity: usize) -> Self {
+        Self(Zeroizing::new(Vec::with_capacity(capacity)))
+    }
+
+    /// The bytes written (zeroised when dropped).
+    pub fn into_inner(self) -> Zeroizing<Vec<u8>> {
+        self.0
+    }
+}
+
+impl std::io::Write for SecretBuf {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        let needed = self.0.len() + bytes.len();
+        if needed > self.0.capacity() {
+            let mut bigger = Vec::with_capacity(needed.max(2 * self.0.capacity()));
+            bigger.extend_from_slice(&self.0);
+            // The old allocation is zeroised as it is dropped here.
+            self.0 = Zeroizing::new(bigger);
+        }
+        self.0.extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
 
 pub mod pickle_encoding {
     //! The serde form of the vodozemac pickles inside records
     //! (`#[serde(with = "pickle_encoding")]`).
     //!
-    //! Written as one string: unpadded base64 of the pickle as MessagePack,
-    //! with structs as arrays (vodozemac's field order; its pickles grow by
-    //! appending fields with defaults, which this form reads). Read from that
-    //! string or from the JSON object that stores written before, so that
-    //! existing stores keep loading and are rewritten in the new form as
-    //! their records change. Every intermediate copy is zeroised.
+    //! Written as one string: unpadded base64 of the pickle as MessagePack
+    //! with named fields (like JSON, it does not depend on the order of
+    //! vodozemac's fields, and fields it adds with defaults read from older
+    //! pickles). Read from that string or from the JSON object that stores
+    //! wrote before, so that existing stores keep loading and are rewritten
+    //! in the new form as their records change. The MessagePack bytes live
+    //! only in zeroised buffers ([`SecretBuf`](super::SecretBuf)).
 
     use std::fmt;
     use std::marker::PhantomData;
@@ -41,9 +87,14 @@ pub mod pickle_encoding {
     use serde::{Deserializer, Serialize, Serializer};
     use zeroize::Zeroizing;
 
+    /// Pickles nest a few levels; stored bytes may not ask for more.
+    const MAX_DEPTH: usize = 32;
+
     /// Writes `pickle` as base64 of MessagePack.
     pub fn serialize<T: Serialize, S: Serializer>(pickle: &T, s: S) -> Result<S::Ok, S::Error> {
-        let bytes = Zeroizing::new(rmp_serde::to_vec(pickle).map_err(serde::ser::Error::custom)?);
+        let mut bytes = super::SecretBuf::with_capacity(1024);
+        rmp_serde::encode::write_named(&mut bytes, pickle).map_err(serde::ser::Error::custom)?;
+        let bytes = bytes.into_inner();
         let text = Zeroizing::new(STANDARD_NO_PAD.encode(&*bytes));
         s.serialize_str(&text)
     }
@@ -68,7 +119,9 @@ pub mod pickle_encoding {
             let bytes = Zeroizing::new(
                 STANDARD_NO_PAD.decode(text).map_err(|e| E::custom(format!("pickle: {e}")))?,
             );
-            rmp_serde::from_slice(&bytes).map_err(|e| E::custom(format!("pickle: {e}")))
+            let mut de = rmp_serde::Deserializer::from_read_ref(&bytes[..]);
+            de.set_max_depth(MAX_DEPTH);
+            T::deserialize(&mut de).map_err(|e| E::custom(format!("pickle: {e}")))
         }
 
         fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<T, A::Error> {
@@ -459,10 +512,12 @@ mod tests {
             InboundGroupSession::new(&group.session_key(), MegolmConfig::version_1());
         group.encrypt("advance the ratchet");
 
-        check_round_trip("account", alice.pickle(), 0.5);
-        check_round_trip("olm session", Box::new(outbound.pickle()), 0.6);
-        check_round_trip("inbound group session", inbound_group.pickle(), 0.5);
-        check_round_trip("outbound group session", group.pickle(), 0.6);
+        check_round_trip("account", alice.pickle(), 0.75);
+        check_round_trip("olm session", Box::new(outbound.pickle()), 0.75);
+        check_round_trip("olm session, active ratchet", Box::new(inbound.pickle()), 0.75);
+
+        check_round_trip("inbound group session", inbound_group.pickle(), 0.75);
+        check_round_trip("outbound group session", group.pickle(), 0.75);
     }
 
     #[test]
@@ -503,19 +558,40 @@ mod tests {
         }
     }
 
-    /// A pickle in the compact form, written by newt with vodozemac 0.11.1:
-    /// the first session of matrix-rust-sdk's `TEST_EXPORT` (in
-    /// test-vectors/key-export.json), imported. If a vodozemac upgrade
-    /// changes its pickle layout, this fails before any store does.
-    const STORED_0_11: &str = concat!(
-        "lJLcAIBBKMzUzLVsDlfM+Mz8zLlzzKYPzPkSzK3MjHAtNznMyszOzInM0sybJyINzI9/zOjMgQByzOPM",
-        "qcywzNc/LC46zJTM4wzMncyXzKtZzM7My8yhPxXMjcyOzIjMzBETBEfMtA82LszgXcyUZHnMjQHMocyN",
-        "zIB8zKIRe2vMuMydzJjM9EhaQm10Vsy4DsyGE3g0zN7MlBHMhWsjzIPMxUjMzzwGzIDM4j/MxszEzJXM",
-        "8Mz2zKpzWszjMh8/YsylzMYAxCDyx00aCYt+3yizKUsr2KPcii0EvJBC5978qeCJbgOmrcKRolYx",
+    /// Pickles in the stored form, written by newt with vodozemac 0.11.1. If
+    /// a vodozemac upgrade changes a pickle's fields, these fail before any
+    /// store does. The inbound session is the first of matrix-rust-sdk's
+    /// `TEST_EXPORT` (test-vectors/key-export.json), imported.
+    const INBOUND_0_11: &str = concat!(
+        "hK9pbml0aWFsX3JhdGNoZXSCpWlubmVy3ACAQSjM1My1bA5XzPjM/My5c8ymD8z5EsytzIxwLTc5zMrM",
+        "zsyJzNLMmyciDcyPf8zozIEAcszjzKnMsMzXPywuOsyUzOMMzJ3Ml8yrWczOzMvMoT8VzI3MjsyIzMwR",
+        "EwRHzLQPNi7M4F3MlGR5zI0BzKHMjcyAfMyiEXtrzLjMncyYzPRIWkJtdFbMuA7MhhN4NMzezJQRzIVr",
+        "I8yDzMVIzM88BsyAzOI/zMbMxMyVzPDM9syqc1rM4zIfP2LMpczGp2NvdW50ZXIAq3NpZ25pbmdfa2V5",
+        "xCDyx00aCYt+3yizKUsr2KPcii0EvJBC5978qeCJbgOmrbRzaWduaW5nX2tleV92ZXJpZmllZMKmY29u",
+        "Zmlngad2ZXJzaW9uolYx",
     );
+    /// A receiving Olm session with an active ratchet, one receiving chain
+    /// and two messages sent; its session ID was recorded when it was made.
+    const OLM_0_11: &str = concat!(
+        "hKxzZXNzaW9uX2tleXODrGlkZW50aXR5X2tledwAIMyUzOTM8syIXAHM/QTM0cyJzPzMgFDMjFPMi8y5",
+        "zN3MuczhzKbMvcyuzLBxYMyDzJzM4czsRFuoYmFzZV9rZXncACBMD1YEzObMwTUuzK/MoszqzLXM2Mzx",
+        "zJnMl3zM/cy1zPAcUsyPzMdTzNDM98zkOy4ROKxvbmVfdGltZV9rZXncACDMuGDM4symzMIuXE9PzLDM",
+        "vQzMtUHM9B9hOjPM6B5vzKwyFy7MqMy1BMy7zKUHr3NlbmRpbmdfcmF0Y2hldIWkdHlwZaZhY3RpdmWy",
+        "cGFyZW50X3JhdGNoZXRfa2V53AAgKMzyzKRvemLMwcyJzKTM3iRjGg7Mz8zSdBZ8N3hNIVfMqsyUR8yY",
+        "zOctzMAGrXJhdGNoZXRfY291bnSBpUtub3duAa5hY3RpdmVfcmF0Y2hldIKocm9vdF9rZXncACBWzN0C",
+        "YMykdgkoD8yazL4OWVIHzOdEzMM9Hcy6zOMJaMzAzK7MkEPMvjfMmm6rcmF0Y2hldF9rZXncACBlZwrM",
+        "g2bMosydKRDMiszJzJHMmQZqzLDM/TPMsMzPzPDMiMzZzKorzKTM3BMOzIdkzOW1c3ltbWV0cmljX2tl",
+        "eV9yYXRjaGV0gqNrZXncACA9zJNVzLfMn2czzJ3M/szsD8zVzMjM7SAiY1PM8szOzKXM5Xp4zOnMycy3",
+        "zLxAF0JgpWluZGV4ArByZWNlaXZpbmdfY2hhaW5zgaVpbm5lcpGEq3JhdGNoZXRfa2V53AAgKMzyzKRv",
+        "emLMwcyJzKTM3iRjGg7Mz8zSdBZ8N3hNIVfMqsyUR8yYzOctzMAGrGhrZGZfcmF0Y2hldIKja2V53AAg",
+        "zNFCzLnMwxTMqsyLcC8iExcEzOY8zIMpNczXTBsJzNvMpcyJfBvM/cyezP3M0BalaW5kZXgBtHNraXBw",
+        "ZWRfbWVzc2FnZV9rZXlzgaVpbm5lcpCtcmF0Y2hldF9jb3VudIGlS25vd24ApmNvbmZpZ4GndmVyc2lv",
+        "bqJWMQ",
+    );
+    const OLM_0_11_SESSION_ID: &str = "JWRK3wZoF+Bx89gNEbI17a2bZJrIeDycN3gZ6nLhngk";
 
     #[test]
-    fn a_compact_pickle_written_with_vodozemac_0_11_still_loads() {
+    fn pickles_written_with_vodozemac_0_11_still_load() {
         let vectors: Value =
             serde_json::from_str(include_str!("../../../test-vectors/key-export.json")).unwrap();
         let key = &vectors["exports"][0]["expected"]["sessions"][0];
@@ -523,11 +599,16 @@ mod tests {
             ExportedSessionKey::from_base64(key["session_key"].as_str().unwrap()).unwrap();
         let imported = InboundGroupSession::import(&exported, MegolmConfig::version_1());
         // The same session, imported now, is written the same way.
-        assert_eq!(encode(&imported.pickle()), json!(STORED_0_11));
-        let pickle: InboundGroupSessionPickle = decode(&json!(STORED_0_11)).unwrap();
+        assert_eq!(encode(&imported.pickle()), json!(INBOUND_0_11));
+        let pickle: InboundGroupSessionPickle = decode(&json!(INBOUND_0_11)).unwrap();
         let live = InboundGroupSession::from_pickle(pickle);
         assert_eq!(live.session_id(), key["session_id"].as_str().unwrap());
         let again = live.export_at_first_known_index().to_base64();
         assert_eq!(again, key["session_key"].as_str().unwrap().trim_end_matches('='));
+
+        let pickle: Box<SessionPickle> = decode(&json!(OLM_0_11)).unwrap();
+        let live = vodozemac::olm::Session::from_pickle(*pickle);
+        assert_eq!(live.session_id(), OLM_0_11_SESSION_ID);
+        assert_eq!(encode(&Box::new(live.pickle())), json!(OLM_0_11));
     }
 }

@@ -112,10 +112,11 @@ impl Cipher {
         keys: &[Value],
         record: &T,
     ) -> Result<Vec<u8>, StoreError> {
-        let plaintext = Zeroizing::new(
-            serde_json::to_vec(record).map_err(|e| StoreError::Corrupt(e.to_string()))?,
-        );
-        self.seal(&associated_data(table, keys), &plaintext)
+        // Grown in a buffer that wipes every copy it outgrows.
+        let mut plaintext = newt_proto::records::SecretBuf::with_capacity(1024);
+        serde_json::to_writer(&mut plaintext, record)
+            .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        self.seal(&associated_data(table, keys), &plaintext.into_inner())
     }
 
     /// Opens a value sealed for the row (`table`, `keys`) and deserialises it.
