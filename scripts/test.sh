@@ -21,7 +21,7 @@ fi
 step() {
     printf '\n==> %s\n' "$*"
     if [ -n "${CI:-}" ]; then
-        df -h . | awk 'NR == 2 { print "    (disk: " $4 " free)" }'
+        df -Ph . | awk 'NR == 2 { print "    (disk: " $4 " free)" }' || true
     fi
 }
 

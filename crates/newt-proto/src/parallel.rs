@@ -20,16 +20,39 @@ pub(crate) static CAP_FOR_TESTS: std::sync::Mutex<()> = std::sync::Mutex::new(()
 
 /// Caps the threads batch work may use, for the whole process: `1` keeps
 /// everything on the caller's thread (an app that must not compete for cores
-/// with its UI, say). The default is the core count, at most 4. Results do
-/// not depend on it, only the time taken; a cap above the core count is
-/// kept (tests use it to run the threaded paths on one core).
+/// with its UI, say); `0` goes back to the default, the core count but at
+/// most 4. Results do not depend on it, only the time taken; a cap above
+/// the core count is kept (tests use it to run the threaded paths on one
+/// core).
 ///
 /// ```
-/// newt_proto::parallel::set_max_threads(1);
-/// assert_eq!(newt_proto::parallel::threads_for(10_000, 10), 1);
+/// use newt_proto::parallel::{max_threads, set_max_threads, threads_for};
+/// set_max_threads(1);
+/// assert_eq!((max_threads(), threads_for(10_000, 10)), (1, 1));
+/// set_max_threads(0);
+/// assert!((1..=4).contains(&max_threads()));
 /// ```
 pub fn set_max_threads(threads: usize) {
-    MAX_THREADS.store(threads.max(1), Ordering::Relaxed);
+    MAX_THREADS.store(threads, Ordering::Relaxed);
+}
+
+/// The most threads batch work uses now: [`set_max_threads`]'s cap, or the
+/// core count (at most 4); always 1 on `wasm32`.
+pub fn max_threads() -> usize {
+    if cfg!(target_arch = "wasm32") {
+        return 1;
+    }
+    match MAX_THREADS.load(Ordering::Relaxed) {
+        0 => {
+            // `available_parallelism` reads cgroup files on Linux: ask once.
+            static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+            let cores = CORES.get_or_init(|| {
+                std::thread::available_parallelism().map_or(1, std::num::NonZero::get)
+            });
+            (*cores).min(4)
+        }
+        set => set,
+    }
 }
 
 /// `items.iter().map(f).collect()`, in order, over up to four scoped threads
@@ -98,18 +121,7 @@ pub fn threads_for(len: usize, min_per_thread: usize) -> usize {
     if cfg!(target_arch = "wasm32") || len < 2 * min_per_thread {
         return 1;
     }
-    let max = match MAX_THREADS.load(Ordering::Relaxed) {
-        0 => {
-            // `available_parallelism` reads cgroup files on Linux: ask once.
-            static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-            let cores = CORES.get_or_init(|| {
-                std::thread::available_parallelism().map_or(1, std::num::NonZero::get)
-            });
-            (*cores).min(4)
-        }
-        set => set,
-    };
-    max.min(len / min_per_thread)
+    max_threads().min(len / min_per_thread)
 }
 
 #[cfg(test)]
@@ -140,6 +152,8 @@ mod tests {
 
     #[test]
     fn keeps_order_whatever_the_split() {
+        let _cap = CAP_FOR_TESTS.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        set_max_threads(4);
         let items: Vec<u32> = (0..2000).collect();
         let expected: Vec<u32> = items.iter().map(|i| i * 2).collect();
         for min in [1, 7, 256, 1000, 5000] {

@@ -146,7 +146,7 @@ pub use newt_proto::identities::{
 };
 pub use newt_proto::ids::{DeviceId, IdError, RoomId, UserId};
 pub use newt_proto::megolm::{DecryptedRoomEvent, MegolmError, RotationSettings};
-pub use newt_proto::parallel::set_max_threads;
+pub use newt_proto::parallel::{max_threads, set_max_threads};
 pub use newt_proto::records::LocalTrust;
 pub use newt_proto::sharing::SharingPolicy;
 pub use newt_proto::trust::SenderTrust;

@@ -2127,7 +2127,8 @@ struct BatchSessions {
 struct ImportBatches<'a> {
     stream: ExportStream<'a>,
     /// No worker: a file of one batch is parsed when asked for (a thread
-    /// would only add its start-up cost).
+    /// would only add its start-up cost), as is every file when
+    /// `parallel::set_max_threads(1)` keeps work on the caller's thread.
     #[cfg(not(target_arch = "wasm32"))]
     inline: bool,
     #[cfg(not(target_arch = "wasm32"))]
@@ -2150,7 +2151,7 @@ impl<'a> ImportBatches<'a> {
     fn start(stream: ExportStream<'a>) -> Self {
         #[cfg(not(target_arch = "wasm32"))]
         {
-            if stream.total() <= IMPORT_BATCH {
+            if stream.total() <= IMPORT_BATCH || newt_proto::parallel::max_threads() < 2 {
                 return Self { stream, inline: true, worker: None, in_flight: Default::default() };
             }
             let (keys, keys_rx) = std::sync::mpsc::channel::<Vec<ExportedRoomKey>>();
