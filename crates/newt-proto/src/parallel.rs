@@ -4,15 +4,16 @@
 //!
 //! The functions here stay pure: the result is `items.iter().map(f)` in
 //! order, whatever the number of threads, so a caller cannot observe the
-//! split. Scoped threads only, at most four (or [`set_max_threads`]), and
-//! only when each gets at least `min_per_thread` items (below that a thread
-//! costs more than it saves). On `wasm32` everything runs on the caller's
-//! thread.
+//! split. Scoped threads only, up to [`max_threads`], and only when each
+//! gets at least `min_per_thread` items (below that a thread costs more than
+//! it saves). On `wasm32` everything runs on the caller's thread.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// [`set_max_threads`]'s value; 0 until it is called.
 static MAX_THREADS: AtomicUsize = AtomicUsize::new(0);
+/// [`set_default_threads`]'s value: one thread until the driver says more.
+static DEFAULT_THREADS: AtomicUsize = AtomicUsize::new(1);
 
 /// Held by this crate's tests while they set the cap (they run concurrently).
 #[cfg(test)]
@@ -20,43 +21,42 @@ pub(crate) static CAP_FOR_TESTS: std::sync::Mutex<()> = std::sync::Mutex::new(()
 
 /// Caps the threads batch work may use, for the whole process: `1` keeps
 /// everything on the caller's thread (an app that must not compete for cores
-/// with its UI, say); `0` goes back to the default, the core count but at
-/// most 4. Results do not depend on it, only the time taken; a cap above
-/// the core count is kept (tests use it to run the threaded paths on one
-/// core).
+/// with its UI, say); `0` goes back to the default ([`set_default_threads`]).
+/// Results do not depend on it, only the time taken; a cap above the core
+/// count is kept (tests use it to run the threaded paths on one core).
 ///
 /// ```
 /// use newt_proto::parallel::{max_threads, set_max_threads, threads_for};
 /// set_max_threads(1);
 /// assert_eq!((max_threads(), threads_for(10_000, 10)), (1, 1));
 /// set_max_threads(0);
-/// assert!((1..=4).contains(&max_threads()));
+/// assert_eq!(max_threads(), 1, "the default until a driver sets one");
 /// ```
 pub fn set_max_threads(threads: usize) {
     MAX_THREADS.store(threads, Ordering::Relaxed);
 }
 
+/// The thread count used when no cap is set. The core reads nothing from
+/// its environment, so this is 1 until the driver, which may ask the OS,
+/// sets it (`newt`'s `Machine::open` sets the core count, at most 4).
+pub fn set_default_threads(threads: usize) {
+    DEFAULT_THREADS.store(threads.max(1), Ordering::Relaxed);
+}
+
 /// The most threads batch work uses now: [`set_max_threads`]'s cap, or the
-/// core count (at most 4); always 1 on `wasm32`.
+/// default ([`set_default_threads`]); always 1 on `wasm32`.
 pub fn max_threads() -> usize {
     if cfg!(target_arch = "wasm32") {
         return 1;
     }
     match MAX_THREADS.load(Ordering::Relaxed) {
-        0 => {
-            // `available_parallelism` reads cgroup files on Linux: ask once.
-            static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-            let cores = CORES.get_or_init(|| {
-                std::thread::available_parallelism().map_or(1, std::num::NonZero::get)
-            });
-            (*cores).min(4)
-        }
+        0 => DEFAULT_THREADS.load(Ordering::Relaxed),
         set => set,
     }
 }
 
-/// `items.iter().map(f).collect()`, in order, over up to four scoped threads
-/// when there are at least `min_per_thread` items per thread. A panic in `f`
+/// `items.iter().map(f).collect()`, in order, over up to [`max_threads`]
+/// scoped threads, each with at least `min_per_thread` items. A panic in `f`
 /// is propagated to the caller.
 pub fn map<T: Sync, R: Send>(
     items: &[T],
@@ -114,14 +114,10 @@ pub fn owned_chunks<T>(items: Vec<T>, size: usize) -> Vec<Vec<T>> {
 }
 
 /// How many threads [`map`] gives `len` items: 1 below two threads' worth,
-/// else up to the core count, at most 4 (or up to [`set_max_threads`]);
-/// always 1 on `wasm32`.
+/// else up to [`max_threads`].
 pub fn threads_for(len: usize, min_per_thread: usize) -> usize {
     let min_per_thread = min_per_thread.max(1);
-    if cfg!(target_arch = "wasm32") || len < 2 * min_per_thread {
-        return 1;
-    }
-    max_threads().min(len / min_per_thread)
+    max_threads().min(len / min_per_thread).max(1)
 }
 
 #[cfg(test)]
@@ -148,6 +144,12 @@ mod tests {
             |v: &[(u32, std::thread::ThreadId)]| v.iter().map(|(x, _)| *x).collect::<Vec<_>>();
         assert_eq!(values(&four), values(&one));
         assert_eq!(values(&one), items.iter().map(|i| i * 3).collect::<Vec<_>>());
+        // Without a cap, the default the driver set.
+        set_max_threads(0);
+        set_default_threads(3);
+        assert_eq!((max_threads(), threads_for(10_000, 10)), (3, 3));
+        set_default_threads(1);
+        assert_eq!(threads_for(10_000, 10), 1);
     }
 
     #[test]

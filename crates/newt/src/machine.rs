@@ -352,6 +352,18 @@ impl std::fmt::Debug for Machine {
     }
 }
 
+/// Tells the core how many threads batch work may use by default: the core
+/// count, at most 4 (asked once per process; the core itself reads nothing
+/// from the OS). [`crate::set_max_threads`] overrides it.
+fn set_default_threads() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // `available_parallelism` reads cgroup files on Linux.
+        let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+        newt_proto::parallel::set_default_threads(cores.min(4));
+    });
+}
+
 impl Machine {
     /// Opens the machine for `user_id`/`device_id` on `store`, creating the
     /// account on first use.
@@ -360,6 +372,7 @@ impl Machine {
         user_id: UserId,
         device_id: DeviceId,
     ) -> Result<Self, Error> {
+        set_default_threads();
         let account = match store.account().await? {
             Some(record) => {
                 if record.user_id != user_id || record.device_id != device_id {
