@@ -37,6 +37,7 @@ pub mod megolm;
 pub mod olm;
 pub mod parallel;
 pub mod records;
+pub mod secret;
 pub mod sharing;
 pub mod trust;
 pub mod verification;

@@ -13,12 +13,14 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde_json::Value;
 use vodozemac::olm::{OlmMessage, PreKeyMessage, Session, SessionConfig};
 use vodozemac::{Curve25519PublicKey, Ed25519PublicKey};
+use zeroize::Zeroizing;
 
 use crate::account::{OwnAccount, SIGNED_CURVE25519};
 use crate::devices::parse_device_keys;
 use crate::ids::{DeviceId, UserId};
 use crate::json::{b64_decode, b64_encode, strip_padding, verify_json, JsonError};
 use crate::records::{DeviceRecord, OlmSessionRecord};
+use crate::secret::SecretBuf;
 use crate::OLM_V1;
 
 /// Event types that carry keys: accepted only when they arrived over Olm.
@@ -387,8 +389,8 @@ pub fn encrypt(
 /// are written per device.
 pub struct OlmPlaintext {
     /// `{"type":…,"content":…,"sender":…,"keys":{…},"sender_device_keys":{…}`
-    /// (no closing brace).
-    head: Vec<u8>,
+    /// (no closing brace). Secret: the content of `m.room_key` is the key.
+    head: Zeroizing<Vec<u8>>,
     sender_key: String,
 }
 
@@ -396,31 +398,31 @@ impl OlmPlaintext {
     /// The plaintext of an `event_type` event with `content`, from `own`.
     pub fn new(own: &OwnAccount, event_type: &str, content: &Value) -> Result<Self, OlmError> {
         let json = |e: serde_json::Error| OlmError::Encryption(e.to_string());
-        let mut head = Vec::with_capacity(1024);
-        head.extend_from_slice(b"{\"type\":");
+        let mut head = SecretBuf::with_capacity(1024);
+        head.push(b"{\"type\":");
         serde_json::to_writer(&mut head, event_type).map_err(json)?;
-        head.extend_from_slice(b",\"content\":");
+        head.push(b",\"content\":");
         serde_json::to_writer(&mut head, content).map_err(json)?;
-        head.extend_from_slice(b",\"sender\":");
+        head.push(b",\"sender\":");
         serde_json::to_writer(&mut head, own.user_id()).map_err(json)?;
-        head.extend_from_slice(b",\"keys\":{\"ed25519\":");
+        head.push(b",\"keys\":{\"ed25519\":");
         serde_json::to_writer(&mut head, &own.ed25519_key().to_base64()).map_err(json)?;
-        head.extend_from_slice(b"},\"sender_device_keys\":");
+        head.push(b"},\"sender_device_keys\":");
         serde_json::to_writer(&mut head, &own.device_keys()).map_err(json)?;
-        Ok(Self { head, sender_key: own.curve25519_key().to_base64() })
+        Ok(Self { head: head.into_inner(), sender_key: own.curve25519_key().to_base64() })
     }
 
     /// The bytes encrypted for `recipient`.
-    fn bytes_for(&self, recipient: &DeviceRecord) -> Result<Vec<u8>, OlmError> {
+    fn bytes_for(&self, recipient: &DeviceRecord) -> Result<Zeroizing<Vec<u8>>, OlmError> {
         let json = |e: serde_json::Error| OlmError::Encryption(e.to_string());
-        let mut bytes = Vec::with_capacity(self.head.len() + 160);
-        bytes.extend_from_slice(&self.head);
-        bytes.extend_from_slice(b",\"recipient\":");
+        let mut bytes = SecretBuf::with_capacity(self.head.len() + 160);
+        bytes.push(&self.head);
+        bytes.push(b",\"recipient\":");
         serde_json::to_writer(&mut bytes, &recipient.user_id).map_err(json)?;
-        bytes.extend_from_slice(b",\"recipient_keys\":{\"ed25519\":");
+        bytes.push(b",\"recipient_keys\":{\"ed25519\":");
         serde_json::to_writer(&mut bytes, &recipient.ed25519).map_err(json)?;
-        bytes.extend_from_slice(b"}}");
-        Ok(bytes)
+        bytes.push(b"}}");
+        Ok(bytes.into_inner())
     }
 
     /// Encrypts for `recipient` with `session`: the `m.room.encrypted`
@@ -432,7 +434,7 @@ impl OlmPlaintext {
     ) -> Result<Value, OlmError> {
         let bytes = self.bytes_for(recipient)?;
         let message =
-            session.session.encrypt(bytes).map_err(|e| OlmError::Encryption(e.to_string()))?;
+            session.session.encrypt(&*bytes).map_err(|e| OlmError::Encryption(e.to_string()))?;
         let (msg_type, body) = message.to_parts();
         let mut entry = serde_json::Map::new();
         entry.insert("type".to_owned(), Value::from(msg_type));

@@ -19,52 +19,7 @@ use serde_json::Value;
 use vodozemac::megolm::{GroupSessionPickle, InboundGroupSessionPickle};
 use vodozemac::olm::{AccountPickle, SessionPickle};
 
-use zeroize::Zeroizing;
-
 use crate::ids::{DeviceId, RoomId, UserId};
-
-/// A growable byte buffer for secrets: an [`std::io::Write`] sink whose
-/// every allocation is zeroised when it is outgrown or dropped (a plain
-/// `Vec` frees its old copy unwiped on each reallocation).
-///
-/// ```
-/// use std::io::Write;
-/// let mut buf = newt_proto::records::SecretBuf::with_capacity(4);
-/// buf.write_all(b"more than four bytes")?;
-/// assert_eq!(&buf.into_inner()[..], b"more than four bytes");
-/// # Ok::<(), std::io::Error>(())
-/// ```
-pub struct SecretBuf(Zeroizing<Vec<u8>>);
-
-impl SecretBuf {
-    /// An empty buffer with room for `capacity` bytes.
-    pub fn with_capacity(capacity: usize) -> Self {
-        Self(Zeroizing::new(Vec::with_capacity(capacity)))
-    }
-
-    /// The bytes written (zeroised when dropped).
-    pub fn into_inner(self) -> Zeroizing<Vec<u8>> {
-        self.0
-    }
-}
-
-impl std::io::Write for SecretBuf {
-    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-        let needed = self.0.len() + bytes.len();
-        if needed > self.0.capacity() {
-            let mut bigger = Vec::with_capacity(needed.max(2 * self.0.capacity()));
-            bigger.extend_from_slice(&self.0);
-            // The old allocation is zeroised as it is dropped here.
-            self.0 = Zeroizing::new(bigger);
-        }
-        self.0.extend_from_slice(bytes);
-        Ok(bytes.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
 
 pub mod pickle_encoding {
     //! The serde form of the vodozemac pickles inside records
@@ -76,7 +31,7 @@ pub mod pickle_encoding {
     //! pickles). Read from that string or from the JSON object that stores
     //! wrote before, so that existing stores keep loading and are rewritten
     //! in the new form as their records change. The MessagePack bytes live
-    //! only in zeroised buffers ([`SecretBuf`](super::SecretBuf)).
+    //! only in zeroised buffers ([`SecretBuf`](crate::secret::SecretBuf)).
 
     use std::fmt;
     use std::marker::PhantomData;
@@ -92,7 +47,7 @@ pub mod pickle_encoding {
 
     /// Writes `pickle` as base64 of MessagePack.
     pub fn serialize<T: Serialize, S: Serializer>(pickle: &T, s: S) -> Result<S::Ok, S::Error> {
-        let mut bytes = super::SecretBuf::with_capacity(1024);
+        let mut bytes = crate::secret::SecretBuf::with_capacity(1024);
         rmp_serde::encode::write_named(&mut bytes, pickle).map_err(serde::ser::Error::custom)?;
         let bytes = bytes.into_inner();
         let text = Zeroizing::new(STANDARD_NO_PAD.encode(&*bytes));

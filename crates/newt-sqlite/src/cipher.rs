@@ -113,7 +113,7 @@ impl Cipher {
         record: &T,
     ) -> Result<Vec<u8>, StoreError> {
         // Grown in a buffer that wipes every copy it outgrows.
-        let mut plaintext = newt_proto::records::SecretBuf::with_capacity(1024);
+        let mut plaintext = newt_proto::secret::SecretBuf::with_capacity(1024);
         serde_json::to_writer(&mut plaintext, record)
             .map_err(|e| StoreError::Corrupt(e.to_string()))?;
         self.seal(&associated_data(table, keys), &plaintext.into_inner())
