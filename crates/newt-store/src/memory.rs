@@ -59,6 +59,25 @@ impl MemoryStore {
     }
 }
 
+impl Inner {
+    /// The stored Olm sessions with `sender_key`, still serialised.
+    fn olm_values<'a>(&'a self, sender_key: &'a str) -> impl Iterator<Item = &'a Value> + 'a {
+        self.olm_sessions
+            .range((sender_key.to_owned(), String::new())..)
+            .take_while(move |((k, _), _)| k == sender_key)
+            .map(|(_, (_, v))| v)
+    }
+
+    /// `user`'s devices.
+    fn devices_of(&self, user: &UserId) -> impl Iterator<Item = &DeviceRecord> {
+        let user = user.to_string();
+        self.devices
+            .range((user.clone(), String::new())..)
+            .take_while(move |((u, _), _)| *u == user)
+            .map(|(_, d)| d)
+    }
+}
+
 fn to_value<T: serde::Serialize>(v: &T) -> Result<Value, StoreError> {
     serde_json::to_vec(v).map_err(|e| StoreError::Corrupt(e.to_string()))
 }
@@ -75,28 +94,12 @@ impl Store for MemoryStore {
     }
 
     async fn olm_sessions(&self, sender_key: &str) -> Result<Vec<OlmSessionRecord>, StoreError> {
-        let inner = self.lock()?;
-        inner
-            .olm_sessions
-            .range((sender_key.to_owned(), String::new())..)
-            .take_while(|((k, _), _)| k == sender_key)
-            .map(|(_, (_, v))| from_value(v))
-            .collect()
+        self.lock()?.olm_values(sender_key).map(from_value).collect()
     }
 
     async fn devices_of(&self, users: &[UserId]) -> Result<Vec<DeviceRecord>, StoreError> {
         let inner = self.lock()?;
-        let mut found: Vec<&DeviceRecord> = Vec::new();
-        for user in users {
-            let user = user.to_string();
-            found.extend(
-                inner
-                    .devices
-                    .range((user.clone(), String::new())..)
-                    .take_while(|((u, _), _)| *u == user)
-                    .map(|(_, d)| d),
-            );
-        }
+        let found: Vec<&DeviceRecord> = users.iter().flat_map(|u| inner.devices_of(u)).collect();
         // Thousands of records to copy out for a room key share.
         crate::parallel::map_parallel(&found, |d| Ok((*d).clone()))
     }
@@ -106,16 +109,7 @@ impl Store for MemoryStore {
         sender_keys: &[&str],
     ) -> Result<Vec<OlmSessionRecord>, StoreError> {
         let inner = self.lock()?;
-        let mut found: Vec<&Value> = Vec::new();
-        for key in sender_keys {
-            found.extend(
-                inner
-                    .olm_sessions
-                    .range((key.to_string(), String::new())..)
-                    .take_while(|((k, _), _)| k == key)
-                    .map(|(_, (_, v))| v),
-            );
-        }
+        let found: Vec<&Value> = sender_keys.iter().flat_map(|k| inner.olm_values(k)).collect();
         // A room key share reads thousands: parse them on every core.
         crate::parallel::map_parallel(&found, |v| from_value(v))
     }
@@ -155,14 +149,7 @@ impl Store for MemoryStore {
     }
 
     async fn devices(&self, user_id: &UserId) -> Result<Vec<DeviceRecord>, StoreError> {
-        let inner = self.lock()?;
-        let user = user_id.to_string();
-        Ok(inner
-            .devices
-            .range((user.clone(), String::new())..)
-            .take_while(|((u, _), _)| *u == user)
-            .map(|(_, d)| d.clone())
-            .collect())
+        Ok(self.lock()?.devices_of(user_id).cloned().collect())
     }
 
     async fn tracked_users(&self) -> Result<Vec<TrackedUser>, StoreError> {
@@ -226,13 +213,7 @@ impl Store for MemoryStore {
         let inner = self.lock()?;
         Ok(sender_keys
             .iter()
-            .filter(|k| {
-                inner
-                    .olm_sessions
-                    .range(((**k).to_owned(), String::new())..)
-                    .next()
-                    .is_some_and(|((sender, _), _)| sender == **k)
-            })
+            .filter(|k| inner.olm_values(k).next().is_some())
             .map(|k| (*k).to_owned())
             .collect())
     }
