@@ -546,8 +546,7 @@ impl Machine {
         );
 
         // To-device events.
-        let queued = st.queued.len();
-        let flows_before = Self::flow_marks(&st);
+        let checkpoint = Self::flow_checkpoint(&st);
         let mut batch = Batch::default();
         let mut outcome = SyncOutcome::default();
         for event in &sync.to_device_events {
@@ -556,7 +555,7 @@ impl Machine {
                     Ok(processed) => processed,
                     Err(e) => {
                         // Nothing is committed: this sync will come again.
-                        self.rollback_flows(&mut st, queued, &flows_before);
+                        self.rollback_flows(&mut st, &checkpoint);
                         return Err(e);
                     }
                 };
@@ -572,7 +571,7 @@ impl Machine {
             }
         }
         changes.sync_token = sync.next_batch;
-        self.commit_flows(&mut st, changes, account_changed, queued, &flows_before).await?;
+        self.settle_flows(&mut st, &checkpoint, Ok(()), changes, account_changed).await?;
         self.poll_verification_timeouts(&mut st, now).await?;
         st.queued.extend(batch.requests);
         Ok(outcome)

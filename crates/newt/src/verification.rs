@@ -243,6 +243,13 @@ pub(crate) struct Flow {
 /// messages moved it: the phase, down to the SAS or QR step, and how many
 /// messages it has queued. Taken before a batch so that a batch whose
 /// commit fails can be undone ([`Machine::rollback_flows`]).
+/// What [`Machine::rollback_flows`] needs to undo a batch or an action:
+/// how many requests were queued, and every flow's [`FlowMark`], before it.
+pub(super) struct FlowCheckpoint {
+    queued: usize,
+    marks: BTreeMap<(UserId, String), FlowMark>,
+}
+
 #[derive(PartialEq, Eq)]
 pub(super) struct FlowMark {
     phase: std::mem::Discriminant<Phase>,
@@ -613,53 +620,50 @@ impl Machine {
     ) -> Result<T, Error> {
         let mut st = self.inner.state.lock().await;
         let key = Self::flow_key(&st, flow_id)?;
+        let checkpoint = Self::flow_checkpoint(&st);
         let Some(mut flow) = st.flows.remove(&key) else {
             return Err(Error::UnknownFlow(flow_id.to_owned()));
         };
         let mut changes = Changes::default();
-        let queued = st.queued.len();
-        let mut before = Self::flow_marks(&st);
-        before.insert(key.clone(), flow.mark());
         let result = f(self, &mut *st, &mut flow, &mut changes).await;
         st.flows.insert(key, flow);
-        let value = match result {
-            Ok(value) => value,
-            Err(e) => {
-                // E.g. a store read failed after the step queued its `done`.
-                self.rollback_flows(&mut st, queued, &before);
-                return Err(e);
-            }
-        };
-        self.commit_flows(&mut st, changes, false, queued, &before).await?;
-        Ok(value)
+        self.settle_flows(&mut st, &checkpoint, result, changes, false).await
     }
 
-    /// Every flow's [`FlowMark`], before a batch of incoming messages or a
-    /// user action (see [`Self::rollback_flows`]).
-    pub(super) fn flow_marks(st: &State) -> BTreeMap<(UserId, String), FlowMark> {
-        st.flows.iter().map(|(k, f)| (k.clone(), f.mark())).collect()
+    /// Where the flows stand before a batch of incoming messages or a user
+    /// action (see [`Self::settle_flows`]).
+    pub(super) fn flow_checkpoint(st: &State) -> FlowCheckpoint {
+        FlowCheckpoint {
+            queued: st.queued.len(),
+            marks: st.flows.iter().map(|(k, f)| (k.clone(), f.mark())).collect(),
+        }
     }
 
-    /// Commits what a batch of incoming messages (or an action) changed;
-    /// if that fails, [`Self::rollback_flows`].
-    pub(super) async fn commit_flows(
+    /// Ends a batch of incoming messages or an action: commits `changes`
+    /// if `result` is a success; if `result` or the commit failed,
+    /// [`Self::rollback_flows`] (e.g. a store read failed after a step
+    /// queued its `done`).
+    pub(super) async fn settle_flows<T>(
         &self,
         st: &mut State,
+        checkpoint: &FlowCheckpoint,
+        result: Result<T, Error>,
         changes: Changes,
         account_changed: bool,
-        queued: usize,
-        before: &BTreeMap<(UserId, String), FlowMark>,
-    ) -> Result<(), Error> {
-        let result = self.commit(st, changes, account_changed).await;
-        if result.is_err() {
-            self.rollback_flows(st, queued, before);
+    ) -> Result<T, Error> {
+        let settled = match result {
+            Ok(value) => self.commit(st, changes, account_changed).await.map(|()| value),
+            Err(e) => Err(e),
+        };
+        if settled.is_err() {
+            self.rollback_flows(st, checkpoint);
         }
-        result
+        settled
     }
 
     /// Undoes what a failed batch (or action) did to flows, as far as it
     /// can be undone. Whatever it queued is dropped (`st.queued` back to
-    /// `queued` entries): nothing it meant to record was stored, so none of
+    /// the checkpoint): nothing it meant to record was stored, so none of
     /// it (a MAC, a `done`, a signature upload) may go out. Flows it moved
     /// cannot step back (their state is not copyable), so they end
     /// cancelled with [`STORE_FAILURE`], on both sides; a redelivered
@@ -667,17 +671,12 @@ impl Machine {
     /// stays as it is; one we cancelled sends its cancel again. Flows it
     /// created and that sent nothing are kept (a redelivered request finds
     /// its ID in use).
-    pub(super) fn rollback_flows(
-        &self,
-        st: &mut State,
-        queued: usize,
-        before: &BTreeMap<(UserId, String), FlowMark>,
-    ) {
-        st.queued.truncate(queued);
+    pub(super) fn rollback_flows(&self, st: &mut State, checkpoint: &FlowCheckpoint) {
+        st.queued.truncate(checkpoint.queued);
         let keys: Vec<(UserId, String)> = st.flows.keys().cloned().collect();
         for key in keys {
             let Some(mut flow) = st.flows.remove(&key) else { continue };
-            let moved = match before.get(&key) {
+            let moved = match checkpoint.marks.get(&key) {
                 Some(mark) => *mark != flow.mark(),
                 None => flow.sent > 0,
             };
@@ -1181,8 +1180,7 @@ impl Machine {
         let now = now_ms();
         let mut st = self.inner.state.lock().await;
         let mut changes = Changes::default();
-        let queued = st.queued.len();
-        let before = Self::flow_marks(&st);
+        let checkpoint = Self::flow_checkpoint(&st);
         let own_user = self.inner.user_id.clone();
         if event_type == "m.room.message" {
             let ts = event.get("origin_server_ts").and_then(Value::as_u64).unwrap_or(0);
@@ -1190,6 +1188,7 @@ impl Machine {
             let methods = methods_of(&content);
             let to_us = str_field(&content, "to") == Some(own_user.as_str());
             let usable = st.flows.methods.common(&methods);
+            let mut received = Ok(());
             if let (Some(MSGTYPE_REQUEST), Some(event_id), Some(from), true, true, true) = (
                 str_field(&content, "msgtype"),
                 event_id.as_deref(),
@@ -1201,19 +1200,16 @@ impl Machine {
                 if !st.flows.id_in_use(event_id) {
                     let flow =
                         FlowId::InRoom { room_id: room_id.clone(), event_id: event_id.to_owned() };
-                    let received = self
+                    received = self
                         .request_received(&mut st, &mut changes, &sender, from, methods, flow, now)
                         .await;
-                    if let Err(e) = received {
-                        self.rollback_flows(&mut st, queued, &before);
-                        return Err(e);
-                    }
-                    if let Some(f) = st.flows.get_mut(&(sender.clone(), event_id.to_owned())) {
+                    let key = (sender.clone(), event_id.to_owned());
+                    if let (Ok(()), Some(f)) = (&received, st.flows.get_mut(&key)) {
                         f.room_encrypted = Some(encrypted);
                     }
                 }
             }
-            return self.commit_flows(&mut st, changes, false, queued, &before).await;
+            return self.settle_flows(&mut st, &checkpoint, received, changes, false).await;
         }
         if !event_type.starts_with("m.key.verification.") {
             return Ok(());
@@ -1274,11 +1270,7 @@ impl Machine {
             Ok(())
         };
         st.flows.insert(key, flow);
-        if let Err(e) = result {
-            self.rollback_flows(&mut st, queued, &before);
-            return Err(e);
-        }
-        self.commit_flows(&mut st, changes, false, queued, &before).await
+        self.settle_flows(&mut st, &checkpoint, result, changes, false).await
     }
 
     /// Feeds one message of the other side into `flow`; `sender_device` is
