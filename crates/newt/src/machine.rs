@@ -1285,28 +1285,30 @@ impl Machine {
         }
         let plaintext = olm::OlmPlaintext::new(&st.account, "m.room_key", &room_key)
             .map_err(|_| Error::BadResponse("olm encryption failed"))?;
-        let encrypted = newt_proto::parallel::map_owned(jobs, 16, |(d, mut live)| {
-            let result = olm::preferred_session(&live).map(|i| {
+        let encrypt_to = |d: &DeviceRecord, live: &mut [OlmSession]| {
+            olm::preferred_session(live).map(|i| {
                 plaintext.encrypt(&mut live[i], d).map(|content| (content, live[i].to_record()))
-            });
+            })
+        };
+        let mut outcomes = Vec::with_capacity(plan.share.len());
+        let encrypted = newt_proto::parallel::map_owned(jobs, 16, |(d, mut live)| {
+            let result = encrypt_to(d, &mut live);
             (d, live, result)
         });
         for (d, live, result) in encrypted {
             sessions.insert(d.curve25519.clone(), live);
+            outcomes.push((d, result));
+        }
+        for d in second_round {
+            let result = sessions.get_mut(&d.curve25519).and_then(|live| encrypt_to(d, live));
+            outcomes.push((d, result));
+        }
+        // A recipient without an Olm session gets nothing here.
+        for (d, result) in outcomes {
             let Some(result) = result else { continue };
             let (content, record) =
                 result.map_err(|_| Error::BadResponse("olm encryption failed"))?;
             changes.olm_sessions.push(record);
-            messages.push((d.user_id.clone(), d.device_id.to_string(), content));
-            shared.push((d.user_id.clone(), d.device_id.clone(), d.curve25519.clone(), index));
-        }
-        for d in second_round {
-            let Some(live) = sessions.get_mut(&d.curve25519) else { continue };
-            let Some(i) = olm::preferred_session(live) else { continue };
-            let content = plaintext
-                .encrypt(&mut live[i], d)
-                .map_err(|_| Error::BadResponse("olm encryption failed"))?;
-            changes.olm_sessions.push(live[i].to_record());
             messages.push((d.user_id.clone(), d.device_id.to_string(), content));
             shared.push((d.user_id.clone(), d.device_id.clone(), d.curve25519.clone(), index));
         }
