@@ -469,15 +469,8 @@ async fn inbound_batch(store: impl Store) {
         (room_b.clone(), a_key.clone()),
         (room_a.clone(), a_key.clone()),
     ];
-    let found: BTreeSet<String> = store
-        .inbound_group_sessions(&asked)
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| to_json(r).to_string())
-        .collect();
-    let expected: BTreeSet<String> = [a_json, b_json].iter().map(Value::to_string).collect();
-    assert_eq!(found, expected);
+    let found = json_set(&store.inbound_group_sessions(&asked).await.unwrap());
+    assert_eq!(found, json_set(&[a_json, b_json]));
     assert!(store.inbound_group_sessions(&[]).await.unwrap().is_empty());
 }
 
@@ -509,19 +502,12 @@ async fn devices_and_olm_batch(store: impl Store) {
 
     let unknown = Account::new().curve25519_key().to_base64();
     let asked = [keys[1].as_str(), unknown.as_str(), keys[0].as_str()];
-    let mut expected = BTreeSet::new();
+    let mut expected = Vec::new();
     for k in asked {
-        for r in store.olm_sessions(k).await.unwrap() {
-            expected.insert(to_json(&r).to_string());
-        }
+        expected.extend(store.olm_sessions(k).await.unwrap());
     }
-    let found: BTreeSet<String> = store
-        .olm_sessions_of(&asked)
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| to_json(r).to_string())
-        .collect();
+    let expected = json_set(&expected);
+    let found = json_set(&store.olm_sessions_of(&asked).await.unwrap());
     assert_eq!(found.len(), 3);
     assert_eq!(found, expected);
     assert!(store.olm_sessions_of(&[unknown.as_str()]).await.unwrap().is_empty());
@@ -826,6 +812,11 @@ async fn apply(store: &impl Store, changes: Changes) {
 
 fn to_json<T: Serialize>(value: &T) -> Value {
     serde_json::to_value(value).unwrap()
+}
+
+/// Records as a set of their JSON texts (for reads whose order is free).
+fn json_set<T: Serialize>(records: &[T]) -> BTreeSet<String> {
+    records.iter().map(|r| to_json(r).to_string()).collect()
 }
 
 fn sorted_json<T: Serialize>(records: &[T], key: impl Fn(&T) -> String) -> Vec<Value> {
