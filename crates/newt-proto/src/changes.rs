@@ -53,6 +53,12 @@ pub struct Changes {
 impl Changes {
     /// True when there is nothing to write.
     pub fn is_empty(&self) -> bool {
+        self.message_indices.is_empty() && self.holds_only_message_indices()
+    }
+
+    /// Nothing but replay records ([`Self::message_indices`]), if any: a
+    /// backend may commit those with weaker durability (newt-sqlite does).
+    pub fn holds_only_message_indices(&self) -> bool {
         self.account.is_none()
             && self.olm_sessions.is_empty()
             && self.inbound_group_sessions.is_empty()
@@ -65,7 +71,6 @@ impl Changes {
             && self.key_requests.is_empty()
             && self.removed_key_requests.is_empty()
             && self.withheld.is_empty()
-            && self.message_indices.is_empty()
             && self.sync_token.is_none()
             && self.identities.is_empty()
             && self.private_identity.is_none()
@@ -95,5 +100,28 @@ impl Changes {
         if other.private_identity.is_some() {
             self.private_identity = other.private_identity;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ids::RoomId;
+
+    #[test]
+    fn only_message_indices_is_told_apart_from_other_writes() {
+        let index = MessageIndexRecord {
+            room_id: RoomId::parse("!r:hs").unwrap(),
+            session_id: "s".into(),
+            index: 1,
+            event_id: "$e".into(),
+            origin_server_ts: 1,
+        };
+        let empty = Changes::default();
+        assert!(empty.is_empty() && empty.holds_only_message_indices());
+        let replay = Changes { message_indices: vec![index], ..Default::default() };
+        assert!(!replay.is_empty() && replay.holds_only_message_indices());
+        let mixed = Changes { sync_token: Some("t".into()), ..replay };
+        assert!(!mixed.is_empty() && !mixed.holds_only_message_indices());
     }
 }

@@ -60,10 +60,8 @@ struct GenerationOnly {
 }
 
 /// Hashes and seals everything in `changes`.
-pub(crate) fn prepare(cipher: &Cipher, mut changes: Changes) -> Result<Prepared, StoreError> {
-    let indices = std::mem::take(&mut changes.message_indices);
-    let replay_only = !indices.is_empty() && changes.is_empty();
-    changes.message_indices = indices;
+pub(crate) fn prepare(cipher: &Cipher, changes: Changes) -> Result<Prepared, StoreError> {
+    let replay_only = !changes.message_indices.is_empty() && changes.holds_only_message_indices();
     let mut writes = Vec::new();
     let delete = |table: &Table, by: &[&str], params: Vec<Value>| Write {
         sql: table.delete_sql(by),
