@@ -652,12 +652,14 @@ async fn wedged_session_is_replaced_once_per_hour() {
     assert!(b.machine.get_missing_sessions([uid("@alice:hs")]).await.unwrap().is_none());
 }
 
-/// Another process on the same store (a notification extension encrypting
-/// in the room) writes the outbound session between the share's reads and
-/// its commit: the commit is refused and the share runs again, instead of
-/// failing; the new device gets the key and reads the next message.
-#[tokio::test]
-async fn a_share_racing_another_process_is_redone_not_refused() {
+/// Alice shares the room key again, to Bob's new device B2, while another
+/// process on the same store (a notification extension encrypting in the
+/// room) writes the outbound session `writes` times, each just before one
+/// of the share's commits. Returns Alice, B2, the store, the session's
+/// generation before, and what the share returned.
+async fn share_racing(
+    writes: u64,
+) -> (SimDevice, SimDevice, Arc<FlakyStore>, u64, Result<Vec<newt::OutgoingRequest>, Error>) {
     let router = Arc::new(Router::new());
     let (a, flaky) = flaky_dev(&router, "@alice:hs", "A").await;
     let b = dev(&router, "@bob:hs", "B1").await;
@@ -673,18 +675,29 @@ async fn a_share_racing_another_process_is_redone_not_refused() {
     let claim = a.machine.get_missing_sessions(users.iter().cloned()).await.unwrap().unwrap();
     a.send(&claim).await.unwrap();
     let proto_room = ProtoRoomId::parse("!room:hs").unwrap();
-    let mut stored = flaky.inner.outbound_group_session(&proto_room).await.unwrap().unwrap();
+    let stored = flaky.inner.outbound_group_session(&proto_room).await.unwrap().unwrap();
     let generation = stored.generation;
-    stored.generation += 1;
-    *flaky.race.lock().unwrap() =
-        Some(newt_store::Changes { outbound_group_sessions: vec![stored], ..Default::default() });
+    for n in 1..=writes {
+        let mut other = flaky.inner.outbound_group_session(&proto_room).await.unwrap().unwrap();
+        other.generation = generation + n;
+        let write =
+            newt_store::Changes { outbound_group_sessions: vec![other], ..Default::default() };
+        flaky.race.lock().unwrap().push_back(write);
+    }
+    let result =
+        a.machine.share_room_key(&room(), users.iter().cloned(), &RoomSettings::default()).await;
+    assert!(flaky.race.lock().unwrap().is_empty(), "the other process wrote first");
+    (a, b2, flaky, generation, result)
+}
 
-    let requests = a
-        .machine
-        .share_room_key(&room(), users.iter().cloned(), &RoomSettings::default())
-        .await
-        .unwrap();
-    assert!(flaky.race.lock().unwrap().is_none(), "the other process wrote first");
+/// One write of another process between the share's reads and its commit:
+/// the commit is refused and the share runs again, instead of failing; the
+/// new device gets the key and reads the next message.
+#[tokio::test]
+async fn a_share_racing_another_process_is_redone_not_refused() {
+    let (a, b2, flaky, generation, result) = share_racing(1).await;
+    let requests = result.unwrap();
+    let proto_room = ProtoRoomId::parse("!room:hs").unwrap();
     let after = flaky.inner.outbound_group_session(&proto_room).await.unwrap().unwrap();
     assert_eq!(after.generation, generation + 2, "the redone share built on the other write");
     for r in &requests {
@@ -697,6 +710,27 @@ async fn a_share_racing_another_process_is_redone_not_refused() {
     );
     let event = a.send_text(&room(), "after the race").await.unwrap();
     assert_eq!(b2.decrypt(&room(), &event).await.unwrap().content["body"], "after the race");
+}
+
+/// Another write before the second attempt too: the share gives up with
+/// the store's refusal, hands out nothing, and leaves the other process's
+/// session as it wrote it.
+#[tokio::test]
+async fn a_share_racing_another_process_twice_is_refused_and_sends_nothing() {
+    let (a, b2, flaky, generation, result) = share_racing(2).await;
+    assert!(
+        matches!(result, Err(Error::Store(newt_store::StoreError::StaleGeneration { .. }))),
+        "{result:?}"
+    );
+    let proto_room = ProtoRoomId::parse("!room:hs").unwrap();
+    let after = flaky.inner.outbound_group_session(&proto_room).await.unwrap().unwrap();
+    assert_eq!(after.generation, generation + 2, "only the other process's writes");
+    a.flush().await.unwrap();
+    let out = b2.sync().await.unwrap();
+    assert!(
+        !out.to_device.iter().any(|t| matches!(t.outcome, ToDeviceOutcome::RoomKeyStored(..))),
+        "{out:?}"
+    );
 }
 
 #[tokio::test]

@@ -109,15 +109,15 @@ pub(crate) fn post(d: &SimDevice, path: &str, body: &Value) -> Value {
 }
 
 /// A store that fails `apply` while `fail` is set (after letting `pass`
-/// more through), and reads of devices while `fail_reads` is set; `race`,
-/// if set, is applied just before the next `apply` (another process writing
-/// in between).
+/// more through), and reads of devices while `fail_reads` is set; the
+/// first of `race`, if any, is applied just before each `apply` (another
+/// process writing in between).
 pub(crate) struct FlakyStore {
     pub(crate) inner: MemoryStore,
     pub(crate) fail: AtomicBool,
     pub(crate) pass: std::sync::atomic::AtomicUsize,
     pub(crate) fail_reads: AtomicBool,
-    pub(crate) race: std::sync::Mutex<Option<Changes>>,
+    pub(crate) race: std::sync::Mutex<std::collections::VecDeque<Changes>>,
 }
 
 impl FlakyStore {
@@ -127,7 +127,7 @@ impl FlakyStore {
             fail: AtomicBool::new(false),
             pass: std::sync::atomic::AtomicUsize::new(0),
             fail_reads: AtomicBool::new(false),
-            race: std::sync::Mutex::new(None),
+            race: std::sync::Mutex::new(std::collections::VecDeque::new()),
         }
     }
 }
@@ -220,7 +220,7 @@ impl Store for FlakyStore {
         {
             return Err(StoreError::Backend("disk full".into()));
         }
-        let race = self.race.lock().unwrap().take();
+        let race = self.race.lock().unwrap().pop_front();
         if let Some(other) = race {
             self.inner.apply(other).await?;
         }
