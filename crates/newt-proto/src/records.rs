@@ -42,7 +42,8 @@ pub mod pickle_encoding {
     use serde::{Deserializer, Serialize, Serializer};
     use zeroize::Zeroizing;
 
-    /// Pickles nest a few levels; stored bytes may not ask for more.
+    /// Pickles nest a few levels; stored bytes may not ask for more (rmp's
+    /// own limit, 1024, is deep for small stacks such as wasm's).
     const MAX_DEPTH: usize = 32;
 
     /// Writes `pickle` as base64 of MessagePack.
@@ -511,6 +512,16 @@ mod tests {
         ] {
             assert!(decode::<InboundGroupSessionPickle>(&bad).is_err(), "{what} was accepted");
         }
+        // A field nested 100,000 levels deep (serde buffers the Olm sending
+        // ratchet, an internally tagged enum, whole): an error, not a stack
+        // overflow.
+        let mut deep = vec![0x81, 0xaf];
+        deep.extend_from_slice(b"sending_ratchet");
+        deep.extend(std::iter::repeat_n(0x91, 100_000));
+        deep.push(0xc0);
+        let deep =
+            json!(base64::Engine::encode(&base64::engine::general_purpose::STANDARD_NO_PAD, deep));
+        assert!(decode::<Box<SessionPickle>>(&deep).is_err());
     }
 
     /// Pickles in the stored form, written by newt with vodozemac 0.11.1. If
