@@ -36,6 +36,11 @@ async fn identity(d: &SimDevice, user: &str) -> Option<IdentityTrust> {
     d.machine.user_identity_state(&uid(user)).await.unwrap()
 }
 
+/// `user`'s master key as `d` has it stored (what its user would compare).
+async fn master_of(d: &SimDevice, user: &str) -> String {
+    d.machine.master_key(&uid(user)).await.unwrap().unwrap()
+}
+
 fn withheld_code(result: Result<newt::DecryptedRoomEvent, SimError>) -> String {
     match result {
         Err(SimError::Newt(Error::Megolm(MegolmError::MissingSession {
@@ -206,7 +211,11 @@ async fn verified_identity_change_is_a_violation_that_can_block_sharing() {
     assert_eq!(identity(&b1, "@alice:hs").await, Some(IdentityTrust::Pinned));
 
     // Bob verifies Alice: his USK signs her master key.
-    let body = b1.machine.verify_user_identity(&uid("@alice:hs")).await.unwrap();
+    let body = b1
+        .machine
+        .verify_user_identity(&uid("@alice:hs"), &master_of(&b1, "@alice:hs").await)
+        .await
+        .unwrap();
     assert_eq!(post(&b1, "/keys/signatures/upload", &body)["failures"], json!({}));
     b1.sync().await.unwrap();
     assert_eq!(identity(&b1, "@alice:hs").await, Some(IdentityTrust::Verified));
@@ -280,7 +289,11 @@ async fn cross_signed_only_and_verified_only_withhold_as_unverified() {
     assert_eq!(withheld_code(b2.decrypt(&room("v1"), &event).await), "m.unverified");
 
     // ... until Alice verifies Bob: then his cross-signed device gets keys.
-    let body = a1.machine.verify_user_identity(&uid("@bob:hs")).await.unwrap();
+    let body = a1
+        .machine
+        .verify_user_identity(&uid("@bob:hs"), &master_of(&a1, "@bob:hs").await)
+        .await
+        .unwrap();
     post(&a1, "/keys/signatures/upload", &body);
     a1.sync().await.unwrap();
     assert_eq!(trust(&a1, "@bob:hs", "B1").await, Some(DeviceTrust::CrossSignedByVerifiedOwner));
@@ -355,4 +368,46 @@ async fn self_signing_key_not_signed_by_the_master_key_is_rejected() {
     // Alice's own device refuses it too.
     a1.sync().await.unwrap();
     assert_eq!(a1.machine.own_identity_state().await.unwrap(), None);
+}
+
+/// A server that swaps a user's identity between what our user compared and
+/// the confirmation gets nothing signed; nor does a changed identity that
+/// was not acknowledged.
+#[tokio::test]
+async fn attack_identity_swapped_before_verification_is_not_signed() {
+    let router = Arc::new(Router::new());
+    let users = [uid("@alice:hs"), uid("@bob:hs")];
+    let a1 = dev(&router, "@alice:hs", "A1").await;
+    let b1 = dev(&router, "@bob:hs", "B1").await;
+    settle(&[&a1, &b1], &users).await;
+    bootstrap(&a1).await;
+    bootstrap(&b1).await;
+    // Bob compares Alice's master key ...
+    let compared = master_of(&b1, "@alice:hs").await;
+    // ... the identity is replaced before he confirms (a reset, or a server
+    // that swapped it), and Bob's device has fetched the new one.
+    let swapped = bootstrap(&a1).await;
+    assert_ne!(compared, swapped);
+    b1.sync().await.unwrap();
+    assert_eq!(master_of(&b1, "@alice:hs").await, swapped);
+    match b1.machine.verify_user_identity(&uid("@alice:hs"), &compared).await {
+        Err(Error::CrossSigning(CrossSigningError::MasterKeyMismatch { expected, found })) => {
+            assert_eq!((expected, found), (compared, swapped.clone()));
+        }
+        other => panic!("expected a master key mismatch, got {other:?}"),
+    }
+    // Even naming the new key: the identity changed since it was pinned.
+    match b1.machine.verify_user_identity(&uid("@alice:hs"), &swapped).await {
+        Err(Error::CrossSigning(CrossSigningError::IdentityChanged(t))) => {
+            assert_eq!(t, IdentityTrust::PinnedChanged);
+        }
+        other => panic!("expected a refusal of the changed identity, got {other:?}"),
+    }
+    assert_eq!(identity(&b1, "@alice:hs").await, Some(IdentityTrust::PinnedChanged));
+    // Once acknowledged, the new identity can be verified.
+    b1.machine.acknowledge_identity_change(&uid("@alice:hs")).await.unwrap();
+    let body = b1.machine.verify_user_identity(&uid("@alice:hs"), &swapped).await.unwrap();
+    assert_eq!(post(&b1, "/keys/signatures/upload", &body)["failures"], json!({}));
+    b1.sync().await.unwrap();
+    assert_eq!(identity(&b1, "@alice:hs").await, Some(IdentityTrust::Verified));
 }

@@ -7,7 +7,6 @@
 mod common;
 use common::*;
 
-use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -17,114 +16,15 @@ use newt::{
 };
 use newt_cli::{SimDevice, SimError};
 use newt_proto::account::OwnAccount;
-use newt_proto::devices::parse_device_keys;
 use newt_proto::ids::{DeviceId, RoomId as ProtoRoomId};
 use newt_proto::key_requests::KeyShareError;
-use newt_proto::olm::{self, OlmError, OlmSession};
-use newt_proto::records::*;
+use newt_proto::olm::OlmError;
 use newt_router::Router;
 use newt_store::{MemoryStore, Store};
 use serde_json::{json, Value};
 
 fn room() -> RoomId {
     RoomId::parse("!room:hs").unwrap()
-}
-
-/// An attacker device: a real account and real Olm, arbitrary plaintext.
-struct RawDevice {
-    account: OwnAccount,
-    record: DeviceRecord,
-    router: Arc<Router>,
-}
-
-impl RawDevice {
-    fn new(router: &Arc<Router>, user: &str, device: &str) -> Self {
-        let mut account = OwnAccount::new(uid(user), DeviceId::parse(device).unwrap());
-        account.prepare_initial_upload(0);
-        let body = account.keys_upload_body().unwrap();
-        router.handle(user, device, "POST", "/keys/upload", &body).unwrap();
-        account.mark_keys_uploaded(Some(50));
-        let record = parse_device_keys(account.user_id(), device, &account.device_keys()).unwrap();
-        Self { account, record, router: router.clone() }
-    }
-
-    /// Claims a one-time key of `target` and sends it an Olm event with an
-    /// arbitrary inner type and content.
-    fn send_olm(
-        &self,
-        target: &SimDevice,
-        target_keys: &DeviceRecord,
-        event_type: &str,
-        content: Value,
-    ) {
-        self.send_olm_as(target, target_keys, target_keys, event_type, content)
-    }
-
-    /// Like `send_olm`, but the plaintext names `recipient` as the recipient.
-    fn send_olm_as(
-        &self,
-        target: &SimDevice,
-        target_keys: &DeviceRecord,
-        recipient: &DeviceRecord,
-        event_type: &str,
-        content: Value,
-    ) {
-        let claim = json!({"one_time_keys": {target.user.as_str(): {target.device.as_str(): "signed_curve25519"}}});
-        let resp = self
-            .router
-            .handle(
-                self.account.user_id().as_str(),
-                self.record.device_id.as_str(),
-                "POST",
-                "/keys/claim",
-                &claim,
-            )
-            .unwrap();
-        let devices = BTreeMap::from([(
-            (target_keys.user_id.clone(), target_keys.device_id.clone()),
-            target_keys.clone(),
-        )]);
-        let mut out = olm::handle_keys_claim(
-            &self.account,
-            &[(target_keys.user_id.clone(), target_keys.device_id.clone())],
-            &devices,
-            &resp,
-            0,
-        );
-        let mut session = OlmSession::from_record(out.sessions.remove(0).2);
-        let mut encrypted =
-            olm::encrypt(&self.account, &mut session, recipient, event_type, content).unwrap();
-        if recipient.curve25519 != target_keys.curve25519 {
-            let ct = encrypted["ciphertext"].as_object_mut().unwrap();
-            let v = ct.remove(&recipient.curve25519).unwrap();
-            ct.insert(target_keys.curve25519.clone(), v);
-        }
-        self.send_raw(target, "m.room.encrypted", encrypted);
-    }
-
-    fn send_raw(&self, target: &SimDevice, event_type: &str, content: Value) {
-        let body = json!({"messages": {target.user.as_str(): {target.device.as_str(): content}}});
-        self.router
-            .handle(
-                self.account.user_id().as_str(),
-                self.record.device_id.as_str(),
-                "PUT",
-                &format!("/sendToDevice/{event_type}/x"),
-                &body,
-            )
-            .unwrap();
-    }
-}
-
-async fn own_record(d: &SimDevice) -> DeviceRecord {
-    parse_device_keys(&d.user, d.device.as_str(), &d.machine.device_keys().await).unwrap()
-}
-
-fn rejected(outcome: &ToDeviceOutcome) -> &ToDeviceError {
-    match outcome {
-        ToDeviceOutcome::Rejected(e) => e,
-        other => panic!("expected a rejection, got {other:?}"),
-    }
 }
 
 #[tokio::test]
@@ -1070,4 +970,60 @@ async fn cached_outbound_session_never_reuses_an_index_of_another_process() {
         .await
         .unwrap()
         .is_none());
+}
+
+/// Item 3 of the hardening: a device that was deleted (signed out) keeps
+/// its stored record, flags included, when it writes again: attaching its
+/// own cross-signed device keys does not make it a trusted own device
+/// again, so its forwarded key is refused although we asked for the key.
+#[tokio::test]
+async fn attack_deleted_own_device_vouching_for_itself_is_not_trusted() {
+    let router = Arc::new(Router::new());
+    let users = [uid("@alice:hs"), uid("@bob:hs")];
+    let (a1, b) = (dev(&router, "@alice:hs", "A1").await, dev(&router, "@bob:hs", "B").await);
+    settle(&[&a1, &b], &users).await;
+    bootstrap(&a1).await;
+    // A2: Alice's other device, cross-signed by her, so A1 trusts it.
+    let a2 = RawDevice::new(&router, "@alice:hs", "A2");
+    a1.sync().await.unwrap();
+    let body = a1.machine.cross_sign_own_device(&did("A2")).await.unwrap();
+    assert_eq!(post(&a1, "/keys/signatures/upload", &body)["failures"], json!({}));
+    a1.sync().await.unwrap();
+    assert!(a1
+        .machine
+        .device_trust(&uid("@alice:hs"), &did("A2"))
+        .await
+        .unwrap()
+        .unwrap()
+        .is_verified());
+    let query = json!({"device_keys": {"@alice:hs": ["A2"]}});
+    let signed_keys = post(&a1, "/keys/query", &query)["device_keys"]["@alice:hs"]["A2"].clone();
+
+    // A1 asks its devices for a key of Bob's it never got ...
+    b.share_room_key(&room(), &[uid("@bob:hs")], &RoomSettings::default()).await.unwrap();
+    let e = b.send_text(&room(), "for Alice's devices only").await.unwrap();
+    a1.machine.request_room_key(&room(), &e).await.unwrap();
+    a1.flush().await.unwrap();
+    // ... A2 is signed out, and what is left of it answers.
+    router.delete_device("@alice:hs", "A2").unwrap();
+    a1.sync().await.unwrap();
+    assert_eq!(a1.machine.device_trust(&uid("@alice:hs"), &did("A2")).await.unwrap(), None);
+    let a1_rec = own_record(&a1).await;
+    let plaintext = json!({
+        "type": "m.forwarded_room_key",
+        "content": forwarded_content(&bob_key(&b).await),
+        "sender": "@alice:hs",
+        "recipient": "@alice:hs",
+        "recipient_keys": {"ed25519": a1_rec.ed25519},
+        "keys": {"ed25519": a2.record.ed25519},
+        "sender_device_keys": signed_keys,
+    });
+    a2.send_olm_plaintext(&a1, &a1_rec, &plaintext, "@alice:hs");
+    let out = a1.sync().await.unwrap();
+    let forwarded = out.to_device.iter().find(|t| t.event_type == "m.forwarded_room_key").unwrap();
+    assert_eq!(
+        rejected(&forwarded.outcome),
+        &ToDeviceError::KeyShare(KeyShareError::UntrustedDevice)
+    );
+    assert!(a1.decrypt(&room(), &e).await.is_err());
 }

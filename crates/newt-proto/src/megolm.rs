@@ -85,7 +85,11 @@ pub enum MegolmError {
         room_id: RoomId,
         /// Session.
         session_id: String,
-        /// A withheld notice for the session, if one arrived: says why.
+        /// The event's sender's withheld notice for the session, if one
+        /// arrived: why the sender says we did not get the key. It is the
+        /// sender's claim, not a fact: notices travel unencrypted, so the
+        /// server could have forged it. Notices are kept per sender; one
+        /// from anybody else is never shown here.
         withheld: Option<Box<WithheldRecord>>,
     },
     /// The message index is below the first index we have.
@@ -418,9 +422,7 @@ pub fn export_record(r: InboundGroupSessionRecord) -> ExportedRoomKey {
 fn clone_pickle(
     r: &InboundGroupSessionRecord,
 ) -> Result<vodozemac::megolm::InboundGroupSessionPickle, MegolmError> {
-    // Pickles are not Clone; a serde round trip is the supported copy.
-    serde_json::to_value(&r.pickle)
-        .and_then(serde_json::from_value)
+    crate::records::pickle_encoding::copy(&r.pickle)
         .map_err(|_| MegolmError::Malformed("stored session pickle"))
 }
 

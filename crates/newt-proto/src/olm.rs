@@ -141,6 +141,20 @@ pub enum PlaintextCheckError {
     /// `sender_device_keys` is invalid or does not match the sender.
     #[error("invalid sender_device_keys: {0}")]
     SenderDeviceKeys(String),
+    /// The Olm sender key belongs to a known device of another user: the
+    /// event claims a sender the channel does not authenticate.
+    #[error("the sender key belongs to a device of {owner}")]
+    KeyOfAnotherUser {
+        /// The user whose device owns the key.
+        owner: String,
+    },
+    /// `sender_device_keys` of an unknown key claims the ID of a device we
+    /// know with other keys (an impostor of that device).
+    #[error("sender_device_keys claims device {device_id}, which we know with other keys")]
+    DeviceIdTaken {
+        /// The claimed device ID.
+        device_id: String,
+    },
 }
 
 /// A to-device event decrypted and checked.
@@ -203,7 +217,9 @@ pub fn parse_olm_content(
 /// `sessions` are the live sessions with the event's sender key (the caller
 /// keeps them across a batch so consecutive messages see each other's
 /// ratchet state); a new inbound session is appended. `sender_devices` are
-/// the stored devices of `sender`. Nothing is returned unless every
+/// the stored devices of `sender` (deleted ones included) and any stored
+/// device of another user that has the event's sender key (see
+/// [`check_plaintext`]). Nothing is returned unless every
 /// plaintext check passed; on a failed check the session state has still
 /// advanced, which is harmless (the message is consumed either way).
 pub fn decrypt(
@@ -221,6 +237,8 @@ pub fn decrypt(
     }
     let (plaintext, session_index, account_changed) =
         decrypt_message(own, &sender_key, &message, sessions, now)?;
+    // The plaintext of a room key or a secret: wiped once parsed.
+    let plaintext = Zeroizing::new(plaintext);
     let event = check_plaintext(own, sender, &sender_key, &plaintext, sender_devices)?;
     Ok(OlmDecryption { event, session_index, account_changed })
 }
@@ -292,6 +310,13 @@ fn field<'a>(
 }
 
 /// Applies the receiver checks to a decrypted Olm plaintext.
+///
+/// `sender_devices` are the stored devices of `sender`, deleted ones
+/// included, plus every stored device of any other user whose Curve25519 key
+/// is `sender_key`. The sending device is the stored record of `sender_key`
+/// (its flags kept); only when none is stored does the self-signed
+/// `sender_device_keys` name it, and then not with the ID of a known device
+/// that has other keys. A key owned by another user's device is refused.
 pub fn check_plaintext(
     own: &OwnAccount,
     sender: &UserId,
@@ -327,8 +352,17 @@ pub fn check_plaintext(
         .cloned()
         .ok_or(PlaintextCheckError::MissingField("content"))?;
 
+    // The Olm channel authenticates the Curve25519 key, so the stored record
+    // of that key decides who sent this, flags included (a deleted or
+    // blacklisted device stays one). A live record wins over a deleted one.
+    let with_key = |d: &&DeviceRecord| d.curve25519 == sender_key;
+    if let Some(other) = sender_devices.iter().filter(with_key).find(|d| &d.user_id != sender) {
+        return Err(
+            PlaintextCheckError::KeyOfAnotherUser { owner: other.user_id.to_string() }.into()
+        );
+    }
     let mut sender_device =
-        sender_devices.iter().find(|d| d.curve25519 == sender_key && !d.deleted).cloned();
+        sender_devices.iter().filter(with_key).min_by_key(|d| d.deleted).cloned();
     if let Some(d) = &sender_device {
         if d.ed25519 != claimed_ed {
             return Err(PlaintextCheckError::SenderKeys.into());
@@ -337,6 +371,19 @@ pub fn check_plaintext(
     if let Some(sdk) = v.get("sender_device_keys").filter(|x| !x.is_null()) {
         let device = check_sender_device_keys(sender, sender_key, &claimed_ed, sdk)?;
         if sender_device.is_none() {
+            // A device we have not fetched yet vouches for itself; it may not
+            // take the ID of a device we know with other keys.
+            let taken = sender_devices.iter().any(|d| {
+                d.user_id == device.user_id
+                    && d.device_id == device.device_id
+                    && (d.curve25519 != device.curve25519 || d.ed25519 != device.ed25519)
+            });
+            if taken {
+                return Err(PlaintextCheckError::DeviceIdTaken {
+                    device_id: device.device_id.to_string(),
+                }
+                .into());
+            }
             sender_device = Some(device);
         }
     }

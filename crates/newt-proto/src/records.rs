@@ -55,6 +55,21 @@ pub mod pickle_encoding {
         s.serialize_str(&text)
     }
 
+    /// A copy of `pickle` (vodozemac's pickles are not `Clone`), made
+    /// through MessagePack in a buffer that is wiped afterwards: no copy of
+    /// the secret is left behind, as a `serde_json::Value` round trip would.
+    pub fn copy<T: Serialize + DeserializeOwned>(
+        pickle: &T,
+    ) -> Result<T, rmp_serde::decode::Error> {
+        let mut bytes = crate::secret::SecretBuf::with_capacity(1024);
+        rmp_serde::encode::write_named(&mut bytes, pickle)
+            .map_err(|e| rmp_serde::decode::Error::Uncategorized(e.to_string()))?;
+        let bytes = bytes.into_inner();
+        let mut de = rmp_serde::Deserializer::from_read_ref(&bytes[..]);
+        de.set_max_depth(MAX_DEPTH);
+        T::deserialize(&mut de)
+    }
+
     /// Reads a pickle in either form.
     pub fn deserialize<'de, T: DeserializeOwned, D: Deserializer<'de>>(
         d: D,
@@ -203,6 +218,26 @@ pub struct InboundGroupSessionRecord {
     /// Whether the session was uploaded to server-side backup.
     #[serde(default)]
     pub backed_up: bool,
+}
+
+impl InboundGroupSessionRecord {
+    /// A copy of the record (the pickle is copied without leaving an
+    /// unwiped copy of the ratchet behind; see [`pickle_encoding::copy`]).
+    pub fn try_clone(&self) -> Result<Self, rmp_serde::decode::Error> {
+        Ok(Self {
+            room_id: self.room_id.clone(),
+            session_id: self.session_id.clone(),
+            sender_key: self.sender_key.clone(),
+            sender_claimed_ed25519: self.sender_claimed_ed25519.clone(),
+            sender_user_id: self.sender_user_id.clone(),
+            source: self.source,
+            forwarding_chain: self.forwarding_chain.clone(),
+            first_known_index: self.first_known_index,
+            shared_history: self.shared_history,
+            pickle: pickle_encoding::copy(&self.pickle)?,
+            backed_up: self.backed_up,
+        })
+    }
 }
 
 impl fmt::Debug for InboundGroupSessionRecord {
@@ -362,6 +397,7 @@ pub struct KeyRequestRecord {
 }
 
 /// An `m.room_key.withheld` we received, kept to explain decryption failures.
+/// Kept per (room, session, sender) and shown only for events of its sender.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WithheldRecord {
     /// The room.

@@ -119,18 +119,7 @@ pub fn plan_share(
         if already_shared || already_withheld {
             continue;
         }
-        let code = match policy {
-            SharingPolicy::AllDevices => None,
-            _ if d.local_trust == LocalTrust::Blacklisted => Some(WithheldCode::Blacklisted),
-            SharingPolicy::ExcludeBlacklisted => None,
-            SharingPolicy::CrossSignedOnly => {
-                (!is_cross_signed_or_verified(device_trust(d))).then_some(WithheldCode::Unverified)
-            }
-            SharingPolicy::VerifiedOnly => {
-                (!device_trust(d).is_verified()).then_some(WithheldCode::Unverified)
-            }
-        };
-        let code = match code {
+        let code = match excluded_by_policy(d, &device_trust, policy) {
             None if !has_olm_session(d) => Some(WithheldCode::NoOlm),
             other => other,
         };
@@ -142,13 +131,39 @@ pub fn plan_share(
     plan
 }
 
+/// Why `policy` keeps the key from `d`, if it does: the withheld code.
+/// `device_trust` is only asked under policies that
+/// [need it](SharingPolicy::needs_device_trust).
+pub fn excluded_by_policy(
+    d: &DeviceRecord,
+    device_trust: impl Fn(&DeviceRecord) -> DeviceTrust,
+    policy: SharingPolicy,
+) -> Option<WithheldCode> {
+    match policy {
+        SharingPolicy::AllDevices => None,
+        _ if d.local_trust == LocalTrust::Blacklisted => Some(WithheldCode::Blacklisted),
+        SharingPolicy::ExcludeBlacklisted => None,
+        SharingPolicy::CrossSignedOnly => {
+            (!is_cross_signed_or_verified(device_trust(d))).then_some(WithheldCode::Unverified)
+        }
+        SharingPolicy::VerifiedOnly => {
+            (!device_trust(d).is_verified()).then_some(WithheldCode::Unverified)
+        }
+    }
+}
+
 /// Whether `outbound` must be replaced because someone who holds its key may
-/// no longer read the room: a user who is not a member any more, or a device
-/// that was deleted or whose identity key changed.
+/// no longer read the room: a user who is not a member any more, a device
+/// that was deleted or whose identity key changed, or a device that `policy`
+/// now excludes (blacklisted, or no longer verified / cross-signed, e.g.
+/// after an identity change) although it got the key before. Without this,
+/// such a device would read every message until the session expires.
 pub fn audience_shrank(
     outbound: &OutboundSession,
     members: &BTreeSet<UserId>,
     devices: &BTreeMap<UserId, Vec<DeviceRecord>>,
+    device_trust: impl Fn(&DeviceRecord) -> DeviceTrust,
+    policy: SharingPolicy,
 ) -> bool {
     outbound.meta.shared_with.iter().any(|(user, shared)| {
         if !members.contains(user) {
@@ -156,9 +171,13 @@ pub fn audience_shrank(
         }
         let current = devices.get(user).map(Vec::as_slice).unwrap_or(&[]);
         shared.iter().any(|(device_id, info)| {
-            !current
-                .iter()
-                .any(|d| &d.device_id == device_id && !d.deleted && d.curve25519 == info.sender_key)
+            let still_there = current.iter().find(|d| {
+                &d.device_id == device_id && !d.deleted && d.curve25519 == info.sender_key
+            });
+            match still_there {
+                None => true,
+                Some(d) => excluded_by_policy(d, &device_trust, policy).is_some(),
+            }
         })
     })
 }

@@ -23,6 +23,9 @@ pub enum SenderTrust {
     Unverified,
     /// The session's creator is not among the sender's known devices (yet).
     UnknownDevice,
+    /// The session's creator is a device its owner has since deleted (signed
+    /// out): never verified, whatever it was before.
+    DeletedDevice,
     /// The key came from a forward, an export or a backup, so the session's
     /// creator cannot be proven; the device may or may not be the sender.
     Unauthenticated,
@@ -83,6 +86,7 @@ pub fn sender_trust(
     });
     match owner {
         None => SenderTrust::UnknownDevice,
+        Some(d) if d.deleted => SenderTrust::DeletedDevice,
         Some(d) if d.local_trust == LocalTrust::Verified => SenderTrust::Verified,
         Some(_) => SenderTrust::Unverified,
     }

@@ -132,6 +132,22 @@ impl Router {
         }
     }
 
+    /// Deletes a device (a logout): its keys and queued messages go, and
+    /// every other device sees its user in `device_lists.changed`.
+    pub fn delete_device(&self, user: &str, device: &str) -> Result<(), RouterError> {
+        let mut st = self.lock()?;
+        let me = (user.to_owned(), device.to_owned());
+        st.device_keys.remove(&me);
+        st.one_time_keys.remove(&me);
+        st.fallback_keys.remove(&me);
+        st.inbox.remove(&me);
+        let others: Vec<DeviceKey> = st.device_keys.keys().cloned().collect();
+        for other in others {
+            st.changed.entry(other).or_default().insert(user.to_owned());
+        }
+        Ok(())
+    }
+
     /// The crypto parts of a sync for `user`/`device`; to-device events and
     /// device-list changes are delivered once.
     pub fn sync(&self, user: &str, device: &str) -> Result<SyncBatch, RouterError> {

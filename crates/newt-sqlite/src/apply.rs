@@ -13,7 +13,7 @@ use newt_store::{
     check_generation, check_generation_value, check_outbound_generation, Changes, StoreError,
 };
 
-use crate::cipher::{Cipher, Kind};
+use crate::cipher::{withheld_key, Cipher, Kind};
 use crate::retry::TxError;
 use crate::schema::{
     Table, DEVICES, IDENTITIES, INBOUND, KEY_REQUESTS, MESSAGE_INDICES, OLM_SESSIONS, OUTBOUND,
@@ -144,7 +144,7 @@ pub(crate) fn prepare(cipher: &Cipher, changes: Changes) -> Result<Prepared, Sto
     for w in &changes.withheld {
         let keys = vec![
             cipher.key(Kind::Room, w.room_id.as_str()),
-            cipher.key(Kind::MegolmSession, &w.session_id),
+            cipher.key(Kind::WithheldSender, &withheld_key(&w.session_id, &w.sender)),
         ];
         writes.push(upsert(cipher, &WITHHELD, keys, w)?);
     }

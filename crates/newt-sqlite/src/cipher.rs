@@ -58,6 +58,15 @@ pub(crate) enum Kind {
     SenderKey,
     /// A key request ID.
     Request,
+    /// A withheld notice's Megolm session ID and sender, together
+    /// (`session_id` `\n` `sender`): notices are kept per sender.
+    WithheldSender,
+}
+
+/// What [`Kind::WithheldSender`] hashes: a session ID (base64) and a user
+/// ID, neither of which holds a newline.
+pub(crate) fn withheld_key(session_id: &str, sender: &newt_proto::ids::UserId) -> String {
+    format!("{session_id}\n{sender}")
 }
 
 impl Kind {
@@ -70,6 +79,7 @@ impl Kind {
             Kind::OlmSession => b"olm_session",
             Kind::SenderKey => b"sender_key",
             Kind::Request => b"request",
+            Kind::WithheldSender => b"withheld_session_sender",
         }
     }
 }

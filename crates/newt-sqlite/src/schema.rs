@@ -61,7 +61,11 @@ pub(crate) const TRACKED_USERS: Table = Table { name: "tracked_users", keys: &["
 /// Key requests by request ID, with their session and sent flag.
 pub(crate) const KEY_REQUESTS: Table =
     Table { name: "key_requests", keys: &["request_hash", "room_hash", "session_hash", "sent"] };
-/// Withheld notices by (room, session ID).
+/// Withheld notices by (room, session ID and sender). `session_hash` is the
+/// keyed hash of the session ID and the sender together
+/// ([`Kind::WithheldSender`](crate::cipher::Kind::WithheldSender)); rows
+/// written before notices were kept per sender hash the session ID alone
+/// and are read only for the sender their value names.
 pub(crate) const WITHHELD: Table = Table { name: "withheld", keys: &["room_hash", "session_hash"] };
 /// Replay-detection records by (room, session ID, index).
 pub(crate) const MESSAGE_INDICES: Table =

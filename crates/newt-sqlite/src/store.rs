@@ -19,7 +19,7 @@ use newt_proto::records::{
 use newt_store::{Changes, SessionCursor, Store, StoreError};
 
 use crate::apply::{self, ACCOUNT, PRIVATE_IDENTITY, SYNC_TOKEN};
-use crate::cipher::{Cipher, Kind};
+use crate::cipher::{withheld_key, Cipher, Kind};
 use crate::keys::{self, DataKey, StoreKey};
 use crate::retry::{install_busy_handler, sqlite_error, with_retry, TxError};
 use crate::schema::{
@@ -350,10 +350,18 @@ impl Store for SqliteStore {
         &self,
         room_id: &RoomId,
         session_id: &str,
+        sender: &UserId,
     ) -> Result<Option<WithheldRecord>, StoreError> {
         let room = self.cipher.key(Kind::Room, room_id.as_str());
-        let session = self.cipher.key(Kind::MegolmSession, session_id);
-        self.read_one(&WITHHELD, "WHERE room_hash = ?1 AND session_hash = ?2", &[room, session])
+        let tail = "WHERE room_hash = ?1 AND session_hash = ?2";
+        let key = self.cipher.key(Kind::WithheldSender, &withheld_key(session_id, sender));
+        if let Some(found) = self.read_one(&WITHHELD, tail, &[room.clone(), key])? {
+            return Ok(Some(found));
+        }
+        // A row from before notices were kept per sender: only its own sender's.
+        let legacy = self.cipher.key(Kind::MegolmSession, session_id);
+        let found: Option<WithheldRecord> = self.read_one(&WITHHELD, tail, &[room, legacy])?;
+        Ok(found.filter(|w| &w.sender == sender))
     }
 
     async fn message_index(

@@ -54,6 +54,7 @@ pub async fn run_all<S: Store, F: Future<Output = S>>(make: impl Fn() -> F) {
     check("inbound_group_sessions_batch", inbound_batch(make().await)).await;
     check("devices_and_olm_sessions_batch", devices_and_olm_batch(make().await)).await;
     check("devices_by_user", devices_by_user(make().await)).await;
+    check("devices_with_curve25519", devices_with_curve25519(make().await)).await;
     check("tracked_users", tracked_users(make().await)).await;
     check("key_requests", key_requests(make().await)).await;
     check("withheld", withheld(make().await)).await;
@@ -513,6 +514,22 @@ async fn devices_and_olm_batch(store: impl Store) {
     assert!(store.olm_sessions_of(&[unknown.as_str()]).await.unwrap().is_empty());
 }
 
+/// A device is found by its Curve25519 key among every tracked user's
+/// devices, deleted ones included.
+async fn devices_with_curve25519(store: impl Store) {
+    let a1 = device_record(ALICE, "ALICE1");
+    let mut b1 = device_record(BOB, "BOB1");
+    b1.deleted = true;
+    let b2 = device_record(BOB, "BOB2");
+    let tracked_users = vec![tracked(ALICE, false), tracked(BOB, true)];
+    let devices = vec![a1.clone(), b1.clone(), b2];
+    apply(&store, Changes { devices, tracked_users, ..Default::default() }).await;
+    assert_eq!(store.devices_with_curve25519(&b1.curve25519).await.unwrap(), vec![b1]);
+    assert_eq!(store.devices_with_curve25519(&a1.curve25519).await.unwrap(), vec![a1]);
+    let unknown = Account::new().curve25519_key().to_base64();
+    assert!(store.devices_with_curve25519(&unknown).await.unwrap().is_empty());
+}
+
 async fn devices_by_user(store: impl Store) {
     let alice_devices: Vec<DeviceRecord> =
         ["ALICE1", "ALICE2", "ALICE3"].iter().map(|d| device_record(ALICE, d)).collect();
@@ -639,17 +656,26 @@ async fn key_requests(store: impl Store) {
     assert_eq!(unsent, vec![key_request("req-2", &room_a, "session-2", false)]);
 }
 
+/// Notices are kept per (room, session, sender): another sender's notice
+/// for the same session neither replaces nor shows as the first one's.
 async fn withheld(store: impl Store) {
     let room_a = room(ROOM_A);
-    assert!(store.withheld(&room_a, "session-1").await.unwrap().is_none());
+    let bob = user(BOB);
+    assert!(store.withheld(&room_a, "session-1", &bob).await.unwrap().is_none());
     let w = withheld_record(&room_a, "session-1", "m.unverified");
     apply(&store, Changes { withheld: vec![w.clone()], ..Default::default() }).await;
-    assert_eq!(store.withheld(&room_a, "session-1").await.unwrap(), Some(w));
-    assert!(store.withheld(&room_a, "session-2").await.unwrap().is_none());
-    assert!(store.withheld(&room(ROOM_B), "session-1").await.unwrap().is_none());
+    assert_eq!(store.withheld(&room_a, "session-1", &bob).await.unwrap(), Some(w.clone()));
+    assert!(store.withheld(&room_a, "session-2", &bob).await.unwrap().is_none());
+    assert!(store.withheld(&room(ROOM_B), "session-1", &bob).await.unwrap().is_none());
+    assert!(store.withheld(&room_a, "session-1", &user(CAROL)).await.unwrap().is_none());
+    let mut carols = withheld_record(&room_a, "session-1", "m.blacklisted");
+    carols.sender = user(CAROL);
+    apply(&store, Changes { withheld: vec![carols.clone()], ..Default::default() }).await;
+    assert_eq!(store.withheld(&room_a, "session-1", &bob).await.unwrap(), Some(w));
+    assert_eq!(store.withheld(&room_a, "session-1", &user(CAROL)).await.unwrap(), Some(carols));
     let replaced = withheld_record(&room_a, "session-1", "m.blacklisted");
     apply(&store, Changes { withheld: vec![replaced.clone()], ..Default::default() }).await;
-    assert_eq!(store.withheld(&room_a, "session-1").await.unwrap(), Some(replaced));
+    assert_eq!(store.withheld(&room_a, "session-1", &bob).await.unwrap(), Some(replaced));
 }
 
 async fn message_indices(store: impl Store) {
@@ -1089,7 +1115,7 @@ async fn snapshot(store: &impl Store) -> Value {
         "requests": requests,
         "request_for_session": to_json(&store.key_request_for_session(&room_b, "inbound-b").await.unwrap()),
         "unsent": to_json(&sorted_requests(store.unsent_key_requests().await.unwrap())),
-        "withheld": to_json(&store.withheld(&room_a, "inbound-b").await.unwrap()),
+        "withheld": to_json(&store.withheld(&room_a, "inbound-b", &user(BOB)).await.unwrap()),
         "index": to_json(&store.message_index(&room_a, "inbound-b", 0).await.unwrap()),
         "sync_token": store.sync_token().await.unwrap(),
         "identity": to_json(&store.identity(&user(BOB)).await.unwrap()),

@@ -15,7 +15,10 @@ use newt_proto::records::{
 };
 /// A record serialised as JSON bytes: compact, and every read is an
 /// independent copy (pickles are not `Clone`).
-type Value = Vec<u8>;
+/// A serialised record. Records hold secrets (pickles), so the bytes are
+/// wiped when dropped, and were written into a buffer that wipes every
+/// allocation it outgrew.
+type Value = zeroize::Zeroizing<Vec<u8>>;
 
 use crate::{
     check_generation, check_generation_value, check_outbound_generation, Changes, SessionCursor,
@@ -34,7 +37,8 @@ struct Inner {
     devices: BTreeMap<Key2, DeviceRecord>,
     tracked: BTreeMap<String, TrackedUser>,
     key_requests: BTreeMap<String, KeyRequestRecord>,
-    withheld: BTreeMap<Key2, WithheldRecord>,
+    /// By (room, session, sender).
+    withheld: BTreeMap<(String, String, String), WithheldRecord>,
     indices: BTreeMap<(String, String, u32), MessageIndexRecord>,
     sync_token: Option<String>,
     identities: BTreeMap<String, IdentityRecord>,
@@ -79,11 +83,13 @@ impl Inner {
 }
 
 fn to_value<T: serde::Serialize>(v: &T) -> Result<Value, StoreError> {
-    serde_json::to_vec(v).map_err(|e| StoreError::Corrupt(e.to_string()))
+    let mut buf = newt_proto::secret::SecretBuf::with_capacity(512);
+    serde_json::to_writer(&mut buf, v).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    Ok(buf.into_inner())
 }
 
 fn from_value<T: serde::de::DeserializeOwned>(v: &Value) -> Result<T, StoreError> {
-    serde_json::from_slice(v).map_err(|e| StoreError::Corrupt(e.to_string()))
+    serde_json::from_slice(&v[..]).map_err(|e| StoreError::Corrupt(e.to_string()))
 }
 
 #[cfg_attr(not(target_arch = "wasm32"), async_trait::async_trait)]
@@ -181,8 +187,10 @@ impl Store for MemoryStore {
         &self,
         room_id: &RoomId,
         session_id: &str,
+        sender: &UserId,
     ) -> Result<Option<WithheldRecord>, StoreError> {
-        Ok(self.lock()?.withheld.get(&(room_id.to_string(), session_id.to_owned())).cloned())
+        let key = (room_id.to_string(), session_id.to_owned(), sender.to_string());
+        Ok(self.lock()?.withheld.get(&key).cloned())
     }
 
     async fn message_index(
@@ -300,7 +308,8 @@ impl Store for MemoryStore {
             inner.key_requests.insert(r.request_id.clone(), r);
         }
         for w in changes.withheld {
-            inner.withheld.insert((w.room_id.to_string(), w.session_id.clone()), w);
+            let key = (w.room_id.to_string(), w.session_id.clone(), w.sender.to_string());
+            inner.withheld.insert(key, w);
         }
         for m in changes.message_indices {
             inner.indices.insert((m.room_id.to_string(), m.session_id.clone(), m.index), m);

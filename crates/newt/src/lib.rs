@@ -45,7 +45,7 @@
 //! | do I trust my own master key? | [`Machine::own_identity_state`] | [`OwnIdentityTrust`]: `Verified` (we hold the private key, or verified it), `Unverified` |
 //! | what about another user? | [`Machine::user_identity_state`] | [`IdentityTrust`]: `Verified` (our user-signing key signed it), `Pinned` (first seen, TOFU), `PinnedChanged` (changed since pinned: warn), `VerificationViolation` (was verified, changed: must be acknowledged) |
 //! | and one device? | [`Machine::device_trust`] | [`DeviceTrust`]: `LocallyVerified`, `CrossSignedByVerifiedOwner`, `CrossSignedByPinnedOwner`, `CrossSignedByUntrustedOwner`, `NotCrossSigned`, `Unknown`, `Blacklisted` |
-//! | who sent this message? | [`DecryptedRoomEvent::trust`] | [`SenderTrust`]: `Verified`, `Unverified`, `UnknownDevice`, `Unauthenticated` (forwarded/imported key) |
+//! | who sent this message? | [`DecryptedRoomEvent::trust`] | [`SenderTrust`]: `Verified`, `Unverified`, `UnknownDevice`, `DeletedDevice` (signed out since), `Unauthenticated` (forwarded/imported key) |
 //!
 //! [`Machine::acknowledge_identity_change`] pins a changed identity (ending
 //! `PinnedChanged` / `VerificationViolation`). Who receives room keys is the
@@ -95,6 +95,7 @@
 //!         SenderTrust::Verified => "",
 //!         SenderTrust::Unverified => "unverified device",
 //!         SenderTrust::UnknownDevice => "unknown device",
+//!         SenderTrust::DeletedDevice => "device signed out",
 //!         SenderTrust::Unauthenticated => "authenticity not guaranteed",
 //!     }
 //! }

@@ -103,7 +103,13 @@ pub struct RoomSettings {
 }
 
 /// What happened to one to-device event.
-#[derive(Debug, Clone, PartialEq)]
+///
+/// Room keys that newt stored (`m.room_key`, `m.forwarded_room_key`) come
+/// without their `session_key`. The content of every key-carrying type
+/// ([`KEY_CARRYING_TYPES`]: e.g. an `m.secret.send` secret, handed to the
+/// app) is left out of the `Debug` output, so logging an outcome never logs
+/// a key.
+#[derive(Clone, PartialEq)]
 pub struct ProcessedToDevice {
     /// The `sender` of the event.
     pub sender: String,
@@ -113,10 +119,34 @@ pub struct ProcessedToDevice {
     pub content: Value,
     /// Whether it arrived Olm-encrypted.
     pub encrypted: bool,
-    /// The sending device, when known.
+    /// The sending device, when known: the stored device (from
+    /// `/keys/query`) whose Curve25519 key the Olm channel authenticated,
+    /// or, for a device not fetched yet, the ID in its self-signed
+    /// `sender_device_keys` (never the ID of a known device with other
+    /// keys). Check [`sender_key`](Self::sender_key) against the device's
+    /// keys before trusting a handed-through event from it.
     pub sender_device: Option<DeviceId>,
+    /// The sending device's Curve25519 key, authenticated by Olm
+    /// (unpadded base64); `None` for events that did not arrive over Olm.
+    pub sender_key: Option<String>,
     /// What newt did with it.
     pub outcome: ToDeviceOutcome,
+}
+
+impl std::fmt::Debug for ProcessedToDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let secret = KEY_CARRYING_TYPES.contains(&self.event_type.as_str());
+        let content: &dyn std::fmt::Debug = if secret { &"<redacted>" } else { &self.content };
+        f.debug_struct("ProcessedToDevice")
+            .field("sender", &self.sender)
+            .field("event_type", &self.event_type)
+            .field("content", content)
+            .field("encrypted", &self.encrypted)
+            .field("sender_device", &self.sender_device)
+            .field("sender_key", &self.sender_key)
+            .field("outcome", &self.outcome)
+            .finish()
+    }
 }
 
 /// What newt did with a to-device event.
@@ -614,6 +644,7 @@ impl Machine {
             content: Value::Null,
             encrypted: false,
             sender_device: None,
+            sender_key: None,
             outcome: ToDeviceOutcome::Rejected(e),
         };
         let Ok(sender) = UserId::parse(sender_str.as_str()) else {
@@ -649,6 +680,7 @@ impl Machine {
                 content,
                 encrypted: false,
                 sender_device: None,
+                sender_key: None,
                 outcome,
             });
         }
@@ -660,7 +692,17 @@ impl Machine {
             Some(k) => k.trim_end_matches('=').to_owned(),
             None => return Ok(reject(event_type, ToDeviceError::Malformed("sender_key"))),
         };
-        let sender_devices = self.store().devices(&sender).await?;
+        let mut sender_devices = self.store().devices(&sender).await?;
+        if !sender_devices.iter().any(|d| d.curve25519 == sender_key) {
+            // Not a key of the sender's known devices: the core refuses it if
+            // another user's device owns it.
+            if !batch.foreign_keys.contains_key(&sender_key) {
+                let owners = self.store().devices_with_curve25519(&sender_key).await?;
+                batch.foreign_keys.insert(sender_key.clone(), owners);
+            }
+            let owners = batch.foreign_keys.get(&sender_key).into_iter().flatten();
+            sender_devices.extend(owners.filter(|d| d.user_id != sender).cloned());
+        }
         let sessions = self.sessions_for(batch, &sender_key).await?;
         let result = olm::decrypt(
             &mut st.account,
@@ -742,12 +784,23 @@ impl Machine {
             }
             _ => ToDeviceOutcome::ForApp,
         };
+        let mut content = decrypted.content;
+        if matches!(inner_type.as_str(), "m.room_key" | "m.forwarded_room_key") {
+            // Stored (or refused) here: the app gets what the key was for,
+            // not the key.
+            if let Some(Value::String(mut key)) =
+                content.as_object_mut().and_then(|c| c.remove("session_key"))
+            {
+                zeroize::Zeroize::zeroize(&mut key);
+            }
+        }
         Ok(ProcessedToDevice {
             sender: sender_str,
             event_type: inner_type,
-            content: decrypted.content,
+            content,
             encrypted: true,
             sender_device,
+            sender_key: Some(decrypted.sender_key),
             outcome,
         })
     }
@@ -1215,6 +1268,12 @@ impl Machine {
             } else {
                 BTreeMap::new()
             };
+        let trust_of = |d: &DeviceRecord| {
+            device_trust
+                .get(&(d.user_id.clone(), d.device_id.clone()))
+                .copied()
+                .unwrap_or(DeviceTrust::Unknown)
+        };
         let mut changes = Changes::default();
         // The store's record, not the cache: it has other processes' writes.
         // An update is one generation past the stored record; a new session
@@ -1223,7 +1282,7 @@ impl Machine {
             Some(r) => {
                 let mut s = OutboundSession::from_record(r);
                 if s.expired(&settings.rotation, now)
-                    || audience_shrank(&s, members, &devices_by_user)
+                    || audience_shrank(&s, members, &devices_by_user, trust_of, settings.policy)
                 {
                     None
                 } else {
@@ -1259,12 +1318,7 @@ impl Machine {
             &outbound,
             &all,
             |d| sessions.get(&d.curve25519).is_some_and(|s| !s.is_empty()),
-            |d| {
-                device_trust
-                    .get(&(d.user_id.clone(), d.device_id.clone()))
-                    .copied()
-                    .unwrap_or(DeviceTrust::Unknown)
-            },
+            trust_of,
             settings.policy,
         );
         let room_key = outbound.room_key_content(settings.shared_history);
@@ -1585,8 +1639,11 @@ impl Machine {
                 let Some(record) =
                     self.store().inbound_group_session(room_id, &parsed.session_id).await?
                 else {
-                    let withheld =
-                        self.store().withheld(room_id, &parsed.session_id).await?.map(Box::new);
+                    let withheld = self
+                        .store()
+                        .withheld(room_id, &parsed.session_id, &parsed.sender)
+                        .await?
+                        .map(Box::new);
                     return Err(MegolmError::MissingSession {
                         room_id: room_id.clone(),
                         session_id: parsed.session_id,
@@ -1908,12 +1965,36 @@ impl Machine {
         Ok(signatures_upload_body([(self.inner.user_id.clone(), device_id.to_string(), signed)]))
     }
 
+    /// `user_id`'s stored master key (unpadded base64): what the user
+    /// compares out of band before [`verify_user_identity`](Self::verify_user_identity).
+    /// `None` when no identity is known for the user.
+    pub async fn master_key(&self, user_id: &UserId) -> Result<Option<String>, Error> {
+        let found = if user_id == &self.inner.user_id {
+            self.trust_material().await?.0.map(|o| o.master_key().public_key().to_base64())
+        } else {
+            self.user_identity(user_id).await?.map(|i| i.master_key().public_key().to_base64())
+        };
+        Ok(found)
+    }
+
     /// Signs `user_id`'s master key with our user-signing key: the last step
-    /// of verifying a user after comparing keys out of band (a SAS flow,
-    /// [`Machine::request_verification`], does this on its own). Returns the
-    /// `POST /keys/signatures/upload` body; once uploaded and re-queried
-    /// (queued here), the user's identity is [`IdentityTrust::Verified`].
-    pub async fn verify_user_identity(&self, user_id: &UserId) -> Result<Value, Error> {
+    /// of verifying a user after comparing `expected_master_key` (unpadded
+    /// base64, e.g. from [`master_key`](Self::master_key)) out of band (a SAS
+    /// flow, [`Machine::request_verification`], does this on its own).
+    /// Returns the `POST /keys/signatures/upload` body; once uploaded and
+    /// re-queried (queued here), the user's identity is
+    /// [`IdentityTrust::Verified`].
+    ///
+    /// Refused, with nothing signed, when the stored master key is not
+    /// `expected_master_key` ([`CrossSigningError::MasterKeyMismatch`]: the
+    /// server swapped the identity after the user compared it) or the
+    /// identity changed since it was pinned or verified
+    /// ([`CrossSigningError::IdentityChanged`]: acknowledge it first).
+    pub async fn verify_user_identity(
+        &self,
+        user_id: &UserId,
+        expected_master_key: &str,
+    ) -> Result<Value, Error> {
         let mut st = self.inner.state.lock().await;
         if user_id == &self.inner.user_id {
             return Err(Error::NoIdentity(user_id.clone()));
@@ -1921,6 +2002,8 @@ impl Machine {
         let identity =
             self.user_identity(user_id).await?.ok_or_else(|| Error::NoIdentity(user_id.clone()))?;
         let (own, private) = self.trust_material().await?;
+        TrustRoot::new(&st.account, own.as_ref(), private.as_ref())
+            .check_user_to_verify(&identity, expected_master_key)?;
         let private = private
             .ok_or(CrossSigningError::MissingKey(newt_proto::identities::KeyUsage::UserSigning))?;
         if let Some(own) = &own {
@@ -2123,6 +2206,9 @@ impl Machine {
 #[derive(Default)]
 struct Batch {
     olm_sessions: BTreeMap<String, BatchSessions>,
+    /// Stored devices (of any user) by a Curve25519 key that none of the
+    /// claimed sender's devices has; read once per key per batch.
+    foreign_keys: BTreeMap<String, Vec<DeviceRecord>>,
     inbound: BTreeMap<(RoomId, String), usize>,
     requests: Vec<OutgoingRequest>,
     account_changed: bool,
@@ -2258,9 +2344,7 @@ fn sessions_from_export(keys: &[ExportedRoomKey]) -> Vec<Option<InboundGroupSess
 }
 
 fn clone_record(r: &InboundGroupSessionRecord) -> Result<InboundGroupSessionRecord, Error> {
-    serde_json::to_value(r)
-        .and_then(serde_json::from_value)
-        .map_err(|_| Error::Store(StoreError::Corrupt("session record".into())))
+    r.try_clone().map_err(|_| Error::Store(StoreError::Corrupt("session record".into())))
 }
 
 fn to_device_request(

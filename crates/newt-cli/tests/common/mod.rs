@@ -1,20 +1,25 @@
 //! Helpers shared by the driver's integration tests.
 
-#![allow(dead_code, clippy::unwrap_used)]
+#![allow(dead_code, clippy::unwrap_used, clippy::panic)]
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use newt::UserId;
+use newt::{ToDeviceError, ToDeviceOutcome, UserId};
 use newt_cli::SimDevice;
+use newt_proto::account::OwnAccount;
+use newt_proto::devices::parse_device_keys;
 use newt_proto::ids::DeviceId;
+use newt_proto::json::b64_encode;
+use newt_proto::olm::{self, OlmSession};
 use newt_proto::records::{
     AccountRecord, DeviceRecord, InboundGroupSessionRecord, KeyRequestRecord, MessageIndexRecord,
     OlmSessionRecord, OutboundGroupSessionRecord, TrackedUser, WithheldRecord,
 };
 use newt_router::Router;
 use newt_store::{Changes, MemoryStore, SessionCursor, Store, StoreError};
-use serde_json::Value;
+use serde_json::{json, Value};
 
 /// A user ID known to be valid.
 pub(crate) fn uid(s: &str) -> UserId {
@@ -108,6 +113,145 @@ pub(crate) fn post(d: &SimDevice, path: &str, body: &Value) -> Value {
     d.router().handle(d.user.as_str(), d.device.as_str(), "POST", path, body).unwrap()
 }
 
+/// `d`'s own device record, as another device would store it.
+pub(crate) async fn own_record(d: &SimDevice) -> DeviceRecord {
+    parse_device_keys(&d.user, d.device.as_str(), &d.machine.device_keys().await).unwrap()
+}
+
+/// The error of a rejected to-device event (panics on any other outcome).
+pub(crate) fn rejected(outcome: &ToDeviceOutcome) -> &ToDeviceError {
+    match outcome {
+        ToDeviceOutcome::Rejected(e) => e,
+        other => panic!("expected a rejection, got {other:?}"),
+    }
+}
+
+/// An attacker device: a real account and real Olm, arbitrary plaintext.
+pub(crate) struct RawDevice {
+    pub(crate) account: OwnAccount,
+    pub(crate) record: DeviceRecord,
+    pub(crate) router: Arc<Router>,
+}
+
+impl RawDevice {
+    pub(crate) fn new(router: &Arc<Router>, user: &str, device: &str) -> Self {
+        let mut raw = Self::unpublished(router, user, device);
+        let body = raw.account.keys_upload_body().unwrap();
+        router.handle(user, device, "POST", "/keys/upload", &body).unwrap();
+        raw.account.mark_keys_uploaded(Some(50));
+        raw
+    }
+
+    /// A device whose keys were never uploaded: nobody can know them, but it
+    /// can still claim keys and send (the router checks no access token).
+    pub(crate) fn unpublished(router: &Arc<Router>, user: &str, device: &str) -> Self {
+        let mut account = OwnAccount::new(uid(user), DeviceId::parse(device).unwrap());
+        account.prepare_initial_upload(0);
+        let record = parse_device_keys(account.user_id(), device, &account.device_keys()).unwrap();
+        Self { account, record, router: router.clone() }
+    }
+
+    /// A new outbound Olm session to `target` on one of its one-time keys.
+    pub(crate) fn claim_session(
+        &self,
+        target: &SimDevice,
+        target_keys: &DeviceRecord,
+    ) -> OlmSession {
+        let claim = json!({"one_time_keys": {target.user.as_str(): {target.device.as_str(): "signed_curve25519"}}});
+        let resp = self
+            .router
+            .handle(
+                self.account.user_id().as_str(),
+                self.record.device_id.as_str(),
+                "POST",
+                "/keys/claim",
+                &claim,
+            )
+            .unwrap();
+        let devices = BTreeMap::from([(
+            (target_keys.user_id.clone(), target_keys.device_id.clone()),
+            target_keys.clone(),
+        )]);
+        let mut out = olm::handle_keys_claim(
+            &self.account,
+            &[(target_keys.user_id.clone(), target_keys.device_id.clone())],
+            &devices,
+            &resp,
+            0,
+        );
+        OlmSession::from_record(out.sessions.remove(0).2)
+    }
+
+    /// Sends `target` an Olm event whose plaintext is exactly `plaintext`
+    /// (every field the attacker's choice).
+    /// `sender` is what the server puts on the event (a malicious server
+    /// can put anyone).
+    pub(crate) fn send_olm_plaintext(
+        &self,
+        target: &SimDevice,
+        target_keys: &DeviceRecord,
+        plaintext: &Value,
+        sender: &str,
+    ) {
+        let mut session = self.claim_session(target, target_keys);
+        let message = session.session.encrypt(serde_json::to_vec(plaintext).unwrap()).unwrap();
+        let (message_type, body) = message.to_parts();
+        let content = json!({
+            "algorithm": "m.olm.v1.curve25519-aes-sha2",
+            "sender_key": self.record.curve25519,
+            "ciphertext": {target_keys.curve25519.clone(): {"type": message_type, "body": b64_encode(body)}},
+        });
+        let body = json!({"messages": {target.user.as_str(): {target.device.as_str(): content}}});
+        let path = "/sendToDevice/m.room.encrypted/raw";
+        self.router.handle(sender, self.record.device_id.as_str(), "PUT", path, &body).unwrap();
+    }
+
+    /// Claims a one-time key of `target` and sends it an Olm event with an
+    /// arbitrary inner type and content.
+    pub(crate) fn send_olm(
+        &self,
+        target: &SimDevice,
+        target_keys: &DeviceRecord,
+        event_type: &str,
+        content: Value,
+    ) {
+        self.send_olm_as(target, target_keys, target_keys, event_type, content)
+    }
+
+    /// Like `send_olm`, but the plaintext names `recipient` as the recipient.
+    pub(crate) fn send_olm_as(
+        &self,
+        target: &SimDevice,
+        target_keys: &DeviceRecord,
+        recipient: &DeviceRecord,
+        event_type: &str,
+        content: Value,
+    ) {
+        let mut session = self.claim_session(target, target_keys);
+        let mut encrypted =
+            olm::encrypt(&self.account, &mut session, recipient, event_type, content).unwrap();
+        if recipient.curve25519 != target_keys.curve25519 {
+            let ct = encrypted["ciphertext"].as_object_mut().unwrap();
+            let v = ct.remove(&recipient.curve25519).unwrap();
+            ct.insert(target_keys.curve25519.clone(), v);
+        }
+        self.send_raw(target, "m.room.encrypted", encrypted);
+    }
+
+    pub(crate) fn send_raw(&self, target: &SimDevice, event_type: &str, content: Value) {
+        let body = json!({"messages": {target.user.as_str(): {target.device.as_str(): content}}});
+        self.router
+            .handle(
+                self.account.user_id().as_str(),
+                self.record.device_id.as_str(),
+                "PUT",
+                &format!("/sendToDevice/{event_type}/x"),
+                &body,
+            )
+            .unwrap();
+    }
+}
+
 /// A store that fails `apply` while `fail` is set (after letting `pass`
 /// more through), and reads of devices while `fail_reads` is set; the
 /// first of `race`, if any, is applied just before each `apply` (another
@@ -186,8 +330,9 @@ impl Store for FlakyStore {
         &self,
         r: &newt_proto::ids::RoomId,
         s: &str,
+        u: &newt_proto::ids::UserId,
     ) -> Result<Option<WithheldRecord>, StoreError> {
-        self.inner.withheld(r, s).await
+        self.inner.withheld(r, s, u).await
     }
     async fn message_index(
         &self,

@@ -73,4 +73,19 @@ pub enum CrossSigningError {
     /// A private key does not match the published public key.
     #[error("the private {0} key does not match the public identity")]
     PublicKeyMismatch(KeyUsage),
+    /// The master key the user compared is not the stored one (the server
+    /// may have swapped the identity meanwhile): nothing is signed.
+    #[error("the master key to verify is {found}, not the one compared ({expected})")]
+    MasterKeyMismatch {
+        /// The key the user compared (unpadded base64).
+        expected: String,
+        /// The stored key (unpadded base64).
+        found: String,
+    },
+    /// The identity changed since it was pinned or verified
+    /// ([`IdentityTrust::PinnedChanged`] or
+    /// [`IdentityTrust::VerificationViolation`]): the change must be
+    /// acknowledged before the new identity can be verified.
+    #[error("the identity changed ({0:?}): acknowledge the change first")]
+    IdentityChanged(IdentityTrust),
 }

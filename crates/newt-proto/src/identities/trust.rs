@@ -18,6 +18,7 @@ use crate::records::{DeviceRecord, LocalTrust};
 use super::identity::{OwnIdentity, UserIdentity};
 use super::keys::CrossSigningKey;
 use super::private::PrivateCrossSigningIdentity;
+use super::CrossSigningError;
 
 /// Whether this device trusts our own master key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -114,6 +115,31 @@ impl<'a> TrustRoot<'a> {
             OwnIdentityTrust::Verified
         } else {
             OwnIdentityTrust::Unverified
+        }
+    }
+
+    /// Whether we may sign `other`'s master key with our user-signing key
+    /// now that the user compared `expected_master` (unpadded base64) out of
+    /// band: only if it is the stored key and the identity did not change
+    /// since it was pinned or verified (a server swapping the identity
+    /// between the comparison and the confirmation gets nothing signed).
+    pub fn check_user_to_verify(
+        &self,
+        other: &UserIdentity,
+        expected_master: &str,
+    ) -> Result<(), CrossSigningError> {
+        let found = other.master_key().public_key().to_base64();
+        if found != crate::json::strip_padding(expected_master) {
+            return Err(CrossSigningError::MasterKeyMismatch {
+                expected: expected_master.to_owned(),
+                found,
+            });
+        }
+        match self.identity_trust(other) {
+            t @ (IdentityTrust::PinnedChanged | IdentityTrust::VerificationViolation) => {
+                Err(CrossSigningError::IdentityChanged(t))
+            }
+            IdentityTrust::Pinned | IdentityTrust::Verified => Ok(()),
         }
     }
 

@@ -155,8 +155,12 @@ async fn v1_fixture_opens_and_reads_back() {
     assert_eq!(to_json(&store.tracked_users().await.unwrap()), json!([manifest["tracked"]]));
     let request = store.key_request("fixture-request").await.unwrap();
     assert_eq!(to_json(&request), manifest["key_request"]);
-    let withheld = store.withheld(&room_id, "withheld-session").await.unwrap();
+    let withheld =
+        store.withheld(&room_id, "withheld-session", &user("@peer:example.org")).await.unwrap();
     assert_eq!(to_json(&withheld), manifest["withheld"]);
+    // A notice written before they were kept per sender is only its sender's.
+    let other = user("@other:example.org");
+    assert!(store.withheld(&room_id, "withheld-session", &other).await.unwrap().is_none());
     let index = &manifest["message_index"];
     let read =
         store.message_index(&room_id, index["session_id"].as_str().unwrap(), 5).await.unwrap();
