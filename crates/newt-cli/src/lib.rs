@@ -5,8 +5,8 @@
 use std::sync::Arc;
 
 use newt::{
-    DecryptedRoomEvent, DeviceId, Machine, OutgoingRequest, RequestKind, RoomId, RoomSettings,
-    SyncChanges, SyncOutcome, UserId,
+    Clock, DecryptedRoomEvent, DeviceId, Machine, OutgoingRequest, RequestKind, RoomId,
+    RoomSettings, SyncChanges, SyncOutcome, SystemClock, UserId,
 };
 use newt_router::Router;
 use newt_store::Store;
@@ -53,9 +53,21 @@ impl SimDevice {
         device: &str,
         store: Arc<dyn Store>,
     ) -> Result<Self, SimError> {
+        Self::open_with_clock(router, user, device, store, Arc::new(SystemClock)).await
+    }
+
+    /// [`open`](Self::open) with time from `clock` (a [`newt::ManualClock`]
+    /// in tests that move time).
+    pub async fn open_with_clock(
+        router: Arc<Router>,
+        user: &str,
+        device: &str,
+        store: Arc<dyn Store>,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Self, SimError> {
         let user = UserId::parse(user)?;
         let device = DeviceId::parse(device)?;
-        let machine = Machine::open(store, user.clone(), device.clone()).await?;
+        let machine = Machine::open_with_clock(store, user.clone(), device.clone(), clock).await?;
         Ok(Self { machine, user, device, router })
     }
 

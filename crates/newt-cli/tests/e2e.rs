@@ -502,7 +502,9 @@ async fn olm_plaintext_forgeries_rejected_end_to_end() {
 #[tokio::test]
 async fn wedged_session_is_replaced_once_per_hour() {
     let router = Arc::new(Router::new());
-    let (a, b) = (dev(&router, "@alice:hs", "A").await, dev(&router, "@bob:hs", "B").await);
+    let a = dev(&router, "@alice:hs", "A").await;
+    let clock = manual_clock();
+    let b = timed_dev(&router, "@bob:hs", "B", &clock).await;
     let users = [uid("@alice:hs"), uid("@bob:hs")];
     settle(&[&a, &b], &users).await;
     a.share_room_key(&room(), &users, &RoomSettings::default()).await.unwrap();
@@ -546,10 +548,16 @@ async fn wedged_session_is_replaced_once_per_hour() {
             && t.outcome == ToDeviceOutcome::Handled),
         "{out:?}"
     );
-    // A second failure within the hour does not start yet another session.
+    // A second failure within the hour does not start yet another session ...
+    clock.advance(59 * 60 * 1000);
     router.handle("@alice:hs", "A", "PUT", "/sendToDevice/m.room.encrypted/2", &body).unwrap();
     b.sync().await.unwrap();
     assert!(b.machine.get_missing_sessions([uid("@alice:hs")]).await.unwrap().is_none());
+    // ... one after the hour does.
+    clock.advance(60 * 1000 + 1);
+    router.handle("@alice:hs", "A", "PUT", "/sendToDevice/m.room.encrypted/3", &body).unwrap();
+    b.sync().await.unwrap();
+    assert!(b.machine.get_missing_sessions([uid("@alice:hs")]).await.unwrap().is_some());
 }
 
 /// Alice shares the room key again, to Bob's new device B2, while another

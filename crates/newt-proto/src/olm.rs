@@ -645,6 +645,7 @@ mod tests {
         assert_eq!(parsed, expected);
     }
     use crate::devices::parse_device_keys;
+    use crate::records::LocalTrust;
 
     pub(crate) struct Dev {
         pub acc: OwnAccount,
@@ -779,6 +780,70 @@ mod tests {
             matches!(err, OlmError::Check(PlaintextCheckError::SenderDeviceKeys(_))),
             "{err:?}"
         );
+    }
+
+    /// Decrypts at `bob` a message of `from` whose plaintext (made by
+    /// [`forge`], as if from `from`) went through `edit`, given `stored`.
+    fn receive(
+        from: &Dev,
+        stored: &[DeviceRecord],
+        edit: impl FnOnce(&mut Value),
+    ) -> Result<DecryptedToDevice, OlmError> {
+        let mut bob = dev("@bob:hs", "B");
+        let mut s = claim(from, &mut bob);
+        let c = forge(from, &mut s, &bob, edit);
+        decrypt(&mut bob.acc, from.acc.user_id(), &c, &mut Vec::new(), stored, 1).map(|d| d.event)
+    }
+
+    /// A device we do not know, vouching for itself under the ID of a device
+    /// we know with other keys (deleted or not), is an impostor.
+    #[test]
+    fn attack_sender_device_keys_taking_a_known_device_id_are_rejected() {
+        let real = dev("@alice:hs", "A");
+        let impostor = dev("@alice:hs", "A");
+        for deleted in [false, true] {
+            let mut stored = real.rec.clone();
+            stored.deleted = deleted;
+            let sdk = impostor.acc.device_keys();
+            let err = receive(&impostor, &[stored], |v| v["sender_device_keys"] = sdk).unwrap_err();
+            let expected = PlaintextCheckError::DeviceIdTaken { device_id: "A".into() };
+            assert_eq!(err, OlmError::Check(expected));
+        }
+        // An ID nobody has: the claim names the device.
+        let sdk = impostor.acc.device_keys();
+        let event = receive(&impostor, &[], |v| v["sender_device_keys"] = sdk).unwrap();
+        assert_eq!(event.sender_device.map(|d| d.device_id.to_string()), Some("A".into()));
+    }
+
+    /// The stored record of the sender key wins over `sender_device_keys`,
+    /// with its flags: a deleted, blacklisted device stays one.
+    #[test]
+    fn attack_stored_record_with_its_flags_wins_over_sender_device_keys() {
+        let alice = dev("@alice:hs", "A");
+        let mut stored = alice.rec.clone();
+        stored.deleted = true;
+        stored.local_trust = LocalTrust::Blacklisted;
+        let sdk = alice.acc.device_keys();
+        let event = receive(&alice, &[stored.clone()], |v| v["sender_device_keys"] = sdk).unwrap();
+        let device = event.sender_device.unwrap();
+        assert!(device.deleted);
+        assert_eq!(device.local_trust, LocalTrust::Blacklisted);
+    }
+
+    /// A sender key that a known device of another user owns cannot speak
+    /// for the event's sender.
+    #[test]
+    fn attack_sender_key_of_another_users_device_is_rejected() {
+        let mallory = dev("@mallory:hs", "M");
+        let mut bob = dev("@bob:hs", "B");
+        let mut s = claim(&mallory, &mut bob);
+        // Mallory's channel, under Alice's name (the server relabels the event).
+        let c = forge(&mallory, &mut s, &bob, |v| v["sender"] = json!("@alice:hs"));
+        let alice = UserId::parse("@alice:hs").unwrap();
+        let stored = [mallory.rec.clone()];
+        let err = decrypt(&mut bob.acc, &alice, &c, &mut Vec::new(), &stored, 1).unwrap_err();
+        let expected = PlaintextCheckError::KeyOfAnotherUser { owner: "@mallory:hs".into() };
+        assert_eq!(err, OlmError::Check(expected));
     }
 
     #[test]

@@ -135,6 +135,7 @@ mod error;
 mod machine;
 mod requests;
 
+pub use clock::{Clock, ManualClock, SystemClock};
 pub use error::Error;
 pub use machine::{
     IdentityRejection, ImportSummary, KeysQueryReport, Machine, ProcessedToDevice,

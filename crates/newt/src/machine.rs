@@ -43,7 +43,7 @@ use newt_proto::vodozemac::megolm::{DecryptedMessage, InboundGroupSession, Megol
 use newt_proto::OLM_V1;
 use newt_store::{Store, StoreError};
 
-use crate::clock::now_ms;
+use crate::clock::{Clock, SystemClock};
 use crate::requests::{OutgoingRequest, RequestKind};
 use crate::Error;
 
@@ -263,6 +263,9 @@ enum Pending {
 
 struct State {
     account: OwnAccount,
+    /// Request IDs are `newt-<id_prefix>-<next_id>`: random per machine (two
+    /// processes sharing a store never collide), then a counter.
+    id_prefix: u64,
     next_id: u64,
     queued: Vec<OutgoingRequest>,
     in_flight: BTreeMap<String, Pending>,
@@ -354,7 +357,7 @@ struct ShareBatch {
 impl State {
     fn next_id(&mut self) -> String {
         self.next_id += 1;
-        format!("newt-{}-{}", now_ms(), self.next_id)
+        format!("newt-{:016x}-{}", self.id_prefix, self.next_id)
     }
 }
 
@@ -368,6 +371,7 @@ pub struct Machine {
 
 struct Inner {
     store: Arc<dyn Store>,
+    clock: Arc<dyn Clock>,
     user_id: UserId,
     device_id: DeviceId,
     state: Mutex<State>,
@@ -396,11 +400,24 @@ fn set_default_threads() {
 
 impl Machine {
     /// Opens the machine for `user_id`/`device_id` on `store`, creating the
-    /// account on first use.
+    /// account on first use. Time comes from the [`SystemClock`].
     pub async fn open(
         store: Arc<dyn Store>,
         user_id: UserId,
         device_id: DeviceId,
+    ) -> Result<Self, Error> {
+        Self::open_with_clock(store, user_id, device_id, Arc::new(SystemClock)).await
+    }
+
+    /// [`open`](Self::open) with the time taken from `clock` (e.g. a
+    /// [`ManualClock`](crate::ManualClock) in tests): every rule that
+    /// depends on time (rotation by age, unwedging at most once an hour,
+    /// verification timeouts, the upload lease) reads it there.
+    pub async fn open_with_clock(
+        store: Arc<dyn Store>,
+        user_id: UserId,
+        device_id: DeviceId,
+        clock: Arc<dyn Clock>,
     ) -> Result<Self, Error> {
         set_default_threads();
         let account = match store.account().await? {
@@ -415,7 +432,7 @@ impl Machine {
             }
             None => {
                 let mut account = OwnAccount::new(user_id.clone(), device_id.clone());
-                account.prepare_initial_upload(now_ms());
+                account.prepare_initial_upload(clock.now_ms());
                 let mut changes =
                     Changes { account: Some(account.initial_record()), ..Default::default() };
                 // Track ourselves so our other devices are known.
@@ -429,10 +446,12 @@ impl Machine {
         Ok(Self {
             inner: Arc::new(Inner {
                 store,
+                clock,
                 user_id,
                 device_id,
                 state: Mutex::new(State {
                     account,
+                    id_prefix: rand::random(),
                     next_id: 0,
                     queued: Vec::new(),
                     in_flight: BTreeMap::new(),
@@ -475,6 +494,11 @@ impl Machine {
 
     fn store(&self) -> &dyn Store {
         self.inner.store.as_ref()
+    }
+
+    /// Now, from the machine's clock (ms since the Unix epoch).
+    fn now(&self) -> u64 {
+        self.inner.clock.now_ms()
     }
 
     /// Commits `changes`, reloading the account from the store if the commit
@@ -547,7 +571,7 @@ impl Machine {
     pub async fn receive_sync(&self, sync: SyncChanges) -> Result<SyncOutcome, Error> {
         let mut st = self.inner.state.lock().await;
         self.refresh_account(&mut st).await?;
-        let now = now_ms();
+        let now = self.now();
         let mut changes = Changes::default();
         let mut account_changed = false;
 
@@ -925,9 +949,9 @@ impl Machine {
         let mut st = self.inner.state.lock().await;
         self.refresh_account(&mut st).await?;
         let mut out = Vec::new();
-        self.poll_verification_timeouts(&mut st, now_ms()).await?;
+        self.poll_verification_timeouts(&mut st, self.now()).await?;
         let upload_in_flight = st.in_flight.values().any(|p| matches!(p, Pending::KeysUpload));
-        let now = now_ms();
+        let now = self.now();
         if !upload_in_flight && !st.account.upload_leased(now) {
             if let Some(body) = st.account.keys_upload_body() {
                 // Take the upload lease in the store first: if another process
@@ -1104,7 +1128,7 @@ impl Machine {
         users: impl IntoIterator<Item = UserId>,
     ) -> Result<Option<OutgoingRequest>, Error> {
         let mut st = self.inner.state.lock().await;
-        let now = now_ms();
+        let now = self.now();
         let own_curve = st.account.curve25519_key().to_base64();
         if st.in_flight.values().any(|p| matches!(p, Pending::KeysClaim(_))) {
             return Ok(None);
@@ -1156,7 +1180,7 @@ impl Machine {
         if !response.is_object() {
             return Err(Error::BadResponse("keys/claim: not an object"));
         }
-        let now = now_ms();
+        let now = self.now();
         let mut devices = BTreeMap::new();
         let users: BTreeSet<&UserId> = requested.iter().map(|(u, _)| u).collect();
         let users: Vec<UserId> = users.into_iter().cloned().collect();
@@ -1230,7 +1254,7 @@ impl Machine {
         members: &BTreeSet<UserId>,
         settings: &RoomSettings,
     ) -> Result<Vec<OutgoingRequest>, Error> {
-        let now = now_ms();
+        let now = self.now();
         let mut devices_by_user: BTreeMap<UserId, Vec<DeviceRecord>> =
             members.iter().map(|u| (u.clone(), Vec::new())).collect();
         let member_list: Vec<UserId> = members.iter().cloned().collect();
@@ -1447,7 +1471,7 @@ impl Machine {
         content: Value,
     ) -> Result<Value, Error> {
         let mut st = self.inner.state.lock().await;
-        let now = now_ms();
+        let now = self.now();
         // The live session is cached; every advance is committed (generation
         // checked) before the ciphertext is returned. If another process
         // wrote the room's session since, the commit is refused: reload,

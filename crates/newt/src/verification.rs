@@ -46,7 +46,6 @@ use newt_proto::verification::{
 };
 
 use super::{to_device_request, Machine, State, ToDeviceOutcome};
-use crate::clock::now_ms;
 use crate::requests::{OutgoingRequest, RequestKind};
 use crate::Error;
 
@@ -500,7 +499,7 @@ impl Machine {
         device: &DeviceId,
     ) -> Result<(String, OutgoingRequest), Error> {
         let mut st = self.inner.state.lock().await;
-        let now = now_ms();
+        let now = self.now();
         let fixed = self.fixed_keys(&st, user, device).await?;
         let txn = new_transaction_id();
         let flow = FlowId::ToDevice(txn.clone());
@@ -526,7 +525,7 @@ impl Machine {
     /// the request to send.
     pub async fn request_own_verification(&self) -> Result<(String, OutgoingRequest), Error> {
         let mut st = self.inner.state.lock().await;
-        let now = now_ms();
+        let now = self.now();
         let own = self.inner.user_id.clone();
         let devices: Vec<DeviceId> = self
             .store()
@@ -593,7 +592,7 @@ impl Machine {
             return Err(Error::VerificationState("a flow with this ID exists"));
         }
         let flow = FlowId::InRoom { room_id: room_id.clone(), event_id: event_id.to_owned() };
-        let f = Self::new_flow(flow, user, now_ms(), Phase::Requested);
+        let f = Self::new_flow(flow, user, self.now(), Phase::Requested);
         st.flows.insert((user.clone(), event_id.to_owned()), f);
         Ok(())
     }
@@ -708,7 +707,7 @@ impl Machine {
                 return Err(Error::VerificationState("no verification method in common"));
             }
             let fixed = m.fixed_keys(st, &flow.other_user, &device).await?;
-            let out = match Created::new(fixed.ids.clone(), flow.flow.clone(), now_ms()) {
+            let out = match Created::new(fixed.ids.clone(), flow.flow.clone(), m.now()) {
                 Ok(created) => {
                     let mut content = Map::new();
                     content.insert("from_device".into(), json!(m.inner.device_id));
@@ -771,7 +770,7 @@ impl Machine {
             if flow.qr_shown.is_none() {
                 let Some(ids) = &flow.ids else { return Ok(None) };
                 flow.qr_shown =
-                    qr_flow::show(ids, flow.believed_own_master, flow.flow.clone(), now_ms());
+                    qr_flow::show(ids, flow.believed_own_master, flow.flow.clone(), m.now());
             }
             match &flow.qr_shown {
                 Some(shown) => Ok(Some(shown.bytes().map_err(qr_flow::ScanError::from)?)),
@@ -801,7 +800,7 @@ impl Machine {
             }
             let ids = flow.ids.as_ref().ok_or(Error::VerificationState("not ready"))?;
             let step =
-                qr_flow::scan(ids, flow.believed_own_master, flow.flow.clone(), bytes, now_ms())?;
+                qr_flow::scan(ids, flow.believed_own_master, flow.flow.clone(), bytes, m.now())?;
             m.apply_qr_step(st, flow, step, changes).await
         })
         .await
@@ -814,7 +813,7 @@ impl Machine {
         self.with_flow(flow_id, async |m, st, flow, changes| {
             match std::mem::replace(&mut flow.phase, Phase::RequestReceived) {
                 Phase::Qr(state @ QrState::Scanned(_)) => {
-                    m.apply_qr_step(st, flow, state.confirm(now_ms()), changes).await
+                    m.apply_qr_step(st, flow, state.confirm(m.now()), changes).await
                 }
                 other => {
                     flow.phase = other;
@@ -884,7 +883,7 @@ impl Machine {
     ) -> Result<(), Error> {
         self.with_flow(flow_id, async |m, st, flow, changes| {
             match std::mem::replace(&mut flow.phase, Phase::RequestReceived) {
-                Phase::Sas(state) => match action(state, now_ms()) {
+                Phase::Sas(state) => match action(state, m.now()) {
                     Ok(step) => m.apply_step(st, flow, step, changes).await,
                     Err(state) => {
                         flow.phase = Phase::Sas(*state);
@@ -1177,7 +1176,7 @@ impl Machine {
             let t = event.get("type").and_then(Value::as_str).unwrap_or_default().to_owned();
             (sender, t, event.get("content").cloned().unwrap_or(Value::Null), None)
         };
-        let now = now_ms();
+        let now = self.now();
         let mut st = self.inner.state.lock().await;
         let mut changes = Changes::default();
         let checkpoint = Self::flow_checkpoint(&st);

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use newt::{ToDeviceError, ToDeviceOutcome, UserId};
+use newt::{ManualClock, ToDeviceError, ToDeviceOutcome, UserId};
 use newt_cli::SimDevice;
 use newt_proto::account::OwnAccount;
 use newt_proto::devices::parse_device_keys;
@@ -35,6 +35,26 @@ pub(crate) fn did(s: &str) -> DeviceId {
 pub(crate) async fn dev(router: &Arc<Router>, user: &str, device: &str) -> SimDevice {
     let d =
         SimDevice::open(router.clone(), user, device, Arc::new(MemoryStore::new())).await.unwrap();
+    d.flush().await.unwrap();
+    d
+}
+
+/// A clock for devices that share virtual time (set to November 2023).
+pub(crate) fn manual_clock() -> Arc<ManualClock> {
+    Arc::new(ManualClock::new(1_700_000_000_000))
+}
+
+/// [`dev`] with time from `clock`, which the test moves.
+pub(crate) async fn timed_dev(
+    router: &Arc<Router>,
+    user: &str,
+    device: &str,
+    clock: &Arc<ManualClock>,
+) -> SimDevice {
+    let store = Arc::new(MemoryStore::new());
+    let d = SimDevice::open_with_clock(router.clone(), user, device, store, clock.clone())
+        .await
+        .unwrap();
     d.flush().await.unwrap();
     d
 }
