@@ -11,8 +11,9 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use newt::{
-    Error, LocalTrust, MegolmError, RoomId, RoomSettings, RotationSettings, SenderTrust,
-    SharingPolicy, ToDeviceError, ToDeviceOutcome,
+    Error, ExportError, ImportOptions, LocalTrust, MegolmError, RoomId, RoomSettings,
+    RotationSettings, SenderTrust, SharingPolicy, ToDeviceError, ToDeviceOutcome,
+    DEFAULT_MAX_ROUNDS,
 };
 use newt_cli::{SimDevice, SimError};
 use newt_proto::account::OwnAccount;
@@ -696,6 +697,62 @@ async fn export_import_round_trip_and_bad_passphrase() {
     // Importing again changes nothing.
     let s = fresh.machine.import_room_keys(&file, "pass", |_, _| {}).await.unwrap();
     assert_eq!((s.imported, s.skipped), (0, 1));
+}
+
+/// `file` (a key export) with its PBKDF2 round count replaced by `rounds`.
+fn with_rounds(file: &str, rounds: u32) -> String {
+    use newt_proto::export::{FOOTER, HEADER};
+    use newt_proto::json::{b64_decode, b64_encode};
+    let body = file.split_once(HEADER).unwrap().1.split_once(FOOTER).unwrap().0;
+    let mut payload = b64_decode(body).unwrap();
+    // Version (1 byte), salt (16), IV (16), then the count, big-endian.
+    payload[33..37].copy_from_slice(&rounds.to_be_bytes());
+    format!("{HEADER}\n{}\n{FOOTER}\n", b64_encode(&payload))
+}
+
+#[tokio::test]
+async fn attack_export_file_asking_for_too_many_rounds_is_refused_by_import() {
+    let router = Arc::new(Router::new());
+    let (a, b) = (dev(&router, "@alice:hs", "A").await, dev(&router, "@bob:hs", "B").await);
+    let users = [uid("@alice:hs"), uid("@bob:hs")];
+    settle(&[&a, &b], &users).await;
+    a.share_room_key(&room(), &users, &RoomSettings::default()).await.unwrap();
+    b.sync().await.unwrap();
+    let e = a.send_text(&room(), "history").await.unwrap();
+    let file = b.machine.export_room_keys("pass", 2000).await.unwrap();
+    let fresh = dev(&router, "@bob:hs", "B9").await;
+    // A limit below the file's count: refused, nothing imported.
+    let low = ImportOptions { max_rounds: 1000 };
+    let refused = fresh.machine.import_room_keys_with(&file, "pass", &low, |_, _| {}).await;
+    assert!(
+        matches!(
+            refused,
+            Err(Error::Export(ExportError::TooManyRounds { rounds: 2000, max: 1000 }))
+        ),
+        "{refused:?}"
+    );
+    assert!(fresh.decrypt(&room(), &e).await.is_err());
+    // Raised to the file's count: imported.
+    let raised = ImportOptions { max_rounds: 2000 };
+    let s = fresh.machine.import_room_keys_with(&file, "pass", &raised, |_, _| {}).await.unwrap();
+    assert_eq!((s.total, s.imported), (1, 1));
+    assert_eq!(fresh.decrypt(&room(), &e).await.unwrap().content["body"], "history");
+    // A hostile file asking for u32::MAX rounds (over an hour of CPU) is
+    // refused by the default limit before any derivation, so this returns at
+    // once (without the check it would run for hours; the low limit above
+    // fails first).
+    let hostile = with_rounds(&file, u32::MAX);
+    let refused = fresh.machine.import_room_keys(&hostile, "pass", |_, _| {}).await;
+    assert!(
+        matches!(
+            refused,
+            Err(Error::Export(ExportError::TooManyRounds {
+                rounds: u32::MAX,
+                max: DEFAULT_MAX_ROUNDS
+            }))
+        ),
+        "{refused:?}"
+    );
 }
 
 #[tokio::test]

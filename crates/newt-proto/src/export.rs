@@ -36,7 +36,13 @@
 //! ```
 //!
 //! Reading costs `rounds` PBKDF2 iterations, a number the file chooses: a
-//! hostile file can ask for about four billion. Run imports off the UI thread.
+//! hostile file can ask for about four billion (hours of CPU). Every reader
+//! refuses more than [`DEFAULT_MAX_ROUNDS`] with
+//! [`ExportError::TooManyRounds`] before deriving anything;
+//! [`ExportStream::open_with_max_rounds`] takes a higher limit. Even within
+//! the limit the derivation takes seconds: [`ExportKdf`] splits it from the
+//! rest of reading so that a driver can run it on another thread, then
+//! [`ExportStream::open_with_keys`] reads the file.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -61,6 +67,17 @@ pub const HEADER: &str = "-----BEGIN MEGOLM SESSION DATA-----";
 pub const FOOTER: &str = "-----END MEGOLM SESSION DATA-----";
 /// The fewest PBKDF2 rounds the spec recommends for new exports.
 pub const MIN_RECOMMENDED_ROUNDS: u32 = 100_000;
+/// The most PBKDF2 rounds a file may ask for before reading refuses it
+/// ([`ExportError::TooManyRounds`]), unless the caller allows more
+/// ([`ExportStream::open_with_max_rounds`]).
+///
+/// Ten times the 500,000 that Element (Web, Desktop, Android) writes, and
+/// fifty times the spec's recommended minimum, so real files pass with room
+/// to spare. PBKDF2-HMAC-SHA512 costs about 1.2 µs a round on one core of a
+/// desktop, so the limit bounds what a file can make us do at about 6 s
+/// (longer on a phone or in wasm), where `u32::MAX` rounds are about 85
+/// minutes.
+pub const DEFAULT_MAX_ROUNDS: u32 = 5_000_000;
 
 const VERSION: u8 = 1;
 const SALT_LEN: usize = 16;
@@ -156,6 +173,16 @@ pub enum ExportError {
     /// The PBKDF2 round count is zero: a malformed file, or a caller's mistake when writing.
     #[error("a key export needs at least one PBKDF2 round")]
     ZeroRounds,
+    /// The file asks for more PBKDF2 rounds than the reader allows
+    /// ([`DEFAULT_MAX_ROUNDS`] unless raised): a hostile file, or one from
+    /// an exporter set far above the usual. Found before any key derivation.
+    #[error("the key export asks for {rounds} PBKDF2 rounds, more than the {max} allowed")]
+    TooManyRounds {
+        /// The round count in the file.
+        rounds: u32,
+        /// The reader's limit.
+        max: u32,
+    },
     /// The MAC does not match: the passphrase is wrong or the file was modified.
     #[error("wrong passphrase, or the key export was modified")]
     BadMac,
@@ -175,7 +202,9 @@ pub enum ExportError {
 /// Encrypts `keys` into a key export file protected by `passphrase`.
 ///
 /// `rounds` is the PBKDF2 iteration count; use at least
-/// [`MIN_RECOMMENDED_ROUNDS`]. The salt and IV come from the OS RNG.
+/// [`MIN_RECOMMENDED_ROUNDS`] (a file with more than
+/// [`DEFAULT_MAX_ROUNDS`] can only be read with a raised limit). The salt
+/// and IV come from the OS RNG.
 /// The output is padded base64 wrapped at 128 characters, between the header
 /// and footer lines, with a trailing newline. For many keys, prefer
 /// [`ExportWriter`], which never holds more than one key's JSON.
@@ -552,6 +581,10 @@ impl ArraySplitter {
 /// [`next_batch`](Self::next_batch) decrypts and parses again, a batch at a
 /// time. Errors are those of [`decrypt_export`], in the same cases.
 ///
+/// [`open`](Self::open) derives the keys from the passphrase on the
+/// caller's thread (the slow part); [`open_with_keys`](Self::open_with_keys)
+/// takes keys derived beforehand with [`ExportKdf`].
+///
 /// ```
 /// use newt_proto::export::{encrypt_export, ExportStream};
 /// # let keys = vec![];
@@ -626,11 +659,44 @@ impl<'a> Pass<'a> {
     }
 }
 
+/// Where [`ExportStream`]'s keys come from.
+enum Keying<'k> {
+    /// Derived from the passphrase once the header is read, if its round
+    /// count is within `max_rounds`.
+    Passphrase { passphrase: &'k str, max_rounds: u32 },
+    /// Derived beforehand ([`ExportKdf::derive`]), with the limit checked.
+    Derived(&'k ExportKeys),
+}
+
 impl<'a> ExportStream<'a> {
     /// Authenticates `file` and, in the same pass, decrypts it to validate
     /// and count every key (each parsed key is dropped and zeroised at once;
-    /// nothing found counts before the MAC is verified).
+    /// nothing found counts before the MAC is verified). A file asking for
+    /// more than [`DEFAULT_MAX_ROUNDS`] PBKDF2 rounds is refused.
     pub fn open(file: &'a str, passphrase: &str) -> Result<Self, ExportError> {
+        Self::open_with_max_rounds(file, passphrase, DEFAULT_MAX_ROUNDS)
+    }
+
+    /// [`open`](Self::open), refusing files that ask for more than
+    /// `max_rounds` PBKDF2 rounds ([`ExportError::TooManyRounds`], before
+    /// any key derivation).
+    pub fn open_with_max_rounds(
+        file: &'a str,
+        passphrase: &str,
+        max_rounds: u32,
+    ) -> Result<Self, ExportError> {
+        Self::open_keyed(file, Keying::Passphrase { passphrase, max_rounds })
+    }
+
+    /// [`open`](Self::open) with keys already derived from this file's
+    /// header ([`ExportKdf::read`] then [`ExportKdf::derive`]). Keys derived
+    /// for another file fail like a wrong passphrase
+    /// ([`ExportError::BadMac`]).
+    pub fn open_with_keys(file: &'a str, keys: &ExportKeys) -> Result<Self, ExportError> {
+        Self::open_keyed(file, Keying::Derived(keys))
+    }
+
+    fn open_keyed(file: &'a str, keying: Keying<'_>) -> Result<Self, ExportError> {
         let body = armored_body(file)?;
         // One pass: decode everything (a base64 error anywhere wins, as when
         // decoding whole); from the header on, MAC all but the last MAC_LEN
@@ -660,9 +726,19 @@ impl<'a> ExportStream<'a> {
                 let need = (HEADER_LEN - head.len()).min(new.len());
                 head.extend_from_slice(&new[..need]);
                 if head.len() == HEADER_LEN && keyed.is_none() && header_error.is_none() {
-                    match Header::parse(&head) {
+                    let max_rounds = match keying {
+                        Keying::Passphrase { max_rounds, .. } => max_rounds,
+                        // Checked when they were derived.
+                        Keying::Derived(_) => u32::MAX,
+                    };
+                    match Header::parse(&head, max_rounds) {
                         Ok(h) => {
-                            let keys = DerivedKeys::new(passphrase, &h.salt, h.rounds);
+                            let keys = match keying {
+                                Keying::Passphrase { passphrase, .. } => {
+                                    DerivedKeys::new(passphrase, &h.salt, h.rounds)
+                                }
+                                Keying::Derived(keys) => keys.0.clone(),
+                            };
                             let (hmac, cipher) = (keys.mac(&[]), keys.cipher(&h.iv));
                             keyed = Some((keys, h.iv, hmac, cipher));
                         }
@@ -776,8 +852,9 @@ struct Header {
 
 impl Header {
     /// Parses the first [`HEADER_LEN`] bytes (version already checked by
-    /// the caller's order of errors; checked here too).
-    fn parse(head: &[u8]) -> Result<Self, ExportError> {
+    /// the caller's order of errors; checked here too), with a round count
+    /// of at most `max_rounds`.
+    fn parse(head: &[u8], max_rounds: u32) -> Result<Self, ExportError> {
         let (&version, rest) = head.split_first().ok_or(ExportError::TooShort)?;
         if version != VERSION {
             return Err(ExportError::UnsupportedVersion(version));
@@ -786,10 +863,80 @@ impl Header {
         let (iv, rest) = rest.split_first_chunk::<IV_LEN>().ok_or(ExportError::TooShort)?;
         let (rounds, _) = rest.split_first_chunk::<4>().ok_or(ExportError::TooShort)?;
         let rounds = u32::from_be_bytes(*rounds);
-        if rounds == 0 {
-            return Err(ExportError::ZeroRounds);
-        }
+        check_rounds(rounds, max_rounds)?;
         Ok(Self { salt: *salt, iv: *iv, rounds })
+    }
+}
+
+/// A file's round count must be at least one and at most `max_rounds`:
+/// checked before any PBKDF2 work.
+fn check_rounds(rounds: u32, max_rounds: u32) -> Result<(), ExportError> {
+    if rounds == 0 {
+        return Err(ExportError::ZeroRounds);
+    }
+    if rounds > max_rounds {
+        return Err(ExportError::TooManyRounds { rounds, max: max_rounds });
+    }
+    Ok(())
+}
+
+/// The key derivation a file asks for: its salt and PBKDF2 round count,
+/// read from its header and checked against a limit.
+///
+/// Reading the header is cheap; [`derive`](Self::derive) is the slow part
+/// of reading a file. It borrows nothing from the file, so a caller can run
+/// it on another thread and pass the keys to
+/// [`ExportStream::open_with_keys`].
+///
+/// ```
+/// use newt_proto::export::{encrypt_export, ExportKdf, ExportStream, DEFAULT_MAX_ROUNDS};
+/// let file = encrypt_export(&[], "pw", 3)?;
+/// let kdf = ExportKdf::read(&file, DEFAULT_MAX_ROUNDS)?;
+/// assert_eq!(kdf.rounds(), 3);
+/// let keys = std::thread::spawn(move || kdf.derive("pw")).join().unwrap_or_else(|_| panic!());
+/// assert_eq!(ExportStream::open_with_keys(&file, &keys)?.total(), 0);
+/// # Ok::<(), newt_proto::export::ExportError>(())
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExportKdf {
+    salt: [u8; SALT_LEN],
+    rounds: u32,
+}
+
+impl ExportKdf {
+    /// Reads the header of `file`; a round count above `max_rounds` is
+    /// [`ExportError::TooManyRounds`]. Only the header is looked at: other
+    /// damage is found when the file is opened.
+    pub fn read(file: &str, max_rounds: u32) -> Result<Self, ExportError> {
+        let mut base64 = Base64Stream::new(armored_body(file)?);
+        let mut head = Vec::with_capacity(HEADER_LEN);
+        while head.len() < HEADER_LEN && !base64.finished() {
+            base64.step(&mut head)?;
+        }
+        let header = Header::parse(&head, max_rounds)?;
+        Ok(Self { salt: header.salt, rounds: header.rounds })
+    }
+
+    /// The PBKDF2 round count the file asks for.
+    pub fn rounds(&self) -> u32 {
+        self.rounds
+    }
+
+    /// Derives the file's keys from `passphrase`: [`rounds`](Self::rounds)
+    /// PBKDF2-HMAC-SHA512 iterations. A wrong passphrase shows only when the
+    /// file is opened ([`ExportError::BadMac`]).
+    pub fn derive(&self, passphrase: &str) -> ExportKeys {
+        ExportKeys(DerivedKeys::new(passphrase, &self.salt, self.rounds))
+    }
+}
+
+/// The AES and HMAC keys of one export file, derived from its passphrase
+/// ([`ExportKdf::derive`]). Zeroised on drop; `Debug` shows nothing.
+pub struct ExportKeys(DerivedKeys);
+
+impl fmt::Debug for ExportKeys {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ExportKeys(<redacted>)")
     }
 }
 
@@ -798,7 +945,9 @@ impl Header {
 /// Accepts CRLF, surrounding whitespace, lines wrapped anywhere, padded or
 /// unpadded base64, and per-line padding as matrix-js-sdk writes it.
 /// Fails with [`ExportError::BadMac`] on a wrong passphrase, before
-/// decrypting anything.
+/// decrypting anything, and with [`ExportError::TooManyRounds`] on a file
+/// asking for more than [`DEFAULT_MAX_ROUNDS`] (for those, see
+/// [`ExportStream::open_with_max_rounds`]).
 pub fn decrypt_export(file: &str, passphrase: &str) -> Result<Vec<ExportedRoomKey>, ExportError> {
     let mut keys = Vec::new();
     let flow = decrypt_export_with(file, passphrase, |key, _, total| {
@@ -842,7 +991,8 @@ pub fn decrypt_export_with<B>(
 /// Decrypts the key export container and returns the raw plaintext (normally
 /// JSON), zeroised on drop.
 ///
-/// Checks the header, version and MAC (in constant time) before decrypting.
+/// Checks the header, version, round count (at most
+/// [`DEFAULT_MAX_ROUNDS`]) and MAC (in constant time) before decrypting.
 pub fn decrypt_export_bytes(
     file: &str,
     passphrase: &str,
@@ -852,9 +1002,7 @@ pub fn decrypt_export_bytes(
     let mut payload = Zeroizing::new(decode_base64_body(armored_body(file)?)?);
     let (keys, iv, start, end) = {
         let parts = Payload::parse(&payload)?;
-        if parts.rounds == 0 {
-            return Err(ExportError::ZeroRounds);
-        }
+        check_rounds(parts.rounds, DEFAULT_MAX_ROUNDS)?;
         let keys = DerivedKeys::new(passphrase, parts.salt, parts.rounds);
         keys.mac(parts.authenticated).verify_slice(parts.mac).map_err(|_| ExportError::BadMac)?;
         let end = parts.authenticated.len();
@@ -973,6 +1121,7 @@ impl<'a> Payload<'a> {
 }
 
 /// The AES and HMAC keys derived from the passphrase, zeroised on drop.
+#[derive(Clone)]
 struct DerivedKeys {
     aes: Zeroizing<[u8; KEY_LEN]>,
     mac: Zeroizing<[u8; KEY_LEN]>,
@@ -1376,8 +1525,8 @@ mod tests {
         let file = encrypt_export(&[key(1)], "p", 1).unwrap();
         let body = body_of(&file);
         // Characters 44..52 hold the round count, and any change in length
-        // before them shifts it: a random count could mean billions of PBKDF2
-        // rounds, so only same-length substitutions go there.
+        // before them shifts it: a random count could mean millions of PBKDF2
+        // rounds (up to the limit), so only same-length substitutions go there.
         let rounds_chars = 44..52;
         for i in 0..body.len() {
             if rounds_chars.contains(&i) {
@@ -1408,7 +1557,15 @@ mod tests {
         passphrase: &str,
         batch: usize,
     ) -> Result<Vec<ExportedRoomKey>, ExportError> {
-        let mut stream = ExportStream::open(file, passphrase)?;
+        drain(ExportStream::open(file, passphrase), batch)
+    }
+
+    /// Every key of an opened stream, `batch` at a time.
+    fn drain(
+        stream: Result<ExportStream<'_>, ExportError>,
+        batch: usize,
+    ) -> Result<Vec<ExportedRoomKey>, ExportError> {
+        let mut stream = stream?;
         let mut keys = Vec::new();
         loop {
             let next = stream.next_batch(batch)?;
@@ -1432,6 +1589,15 @@ mod tests {
             match (&whole, &streamed) {
                 (Err(ExportError::Json(_)), Err(ExportError::Json(_))) => {}
                 _ => assert_eq!(streamed, whole, "batch {batch}: {file:?}"),
+            }
+        }
+        // Keys derived beforehand (as the driver does), once the header
+        // reads: the same again.
+        if let Ok(kdf) = ExportKdf::read(file, DEFAULT_MAX_ROUNDS) {
+            let keyed = drain(ExportStream::open_with_keys(file, &kdf.derive(passphrase)), 3);
+            match (&whole, &keyed) {
+                (Err(ExportError::Json(_)), Err(ExportError::Json(_))) => {}
+                _ => assert_eq!(keyed, whole, "with keys: {file:?}"),
             }
         }
     }
@@ -1510,6 +1676,76 @@ mod tests {
         );
         let file = encrypt_export_bytes(b"\xff", "p", 1).unwrap();
         assert!(matches!(stream_all(&file, "p", 1), Err(ExportError::Json(_))));
+    }
+
+    /// `file` with its round count replaced by `rounds` (the MAC no longer
+    /// matches; the count is checked before the MAC can be).
+    fn with_rounds(file: &str, rounds: u32) -> String {
+        let mut payload = decode_base64_body(&body_of(file)).unwrap();
+        payload[1 + SALT_LEN + IV_LEN..HEADER_LEN].copy_from_slice(&rounds.to_be_bytes());
+        rearmor(&base64::engine::general_purpose::STANDARD.encode(&payload))
+    }
+
+    #[test]
+    fn attack_export_file_asking_for_too_many_rounds_is_refused() {
+        // u32::MAX PBKDF2 rounds would take over an hour of CPU. Every reader
+        // refuses the file before deriving anything, which is why this test
+        // is fast (without the check it would not finish; `ExportKdf::read`
+        // derives nothing, so it goes first and fails fast instead).
+        let file = with_rounds(&encrypt_export(&[key(1)], "p", 1).unwrap(), u32::MAX);
+        let refused = ExportError::TooManyRounds { rounds: u32::MAX, max: DEFAULT_MAX_ROUNDS };
+        assert_eq!(ExportKdf::read(&file, DEFAULT_MAX_ROUNDS), Err(refused.clone()));
+        assert_eq!(ExportStream::open(&file, "p").err(), Some(refused.clone()));
+        assert_eq!(decrypt_export(&file, "p"), Err(refused.clone()));
+        assert_eq!(decrypt_export_bytes(&file, "p").err(), Some(refused.clone()));
+        let flow = decrypt_export_with(&file, "p", |_, _, _| ControlFlow::<()>::Continue(()));
+        assert_eq!(flow, Err(refused));
+        // The limit itself is allowed, one more is not.
+        let file = with_rounds(&file, DEFAULT_MAX_ROUNDS);
+        assert_eq!(
+            ExportKdf::read(&file, DEFAULT_MAX_ROUNDS).map(|k| k.rounds()),
+            Ok(DEFAULT_MAX_ROUNDS)
+        );
+        let file = with_rounds(&file, DEFAULT_MAX_ROUNDS + 1);
+        assert_eq!(
+            ExportStream::open(&file, "p").err(),
+            Some(ExportError::TooManyRounds {
+                rounds: DEFAULT_MAX_ROUNDS + 1,
+                max: DEFAULT_MAX_ROUNDS
+            })
+        );
+    }
+
+    #[test]
+    fn a_raised_or_lowered_limit_and_keys_derived_beforehand() {
+        let file = encrypt_export(&[key(1)], "p", 10).unwrap();
+        let refused = ExportError::TooManyRounds { rounds: 10, max: 9 };
+        assert_eq!(ExportStream::open_with_max_rounds(&file, "p", 9).err(), Some(refused.clone()));
+        let read = ExportStream::open_with_max_rounds(&file, "p", 10);
+        assert_eq!(drain(read, 5).unwrap(), vec![key(1)]);
+        // Derived beforehand, as on another thread.
+        assert_eq!(ExportKdf::read(&file, 9), Err(refused));
+        let kdf = ExportKdf::read(&file, 10).unwrap();
+        assert_eq!(kdf.rounds(), 10);
+        let keys = kdf.derive("p");
+        assert_eq!(format!("{keys:?}"), "ExportKeys(<redacted>)");
+        assert_eq!(drain(ExportStream::open_with_keys(&file, &keys), 5).unwrap(), vec![key(1)]);
+        // A wrong passphrase, or the keys of another file: a bad MAC.
+        let wrong = kdf.derive("q");
+        assert_eq!(ExportStream::open_with_keys(&file, &wrong).err(), Some(ExportError::BadMac));
+        let other = encrypt_export(&[key(1)], "p", 10).unwrap();
+        assert_eq!(ExportStream::open_with_keys(&other, &keys).err(), Some(ExportError::BadMac));
+        // Reading the header reports the header's errors.
+        for (bad, error) in [
+            ("no header".to_owned(), ExportError::MissingHeader),
+            (rearmor(""), ExportError::TooShort),
+            (rearmor("AQ"), ExportError::TooShort),
+            (rearmor("Ag"), ExportError::UnsupportedVersion(2)),
+            (rearmor("AQ!@#$"), ExportError::Base64),
+            (with_rounds(&file, 0), ExportError::ZeroRounds),
+        ] {
+            assert_eq!(ExportKdf::read(&bad, DEFAULT_MAX_ROUNDS), Err(error), "{bad:?}");
+        }
     }
 
     #[test]

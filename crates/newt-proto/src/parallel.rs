@@ -23,7 +23,10 @@ pub(crate) static CAP_FOR_TESTS: std::sync::Mutex<()> = std::sync::Mutex::new(()
 /// everything on the caller's thread (an app that must not compete for cores
 /// with its UI, say); `0` goes back to the default ([`set_default_threads`]).
 /// Results do not depend on it, only the time taken; a cap above the core
-/// count is kept (tests use it to run the threaded paths on one core).
+/// count is kept (tests use it to run the threaded paths on one core). It
+/// bounds batch work only: `newt` still derives a key import's keys from the
+/// passphrase on a thread of its own (one core's work either way), to keep
+/// seconds of PBKDF2 off the caller's executor.
 ///
 /// ```
 /// use newt_proto::parallel::{max_threads, set_max_threads, threads_for};

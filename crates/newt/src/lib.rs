@@ -138,10 +138,11 @@ mod requests;
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use error::Error;
 pub use machine::{
-    IdentityRejection, ImportSummary, KeysQueryReport, Machine, ProcessedToDevice,
+    IdentityRejection, ImportOptions, ImportSummary, KeysQueryReport, Machine, ProcessedToDevice,
     RejectedIdentity, RoomSettings, SyncChanges, SyncOutcome, ToDeviceError, ToDeviceOutcome,
     VerificationFlow, VerificationMethods, VerificationState, STORE_FAILURE,
 };
+pub use newt_proto::export::{ExportError, DEFAULT_MAX_ROUNDS};
 pub use newt_proto::identities::{
     BootstrapRequests, CrossSigningError, DeviceTrust, IdentityTrust, OwnIdentityTrust,
     PrivateIdentityRecord,

@@ -15,7 +15,9 @@ use serde_json::{json, Map, Value};
 use newt_proto::account::{OwnAccount, SIGNED_CURVE25519};
 use newt_proto::changes::Changes;
 use newt_proto::devices::{handle_keys_query, keys_query_body, parse_device_keys, RejectedDevice};
-use newt_proto::export::{ExportStream, ExportWriter, ExportedRoomKey};
+use newt_proto::export::{
+    ExportKdf, ExportKeys, ExportStream, ExportWriter, ExportedRoomKey, DEFAULT_MAX_ROUNDS,
+};
 use newt_proto::identities::{
     signatures_upload_body, BootstrapRequests, CrossSigningError, CrossSigningKeys, DeviceTrust,
     IdentityRecord, IdentityTrust, OwnIdentity, OwnIdentityTrust, PrivateCrossSigningIdentity,
@@ -245,6 +247,23 @@ pub struct ImportSummary {
     pub imported: usize,
     /// Keys skipped (not Megolm, invalid, or not better).
     pub skipped: usize,
+}
+
+/// How to read a key export file ([`Machine::import_room_keys_with`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ImportOptions {
+    /// The most PBKDF2 rounds the file may ask for; a file asking for more
+    /// fails with [`ExportError::TooManyRounds`](crate::ExportError::TooManyRounds)
+    /// before any key derivation. The default, [`DEFAULT_MAX_ROUNDS`]
+    /// (5,000,000), is ten times what Element writes; raise it only for a
+    /// file the user trusts to be worth the wait.
+    pub max_rounds: u32,
+}
+
+impl Default for ImportOptions {
+    fn default() -> Self {
+        Self { max_rounds: DEFAULT_MAX_ROUNDS }
+    }
 }
 
 enum Pending {
@@ -2159,19 +2178,40 @@ impl Machine {
     /// Imports a key export file. Keys are checked and committed in batches
     /// of 2,000; `progress(done, total)` is called after each batch is
     /// committed (so `done` keys are durable). Existing sessions are only
-    /// replaced by ones that start at a lower index.
+    /// replaced by ones that start at a lower index. A file asking for more
+    /// than [`DEFAULT_MAX_ROUNDS`] PBKDF2 rounds is refused
+    /// ([`import_room_keys_with`](Self::import_room_keys_with) takes another
+    /// limit).
     pub async fn import_room_keys(
         &self,
         file: &str,
         passphrase: &str,
+        progress: impl FnMut(usize, usize),
+    ) -> Result<ImportSummary, Error> {
+        self.import_room_keys_with(file, passphrase, &ImportOptions::default(), progress).await
+    }
+
+    /// [`import_room_keys`](Self::import_room_keys) with `options`. The
+    /// passphrase's key derivation (PBKDF2, up to `options.max_rounds`
+    /// iterations: seconds of CPU) runs on a thread of its own on native
+    /// targets, not on the caller's executor; on wasm32 it runs inline.
+    pub async fn import_room_keys_with(
+        &self,
+        file: &str,
+        passphrase: &str,
+        options: &ImportOptions,
         mut progress: impl FnMut(usize, usize),
     ) -> Result<ImportSummary, Error> {
+        // The round count is checked here, before any derivation.
+        let kdf = ExportKdf::read(file, options.max_rounds)?;
+        let keys = derive_export_keys(kdf, passphrase).await?;
         // Authenticate, decrypt and validate in one streaming pass; then
         // decrypt again, parse, check and commit one batch at a time, so
         // memory holds a few batches, never the decrypted file. Parsing the
         // next batches (on another thread where there are threads) overlaps
         // committing this one.
-        let stream = ExportStream::open(file, passphrase)?;
+        let stream = ExportStream::open_with_keys(file, &keys)?;
+        drop(keys); // The stream holds its own copy; this one is zeroised now.
         let total = stream.total();
         let mut summary = ImportSummary { total, ..Default::default() };
         let mut st = self.inner.state.lock().await;
@@ -2224,6 +2264,26 @@ impl Machine {
         }
         self.commit(&mut st, changes, false).await?;
         Ok(summary)
+    }
+}
+
+/// Derives a key export's keys from `passphrase` off the caller's executor:
+/// on a thread of its own on native targets (one core's work either way, so
+/// `set_max_threads` does not apply), inline on wasm32, which has no threads.
+async fn derive_export_keys(kdf: ExportKdf, passphrase: &str) -> Result<ExportKeys, Error> {
+    #[cfg(not(target_arch = "wasm32"))]
+    {
+        let passphrase = zeroize::Zeroizing::new(passphrase.to_owned());
+        let (tx, rx) = futures::channel::oneshot::channel();
+        std::thread::spawn(move || {
+            // Nobody waiting (the import was dropped): nothing to do.
+            let _ = tx.send(kdf.derive(&passphrase));
+        });
+        rx.await.map_err(|_| Error::BadResponse("internal: key derivation thread stopped"))
+    }
+    #[cfg(target_arch = "wasm32")]
+    {
+        Ok(kdf.derive(passphrase))
     }
 }
 
@@ -2392,5 +2452,26 @@ fn to_device_request(
             txn_id: id,
             body: Value::Object(body),
         },
+    }
+}
+
+#[cfg(all(test, not(target_arch = "wasm32")))]
+mod tests {
+    use super::*;
+    use newt_proto::export::encrypt_export;
+    use std::future::Future;
+    use std::task::Context;
+
+    #[test]
+    fn export_key_derivation_runs_off_the_callers_thread() {
+        // 20,000 rounds take milliseconds; derived inline, the first poll
+        // would return them. Off the thread, it cannot have finished yet.
+        let file = encrypt_export(&[], "pw", 20_000).unwrap();
+        let kdf = ExportKdf::read(&file, DEFAULT_MAX_ROUNDS).unwrap();
+        let mut derive = Box::pin(derive_export_keys(kdf, "pw"));
+        let mut cx = Context::from_waker(futures::task::noop_waker_ref());
+        assert!(derive.as_mut().poll(&mut cx).is_pending());
+        let keys = futures::executor::block_on(derive).unwrap();
+        assert_eq!(ExportStream::open_with_keys(&file, &keys).unwrap().total(), 0);
     }
 }

@@ -150,6 +150,25 @@ impl MacMethod {
             .and_then(|name| Self::from_wire(name).map(|m| (m, name)))
     }
 
+    /// Checks the method an `accept` chose (`chosen`) against what our
+    /// `start` offered: it must be one of the offered names, and it must be
+    /// the method [`choose`](Self::choose) picks from that offer, so v2
+    /// whenever v2 was offered. MSC3783 forbids the legacy method when both
+    /// sides support v2, and every implementation must support v2; an
+    /// `accept` choosing legacy anyway is a downgrade (the `accept` is not
+    /// covered by the commitment, so anyone on the path can rewrite it).
+    pub fn check_choice<'a>(
+        offered: impl IntoIterator<Item = &'a str>,
+        chosen: &str,
+    ) -> Option<Self> {
+        let offered: Vec<&str> = offered.into_iter().collect();
+        if !offered.contains(&chosen) {
+            return None;
+        }
+        let (best, _) = Self::choose(offered)?;
+        Self::from_wire(chosen).filter(|m| *m == best)
+    }
+
     /// The MAC of `input`, encoded as this method sends it.
     pub fn calculate(self, sas: &EstablishedSas, input: &str, info: &str) -> String {
         match self {
@@ -321,6 +340,23 @@ mod tests {
             Some((MacMethod::HkdfHmacSha256Legacy, MAC_LEGACY))
         );
         assert_eq!(MacMethod::choose(["hmac-sha256"]), None);
+    }
+
+    #[test]
+    fn mac_method_check_of_the_accepted_choice() {
+        let v2 = Some(MacMethod::HkdfHmacSha256V2);
+        let legacy = Some(MacMethod::HkdfHmacSha256Legacy);
+        assert_eq!(MacMethod::check_choice([MAC_V2, MAC_LEGACY], MAC_V2), v2);
+        // Legacy although v2 was offered: a downgrade.
+        assert_eq!(MacMethod::check_choice([MAC_V2, MAC_LEGACY], MAC_LEGACY), None);
+        assert_eq!(MacMethod::check_choice([MAC_V2_UNSTABLE, MAC_LEGACY], MAC_LEGACY), None);
+        // Legacy is fine when it was all that was offered.
+        assert_eq!(MacMethod::check_choice([MAC_LEGACY], MAC_LEGACY), legacy);
+        // Either name of v2, but only one that was offered.
+        assert_eq!(MacMethod::check_choice([MAC_V2, MAC_V2_UNSTABLE], MAC_V2_UNSTABLE), v2);
+        assert_eq!(MacMethod::check_choice([MAC_V2, MAC_LEGACY], MAC_V2_UNSTABLE), None);
+        assert_eq!(MacMethod::check_choice([MAC_LEGACY], MAC_V2), None);
+        assert_eq!(MacMethod::check_choice(["hmac-sha256"], "hmac-sha256"), None);
     }
 
     struct Fixture {

@@ -357,12 +357,12 @@ impl Started {
             {
                 return Err(CancelCode::UnknownMethod);
             }
-            let mac_name = str_field(accept, "message_authentication_code")?;
-            let mac = match mac_name {
-                MAC_V2 | MAC_LEGACY => MacMethod::from_wire(mac_name),
-                _ => None,
-            }
-            .ok_or(CancelCode::UnknownMethod)?;
+            // Checked against the start we sent: a legacy MAC when we
+            // offered v2 is a downgrade, refused like any method we did not
+            // offer.
+            let offered = str_list(&self.start_content, "message_authentication_codes")?;
+            let chosen = str_field(accept, "message_authentication_code")?;
+            let mac = MacMethod::check_choice(offered, chosen).ok_or(CancelCode::UnknownMethod)?;
             let sas = str_list(accept, "short_authentication_string")?;
             if sas.is_empty() || sas.iter().any(|s| *s != SAS_DECIMAL && *s != SAS_EMOJI) {
                 return Err(CancelCode::UnknownMethod);

@@ -273,6 +273,65 @@ fn legacy_mac_only_when_v2_not_offered() {
     assert!(matches!((a, b), (SasState::Done(_), SasState::Done(_))));
 }
 
+/// Alice starts (offering the v2 and legacy MACs), Bob accepts honestly,
+/// and someone on the path rewrites `field` of the `accept` to `value`
+/// before Alice sees it: Alice must cancel with `m.unknown_method` and send
+/// nothing else (no `key`).
+fn tampered_accept_is_refused(field: &str, value: &str) {
+    let alice = side("@alice:hs", "ALICE");
+    let bob = side("@bob:hs", "BOB");
+    let SasState::Created(a) = created(&alice, &bob, flow()) else { unreachable!() };
+    let (a, start) = a.start();
+    let (_, mut accept) = deliver(created(&bob, &alice, flow()), &[start], T0);
+    assert_ne!(accept[0].content[field], value, "Bob chose {value} himself");
+    accept[0].content[field] = json!(value);
+    let (a, out) = deliver(SasState::Started(a), &accept, T0);
+    assert_eq!(cancelled(&a), &Cancelled { code: CancelCode::UnknownMethod, by_us: true });
+    assert_eq!(out.len(), 1, "{out:?}");
+    assert_eq!(out[0].event_type, event_types::CANCEL);
+    assert_eq!(out[0].content["code"], "m.unknown_method");
+}
+
+#[test]
+fn attack_accept_downgrading_the_mac_to_legacy_is_refused() {
+    // MSC3783: `hkdf-hmac-sha256` must not be used when both sides support
+    // v2, and our start offered v2.
+    tampered_accept_is_refused("message_authentication_code", MAC_LEGACY);
+}
+
+#[test]
+fn attack_accept_downgrading_the_key_agreement_to_legacy_is_refused() {
+    // We never offer the deprecated `curve25519` (its HKDF info leaves out
+    // the keys and devices), so an accept choosing it is refused.
+    tampered_accept_is_refused("key_agreement_protocol", "curve25519");
+}
+
+#[test]
+fn accepting_a_start_picks_v2_whenever_offered() {
+    let alice = side("@alice:hs", "ALICE");
+    let bob = side("@bob:hs", "BOB");
+    for (macs, picked) in [
+        (json!(["hkdf-hmac-sha256", "hkdf-hmac-sha256.v2"]), "hkdf-hmac-sha256.v2"),
+        (
+            json!(["hkdf-hmac-sha256", "org.matrix.msc3783.hkdf-hmac-sha256"]),
+            "org.matrix.msc3783.hkdf-hmac-sha256",
+        ),
+    ] {
+        // Legacy listed first, for both the MAC and the key agreement.
+        let start = json!({
+            "method": "m.sas.v1", "from_device": "ALICE", "transaction_id": "txn1",
+            "key_agreement_protocols": ["curve25519", "curve25519-hkdf-sha256"],
+            "hashes": ["sha256"], "message_authentication_codes": macs,
+            "short_authentication_string": ["decimal", "emoji"],
+        });
+        let msg = OutgoingContent { event_type: event_types::START, content: start };
+        let (b, accept) = deliver(created(&bob, &alice, flow()), &[msg], T0);
+        assert!(matches!(b, SasState::Accepted(_)));
+        assert_eq!(accept[0].content["message_authentication_code"], picked);
+        assert_eq!(accept[0].content["key_agreement_protocol"], "curve25519-hkdf-sha256");
+    }
+}
+
 #[test]
 fn unsupported_methods_are_unknown_method() {
     let alice = side("@alice:hs", "ALICE");
