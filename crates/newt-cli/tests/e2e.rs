@@ -16,14 +16,14 @@ use newt::{
     SharingPolicy, ToDeviceError, ToDeviceOutcome,
 };
 use newt_cli::{SimDevice, SimError};
-use newt_proto::account::OwnAccount;
+use newt_proto::account::{OwnAccount, FALLBACK_KEY_GRACE_MS};
 use newt_proto::devices::parse_device_keys;
 use newt_proto::ids::{DeviceId, RoomId as ProtoRoomId};
 use newt_proto::key_requests::KeyShareError;
 use newt_proto::olm::{self, OlmError, OlmSession};
 use newt_proto::records::*;
 use newt_router::Router;
-use newt_store::{MemoryStore, Store};
+use newt_store::{Changes, MemoryStore, Store};
 use serde_json::{json, Value};
 
 fn room() -> RoomId {
@@ -43,7 +43,7 @@ impl RawDevice {
         account.prepare_initial_upload(0);
         let body = account.keys_upload_body().unwrap();
         router.handle(user, device, "POST", "/keys/upload", &body).unwrap();
-        account.mark_keys_uploaded(Some(50));
+        account.mark_keys_uploaded(Some(50), 0);
         let record = parse_device_keys(account.user_id(), device, &account.device_keys()).unwrap();
         Self { account, record, router: router.clone() }
     }
@@ -69,7 +69,16 @@ impl RawDevice {
         event_type: &str,
         content: Value,
     ) {
-        let claim = json!({"one_time_keys": {target.user.as_str(): {target.device.as_str(): "signed_curve25519"}}});
+        let (mut session, _) = self.claim_session(target_keys);
+        self.send_on(&mut session, target, target_keys, recipient, event_type, content);
+    }
+
+    /// Claims a key of the device `target_keys` (a one-time key while it has
+    /// any, then its fallback key) and starts an Olm session on it. Returns
+    /// the session and the signed key object that was claimed.
+    fn claim_session(&self, target_keys: &DeviceRecord) -> (OlmSession, Value) {
+        let (user, device) = (target_keys.user_id.as_str(), target_keys.device_id.as_str());
+        let claim = json!({"one_time_keys": {user: {device: "signed_curve25519"}}});
         let resp = self
             .router
             .handle(
@@ -80,6 +89,8 @@ impl RawDevice {
                 &claim,
             )
             .unwrap();
+        let claimed = resp["one_time_keys"][user][device].as_object().unwrap();
+        let key = claimed.values().next().unwrap().clone();
         let devices = BTreeMap::from([(
             (target_keys.user_id.clone(), target_keys.device_id.clone()),
             target_keys.clone(),
@@ -91,9 +102,22 @@ impl RawDevice {
             &resp,
             0,
         );
-        let mut session = OlmSession::from_record(out.sessions.remove(0).2);
+        (OlmSession::from_record(out.sessions.remove(0).2), key)
+    }
+
+    /// Olm-encrypts an event on `session` and sends it to `target`, naming
+    /// `recipient` as the recipient in the plaintext.
+    fn send_on(
+        &self,
+        session: &mut OlmSession,
+        target: &SimDevice,
+        target_keys: &DeviceRecord,
+        recipient: &DeviceRecord,
+        event_type: &str,
+        content: Value,
+    ) {
         let mut encrypted =
-            olm::encrypt(&self.account, &mut session, recipient, event_type, content).unwrap();
+            olm::encrypt(&self.account, session, recipient, event_type, content).unwrap();
         if recipient.curve25519 != target_keys.curve25519 {
             let ct = encrypted["ciphertext"].as_object_mut().unwrap();
             let v = ct.remove(&recipient.curve25519).unwrap();
@@ -650,6 +674,106 @@ async fn wedged_session_is_replaced_once_per_hour() {
     router.handle("@alice:hs", "A", "PUT", "/sendToDevice/m.room.encrypted/2", &body).unwrap();
     b.sync().await.unwrap();
     assert!(b.machine.get_missing_sessions([uid("@alice:hs")]).await.unwrap().is_none());
+}
+
+/// Bob on `store`, after each of `senders` claimed his fallback key (his
+/// one-time keys used up first) and he rotated it and uploaded the new one.
+/// Returns Bob, his device record and each sender's session on the old key.
+async fn bob_after_fallback_rotation(
+    router: &Arc<Router>,
+    store: &Arc<MemoryStore>,
+    senders: &[RawDevice],
+) -> (SimDevice, DeviceRecord, Vec<OlmSession>) {
+    let b = SimDevice::open(router.clone(), "@bob:hs", "B", store.clone()).await.unwrap();
+    b.flush().await.unwrap();
+    let b_rec = own_record(&b).await;
+    for _ in 0..50 {
+        let (_, key) = senders[0].claim_session(&b_rec);
+        assert!(key.get("fallback").is_none());
+    }
+    let claimed: Vec<_> = senders.iter().map(|s| s.claim_session(&b_rec)).collect();
+    assert_eq!(claimed[0].1["fallback"], true);
+    assert!(claimed.iter().all(|(_, key)| *key == claimed[0].1), "one fallback key");
+    // Bob learns the fallback key was used, rotates and uploads the new one.
+    b.sync().await.unwrap();
+    let stored = store.account().await.unwrap().unwrap();
+    assert!(stored.fallback_key_published_at.is_some(), "upload time recorded");
+    (b, b_rec, claimed.into_iter().map(|(session, _)| session).collect())
+}
+
+/// The driver reads the wall clock: an hour passes by moving the stored
+/// upload time of the fallback key back an hour. As another process's
+/// write, it makes the machine reload the account. Returns the generation
+/// written.
+async fn an_hour_passes_for_the_fallback_key(store: &MemoryStore) -> u64 {
+    let mut record = store.account().await.unwrap().unwrap();
+    record.fallback_key_published_at =
+        record.fallback_key_published_at.map(|t| t - FALLBACK_KEY_GRACE_MS);
+    record.generation += 1;
+    let generation = record.generation;
+    store.apply(Changes { account: Some(record), ..Default::default() }).await.unwrap();
+    generation
+}
+
+/// Bob's previous fallback key is forgotten an hour after its successor was
+/// uploaded, and that is committed: a pre-key message made with it decrypts
+/// within the hour (in flight) and fails after it, in a machine reopened on
+/// the store.
+#[tokio::test]
+async fn attack_old_fallback_key_is_forgotten_an_hour_after_its_successor_is_uploaded() {
+    let router = Arc::new(Router::new());
+    let store = Arc::new(MemoryStore::new());
+    let senders = [("@mallory:hs", "M"), ("@eve:hs", "E")]
+        .map(|(user, device)| RawDevice::new(&router, user, device));
+    let (b, b_rec, mut sessions) = bob_after_fallback_rotation(&router, &store, &senders).await;
+
+    senders[0].send_on(&mut sessions[0], &b, &b_rec, &b_rec, "m.dummy", json!({}));
+    let out = b.sync().await.unwrap();
+    assert_eq!(out.to_device[0].outcome, ToDeviceOutcome::Handled, "{out:?}");
+
+    let generation = an_hour_passes_for_the_fallback_key(&store).await;
+    // A sync with nothing else in it: forgetting alone must be committed.
+    let out = b.sync().await.unwrap();
+    assert!(out.to_device.is_empty());
+    assert!(store.account().await.unwrap().unwrap().generation > generation, "not committed");
+
+    let b = SimDevice::open(router.clone(), "@bob:hs", "B", store.clone()).await.unwrap();
+    senders[1].send_on(&mut sessions[1], &b, &b_rec, &b_rec, "m.dummy", json!({}));
+    let out = b.sync().await.unwrap();
+    assert!(
+        matches!(
+            rejected(&out.to_device[0].outcome),
+            ToDeviceError::Olm(OlmError::SessionCreation(_))
+        ),
+        "{out:?}"
+    );
+}
+
+/// A pre-key message made with the old fallback key and waiting for Bob
+/// while he was offline past the hour still decrypts in the sync that brings
+/// it: the key is forgotten only after that sync's events were decrypted.
+#[tokio::test]
+async fn old_fallback_key_message_waiting_past_the_hour_still_decrypts() {
+    let router = Arc::new(Router::new());
+    let store = Arc::new(MemoryStore::new());
+    let senders = [("@carol:hs", "C"), ("@eve:hs", "E")]
+        .map(|(user, device)| RawDevice::new(&router, user, device));
+    let (b, b_rec, mut sessions) = bob_after_fallback_rotation(&router, &store, &senders).await;
+
+    senders[0].send_on(&mut sessions[0], &b, &b_rec, &b_rec, "m.dummy", json!({}));
+    an_hour_passes_for_the_fallback_key(&store).await;
+    let out = b.sync().await.unwrap();
+    assert_eq!(out.to_device[0].outcome, ToDeviceOutcome::Handled, "{out:?}");
+
+    senders[1].send_on(&mut sessions[1], &b, &b_rec, &b_rec, "m.dummy", json!({}));
+    let out = b.sync().await.unwrap();
+    assert!(
+        matches!(
+            rejected(&out.to_device[0].outcome),
+            ToDeviceError::Olm(OlmError::SessionCreation(_))
+        ),
+        "{out:?}"
+    );
 }
 
 /// Alice shares the room key again, to Bob's new device B2, while another
