@@ -16,12 +16,13 @@ use newt::{
     DEFAULT_MAX_ROUNDS,
 };
 use newt_cli::{SimDevice, SimError};
-use newt_proto::account::OwnAccount;
+use newt_proto::account::{OwnAccount, FALLBACK_KEY_GRACE_MS};
 use newt_proto::ids::{DeviceId, RoomId as ProtoRoomId};
 use newt_proto::key_requests::KeyShareError;
-use newt_proto::olm::OlmError;
+use newt_proto::olm::{OlmError, OlmSession};
+use newt_proto::records::DeviceRecord;
 use newt_router::Router;
-use newt_store::{MemoryStore, Store};
+use newt_store::{Changes, MemoryStore, Store};
 use serde_json::{json, Value};
 
 fn room() -> RoomId {
@@ -559,6 +560,106 @@ async fn wedged_session_is_replaced_once_per_hour() {
     router.handle("@alice:hs", "A", "PUT", "/sendToDevice/m.room.encrypted/3", &body).unwrap();
     b.sync().await.unwrap();
     assert!(b.machine.get_missing_sessions([uid("@alice:hs")]).await.unwrap().is_some());
+}
+
+/// Bob on `store`, after each of `senders` claimed his fallback key (his
+/// one-time keys used up first) and he rotated it and uploaded the new one.
+/// Returns Bob, his device record and each sender's session on the old key.
+async fn bob_after_fallback_rotation(
+    router: &Arc<Router>,
+    store: &Arc<MemoryStore>,
+    senders: &[RawDevice],
+) -> (SimDevice, DeviceRecord, Vec<OlmSession>) {
+    let b = SimDevice::open(router.clone(), "@bob:hs", "B", store.clone()).await.unwrap();
+    b.flush().await.unwrap();
+    let b_rec = own_record(&b).await;
+    for _ in 0..50 {
+        let (_, key) = senders[0].claim_session(&b_rec);
+        assert!(key.get("fallback").is_none());
+    }
+    let claimed: Vec<_> = senders.iter().map(|s| s.claim_session(&b_rec)).collect();
+    assert_eq!(claimed[0].1["fallback"], true);
+    assert!(claimed.iter().all(|(_, key)| *key == claimed[0].1), "one fallback key");
+    // Bob learns the fallback key was used, rotates and uploads the new one.
+    b.sync().await.unwrap();
+    let stored = store.account().await.unwrap().unwrap();
+    assert!(stored.fallback_key_published_at.is_some(), "upload time recorded");
+    (b, b_rec, claimed.into_iter().map(|(session, _)| session).collect())
+}
+
+/// The driver reads the wall clock: an hour passes by moving the stored
+/// upload time of the fallback key back an hour. As another process's
+/// write, it makes the machine reload the account. Returns the generation
+/// written.
+async fn an_hour_passes_for_the_fallback_key(store: &MemoryStore) -> u64 {
+    let mut record = store.account().await.unwrap().unwrap();
+    record.fallback_key_published_at =
+        record.fallback_key_published_at.map(|t| t - FALLBACK_KEY_GRACE_MS);
+    record.generation += 1;
+    let generation = record.generation;
+    store.apply(Changes { account: Some(record), ..Default::default() }).await.unwrap();
+    generation
+}
+
+/// Bob's previous fallback key is forgotten an hour after its successor was
+/// uploaded, and that is committed: a pre-key message made with it decrypts
+/// within the hour (in flight) and fails after it, in a machine reopened on
+/// the store.
+#[tokio::test]
+async fn attack_old_fallback_key_is_forgotten_an_hour_after_its_successor_is_uploaded() {
+    let router = Arc::new(Router::new());
+    let store = Arc::new(MemoryStore::new());
+    let senders = [("@mallory:hs", "M"), ("@eve:hs", "E")]
+        .map(|(user, device)| RawDevice::new(&router, user, device));
+    let (b, b_rec, mut sessions) = bob_after_fallback_rotation(&router, &store, &senders).await;
+
+    senders[0].send_on(&mut sessions[0], &b, &b_rec, &b_rec, "m.dummy", json!({}));
+    let out = b.sync().await.unwrap();
+    assert_eq!(out.to_device[0].outcome, ToDeviceOutcome::Handled, "{out:?}");
+
+    let generation = an_hour_passes_for_the_fallback_key(&store).await;
+    // A sync with nothing else in it: forgetting alone must be committed.
+    let out = b.sync().await.unwrap();
+    assert!(out.to_device.is_empty());
+    assert!(store.account().await.unwrap().unwrap().generation > generation, "not committed");
+
+    let b = SimDevice::open(router.clone(), "@bob:hs", "B", store.clone()).await.unwrap();
+    senders[1].send_on(&mut sessions[1], &b, &b_rec, &b_rec, "m.dummy", json!({}));
+    let out = b.sync().await.unwrap();
+    assert!(
+        matches!(
+            rejected(&out.to_device[0].outcome),
+            ToDeviceError::Olm(OlmError::SessionCreation(_))
+        ),
+        "{out:?}"
+    );
+}
+
+/// A pre-key message made with the old fallback key and waiting for Bob
+/// while he was offline past the hour still decrypts in the sync that brings
+/// it: the key is forgotten only after that sync's events were decrypted.
+#[tokio::test]
+async fn old_fallback_key_message_waiting_past_the_hour_still_decrypts() {
+    let router = Arc::new(Router::new());
+    let store = Arc::new(MemoryStore::new());
+    let senders = [("@carol:hs", "C"), ("@eve:hs", "E")]
+        .map(|(user, device)| RawDevice::new(&router, user, device));
+    let (b, b_rec, mut sessions) = bob_after_fallback_rotation(&router, &store, &senders).await;
+
+    senders[0].send_on(&mut sessions[0], &b, &b_rec, &b_rec, "m.dummy", json!({}));
+    an_hour_passes_for_the_fallback_key(&store).await;
+    let out = b.sync().await.unwrap();
+    assert_eq!(out.to_device[0].outcome, ToDeviceOutcome::Handled, "{out:?}");
+
+    senders[1].send_on(&mut sessions[1], &b, &b_rec, &b_rec, "m.dummy", json!({}));
+    let out = b.sync().await.unwrap();
+    assert!(
+        matches!(
+            rejected(&out.to_device[0].outcome),
+            ToDeviceError::Olm(OlmError::SessionCreation(_))
+        ),
+        "{out:?}"
+    );
 }
 
 /// Alice shares the room key again, to Bob's new device B2, while another

@@ -6,6 +6,17 @@
 //! says it was used (`device_unused_fallback_key_types` lacks
 //! `signed_curve25519`). Keys are marked published only after the upload
 //! succeeded, so a failed upload is retried with the same keys.
+//!
+//! vodozemac keeps the private half of the previous fallback key next to the
+//! current one. Kept, it would let whoever later steals the account pickle
+//! decrypt every session started with it, so we forget it
+//! [`FALLBACK_KEY_GRACE_MS`] (an hour) after its successor was uploaded, and
+//! not sooner: until that upload the server keeps handing out the old key,
+//! and senders that claimed it may deliver their pre-key messages late. The
+//! spec asks to keep at most the current and the previous fallback key and
+//! to drop the previous one once all its messages have likely arrived ("such
+//! as after an hour since the first message"); counting from the upload is
+//! later than that, as in matrix-js-sdk's libolm-era crypto.
 
 use serde_json::{json, Map, Value};
 use vodozemac::olm::{Account, AccountPickle, IdentityKeys};
@@ -27,6 +38,7 @@ pub struct OwnAccount {
     shared: bool,
     uploaded_one_time_key_count: u64,
     fallback_key_created_at: Option<u64>,
+    fallback_key_published_at: Option<u64>,
     generation: u64,
     upload_lease_since: Option<u64>,
     /// Our signed DeviceKeys: identity keys never change, so it is signed
@@ -75,6 +87,10 @@ impl LazyAccount {
 /// keys (ms). A process that dies mid-upload delays the next upload by this.
 pub const UPLOAD_LEASE_MS: u64 = 60_000;
 
+/// How long the previous fallback key is kept after its successor was
+/// uploaded (ms), for pre-key messages made with it that are still in flight.
+pub const FALLBACK_KEY_GRACE_MS: u64 = 60 * 60 * 1000;
+
 impl std::fmt::Debug for OwnAccount {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("OwnAccount")
@@ -95,6 +111,7 @@ impl OwnAccount {
             shared: false,
             uploaded_one_time_key_count: 0,
             fallback_key_created_at: None,
+            fallback_key_published_at: None,
             generation: 0,
             upload_lease_since: None,
             signed_device_keys: std::sync::OnceLock::new(),
@@ -110,6 +127,7 @@ impl OwnAccount {
             shared: record.shared,
             uploaded_one_time_key_count: record.uploaded_one_time_key_count,
             fallback_key_created_at: record.fallback_key_created_at,
+            fallback_key_published_at: record.fallback_key_published_at,
             generation: record.generation,
             upload_lease_since: record.upload_lease_since,
             signed_device_keys: std::sync::OnceLock::new(),
@@ -133,6 +151,7 @@ impl OwnAccount {
             shared: self.shared,
             uploaded_one_time_key_count: self.uploaded_one_time_key_count,
             fallback_key_created_at: self.fallback_key_created_at,
+            fallback_key_published_at: self.fallback_key_published_at,
             generation: self.generation,
             upload_lease_since: self.upload_lease_since,
         }
@@ -232,10 +251,37 @@ impl OwnAccount {
                 // waiting for upload: rotate.
                 self.inner_mut().generate_fallback_key();
                 self.fallback_key_created_at = Some(now);
+                // The server hands out the old key until this one is
+                // uploaded: the grace period has not started yet.
+                self.fallback_key_published_at = None;
                 changed = true;
             }
         }
         changed
+    }
+
+    /// Forgets the previous fallback key once [`FALLBACK_KEY_GRACE_MS`]
+    /// have passed since the current one was uploaded. Call it after a
+    /// sync's to-device events were decrypted, so that a device coming back
+    /// online after the grace period still decrypts the pre-key messages
+    /// waiting for it in that sync. Returns true when the account changed.
+    pub fn forget_previous_fallback_key_if_due(&mut self, now: u64) -> bool {
+        match self.fallback_key_published_at {
+            Some(published_at) => {
+                now.saturating_sub(published_at) >= FALLBACK_KEY_GRACE_MS
+                    && self.inner_mut().forget_fallback_key()
+            }
+            None => {
+                // An account stored before this field existed may hold a
+                // previous key from a rotation whose upload time is unknown:
+                // start the grace period now.
+                let published = self.inner().fallback_key().is_empty();
+                if published {
+                    self.fallback_key_published_at = Some(now);
+                }
+                published
+            }
+        }
     }
 
     /// Generates one-time keys so that, once uploaded, the server holds half of
@@ -315,10 +361,15 @@ impl OwnAccount {
 
     /// Records a successful upload of `body` (built by
     /// [`keys_upload_body`](Self::keys_upload_body)) with the server's
-    /// response `one_time_key_counts`.
-    pub fn mark_keys_uploaded(&mut self, response_count: Option<u64>) {
+    /// response `one_time_key_counts`, at `now`.
+    pub fn mark_keys_uploaded(&mut self, response_count: Option<u64>, now: u64) {
         self.shared = true;
         self.upload_lease_since = None;
+        if !self.inner().fallback_key().is_empty() {
+            // A new fallback key went out: the grace period of the previous
+            // one starts.
+            self.fallback_key_published_at = Some(now);
+        }
         self.inner_mut().mark_keys_as_published();
         if let Some(count) = response_count {
             self.uploaded_one_time_key_count = count;
@@ -340,6 +391,7 @@ impl OwnAccount {
 mod tests {
     use super::*;
     use crate::json::verify_json;
+    use vodozemac::olm::{OlmMessage, PreKeyMessage, SessionConfig};
 
     fn account() -> OwnAccount {
         OwnAccount::new(
@@ -369,7 +421,7 @@ mod tests {
         }
         // Not published until the upload succeeds: the same body comes again.
         assert_eq!(a.keys_upload_body().unwrap()["one_time_keys"], body["one_time_keys"]);
-        a.mark_keys_uploaded(Some(50));
+        a.mark_keys_uploaded(Some(50), 0);
         assert!(a.keys_upload_body().is_none());
         // 40 claimed: 40 new ones.
         assert!(a.update_key_counts(Some(10), Some(&["signed_curve25519".into()]), 1));
@@ -377,10 +429,106 @@ mod tests {
         assert!(body.get("device_keys").is_none());
         assert_eq!(body["one_time_keys"].as_object().unwrap().len(), 40);
         assert!(body.get("fallback_keys").is_none());
-        a.mark_keys_uploaded(Some(50));
+        a.mark_keys_uploaded(Some(50), 0);
         // Fallback used: rotate.
         assert!(a.update_key_counts(Some(50), Some(&[]), 2));
         assert_eq!(a.keys_upload_body().unwrap()["fallback_keys"].as_object().unwrap().len(), 1);
+    }
+
+    /// The one fallback key in an upload body.
+    fn uploaded_fallback_key(body: &Value) -> Curve25519PublicKey {
+        let keys = body["fallback_keys"].as_object().unwrap();
+        assert_eq!(keys.len(), 1);
+        let key = keys.values().next().unwrap()["key"].as_str().unwrap();
+        Curve25519PublicKey::from_base64(key).unwrap()
+    }
+
+    /// A pre-key message from a fresh device that claimed `fallback_key` of `to`.
+    fn pre_key_message(
+        to: &OwnAccount,
+        fallback_key: Curve25519PublicKey,
+    ) -> (Account, PreKeyMessage) {
+        let sender = Account::new();
+        let mut session = sender
+            .create_outbound_session(SessionConfig::version_1(), to.curve25519_key(), fallback_key)
+            .unwrap();
+        let OlmMessage::PreKey(message) = session.encrypt("hello").unwrap() else {
+            panic!("the first message of a session is a pre-key message")
+        };
+        (sender, message)
+    }
+
+    fn creates_session(to: &mut OwnAccount, (sender, message): &(Account, PreKeyMessage)) -> bool {
+        to.inner_mut()
+            .create_inbound_session(SessionConfig::version_1(), sender.curve25519_key(), message)
+            .is_ok()
+    }
+
+    /// Whoever steals the account pickle later must not be able to decrypt
+    /// sessions started with an old fallback key; senders that claimed it
+    /// before its successor was uploaded must still get through for an hour.
+    #[test]
+    fn attack_old_fallback_key_is_forgotten_after_the_grace_period() {
+        let mut bob = account();
+        bob.prepare_initial_upload(0);
+        let old_key = uploaded_fallback_key(&bob.keys_upload_body().unwrap());
+        bob.mark_keys_uploaded(Some(50), 0);
+        // Two senders claim the old key (the server hands it out again and
+        // again once one-time keys run out).
+        let late = pre_key_message(&bob, old_key);
+        let after_grace = pre_key_message(&bob, old_key);
+
+        // The sync reports the fallback key used: rotate.
+        assert!(bob.update_key_counts(Some(0), Some(&[]), 1_000));
+        // Until the new key is uploaded the server still hands out the old
+        // one: however long that takes, the old key stays.
+        assert!(!bob.forget_previous_fallback_key_if_due(1_000 + 10 * FALLBACK_KEY_GRACE_MS));
+        let uploaded_at = 20 * FALLBACK_KEY_GRACE_MS;
+        let new_key = uploaded_fallback_key(&bob.keys_upload_body().unwrap());
+        assert_ne!(new_key, old_key);
+        bob.mark_keys_uploaded(Some(50), uploaded_at);
+        // The grace period survives a restart.
+        let mut bob = OwnAccount::from_record(bob.to_record());
+
+        // In flight: the grace period has not ended, the old key decrypts.
+        assert!(!bob.forget_previous_fallback_key_if_due(uploaded_at + FALLBACK_KEY_GRACE_MS - 1));
+        assert!(creates_session(&mut bob, &late));
+
+        // After it the old key is gone, also from the stored record.
+        let changed = bob.forget_previous_fallback_key_if_due(uploaded_at + FALLBACK_KEY_GRACE_MS);
+        let mut bob = OwnAccount::from_record(bob.to_record());
+        assert!(!creates_session(&mut bob, &after_grace));
+        assert!(changed, "the account changed: the driver must commit it");
+        assert!(
+            !bob.forget_previous_fallback_key_if_due(uploaded_at + 2 * FALLBACK_KEY_GRACE_MS),
+            "forgotten once: later syncs do not rewrite the account"
+        );
+        // The current key still works.
+        let current = pre_key_message(&bob, new_key);
+        assert!(creates_session(&mut bob, &current));
+    }
+
+    /// An account stored before the publication time was recorded may hold
+    /// a previous fallback key: its grace period starts at the first sync
+    /// after the upgrade.
+    #[test]
+    fn a_stored_account_without_publication_time_forgets_an_hour_after_loading() {
+        let mut bob = account();
+        bob.prepare_initial_upload(0);
+        let old_key = uploaded_fallback_key(&bob.keys_upload_body().unwrap());
+        bob.mark_keys_uploaded(Some(50), 0);
+        bob.update_key_counts(Some(0), Some(&[]), 1);
+        bob.mark_keys_uploaded(Some(50), 2);
+        let mut record = bob.to_record();
+        record.fallback_key_published_at = None;
+        let mut bob = OwnAccount::from_record(record);
+        let message = pre_key_message(&bob, old_key);
+
+        let loaded_at = 1_000_000;
+        assert!(bob.forget_previous_fallback_key_if_due(loaded_at), "publication time recorded");
+        assert!(!bob.forget_previous_fallback_key_if_due(loaded_at + FALLBACK_KEY_GRACE_MS - 1));
+        bob.forget_previous_fallback_key_if_due(loaded_at + FALLBACK_KEY_GRACE_MS);
+        assert!(!creates_session(&mut bob, &message));
     }
 
     #[test]

@@ -662,7 +662,7 @@ mod tests {
 
     fn claim(from: &Dev, to: &mut Dev) -> OlmSession {
         let body = to.acc.keys_upload_body().unwrap();
-        to.acc.mark_keys_uploaded(Some(50));
+        to.acc.mark_keys_uploaded(Some(50), 0);
         let (id, key) = body["one_time_keys"].as_object().unwrap().iter().next().unwrap();
         let resp = json!({"one_time_keys": {to.rec.user_id.as_str(): {to.rec.device_id.as_str(): {id: key}}}});
         let devices =

@@ -118,6 +118,11 @@ pub struct AccountRecord {
     /// When the current fallback key was created (ms since the epoch).
     #[serde(default)]
     pub fallback_key_created_at: Option<u64>,
+    /// When the current fallback key was uploaded (ms since the epoch);
+    /// `None` while it waits for upload. The previous fallback key is
+    /// forgotten an hour after this.
+    #[serde(default)]
+    pub fallback_key_published_at: Option<u64>,
     /// Incremented on every write: lets processes sharing a store notice that
     /// another process changed the account.
     #[serde(default)]

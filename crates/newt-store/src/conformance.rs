@@ -85,6 +85,7 @@ async fn account_round_trip(store: impl Store) {
     next.shared = true;
     next.uploaded_one_time_key_count = 42;
     next.fallback_key_created_at = Some(1_700_000_000_000);
+    next.fallback_key_published_at = Some(1_700_000_060_000);
     let expected = to_json(&next);
     apply(&store, Changes { account: Some(next), ..Default::default() }).await;
     let stored = store.account().await.unwrap().unwrap();
@@ -889,6 +890,7 @@ fn account(user_id: &str, device_id: &str, generation: u64) -> AccountRecord {
         shared: false,
         uploaded_one_time_key_count: 0,
         fallback_key_created_at: None,
+        fallback_key_published_at: None,
         generation,
         upload_lease_since: None,
     }

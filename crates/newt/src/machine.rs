@@ -643,6 +643,9 @@ impl Machine {
                 }
             }
         }
+        // Only now that this sync's pre-key messages were decrypted: a device
+        // back online after the grace period still reads those waiting for it.
+        account_changed |= st.account.forget_previous_fallback_key_if_due(now);
         changes.sync_token = sync.next_batch;
         self.settle_flows(&mut st, &checkpoint, Ok(()), changes, account_changed).await?;
         self.poll_verification_timeouts(&mut st, now).await?;
@@ -1047,7 +1050,7 @@ impl Machine {
                 if response.get("one_time_key_counts").is_none() {
                     return Err(Error::BadResponse("keys/upload: one_time_key_counts"));
                 }
-                st.account.mark_keys_uploaded(Some(count.unwrap_or(0)));
+                st.account.mark_keys_uploaded(Some(count.unwrap_or(0)), self.now());
                 self.commit(&mut st, Changes::default(), true).await
             }
             Pending::KeysQuery(users) => {

@@ -158,7 +158,7 @@ impl RawDevice {
         let mut raw = Self::unpublished(router, user, device);
         let body = raw.account.keys_upload_body().unwrap();
         router.handle(user, device, "POST", "/keys/upload", &body).unwrap();
-        raw.account.mark_keys_uploaded(Some(50));
+        raw.account.mark_keys_uploaded(Some(50), 0);
         raw
     }
 
@@ -171,39 +171,6 @@ impl RawDevice {
         Self { account, record, router: router.clone() }
     }
 
-    /// A new outbound Olm session to `target` on one of its one-time keys.
-    pub(crate) fn claim_session(
-        &self,
-        target: &SimDevice,
-        target_keys: &DeviceRecord,
-    ) -> OlmSession {
-        let claim = json!({"one_time_keys": {target.user.as_str(): {target.device.as_str(): "signed_curve25519"}}});
-        let resp = self
-            .router
-            .handle(
-                self.account.user_id().as_str(),
-                self.record.device_id.as_str(),
-                "POST",
-                "/keys/claim",
-                &claim,
-            )
-            .unwrap();
-        let devices = BTreeMap::from([(
-            (target_keys.user_id.clone(), target_keys.device_id.clone()),
-            target_keys.clone(),
-        )]);
-        let mut out = olm::handle_keys_claim(
-            &self.account,
-            &[(target_keys.user_id.clone(), target_keys.device_id.clone())],
-            &devices,
-            &resp,
-            0,
-        );
-        OlmSession::from_record(out.sessions.remove(0).2)
-    }
-
-    /// Sends `target` an Olm event whose plaintext is exactly `plaintext`
-    /// (every field the attacker's choice).
     /// `sender` is what the server puts on the event (a malicious server
     /// can put anyone).
     pub(crate) fn send_olm_plaintext(
@@ -213,7 +180,7 @@ impl RawDevice {
         plaintext: &Value,
         sender: &str,
     ) {
-        let mut session = self.claim_session(target, target_keys);
+        let (mut session, _) = self.claim_session(target_keys);
         let message = session.session.encrypt(serde_json::to_vec(plaintext).unwrap()).unwrap();
         let (message_type, body) = message.to_parts();
         let content = json!({
@@ -247,9 +214,55 @@ impl RawDevice {
         event_type: &str,
         content: Value,
     ) {
-        let mut session = self.claim_session(target, target_keys);
+        let (mut session, _) = self.claim_session(target_keys);
+        self.send_on(&mut session, target, target_keys, recipient, event_type, content);
+    }
+
+    /// Claims a key of the device `target_keys` (a one-time key while it has
+    /// any, then its fallback key) and starts an Olm session on it. Returns
+    /// the session and the signed key object that was claimed.
+    pub(crate) fn claim_session(&self, target_keys: &DeviceRecord) -> (OlmSession, Value) {
+        let (user, device) = (target_keys.user_id.as_str(), target_keys.device_id.as_str());
+        let claim = json!({"one_time_keys": {user: {device: "signed_curve25519"}}});
+        let resp = self
+            .router
+            .handle(
+                self.account.user_id().as_str(),
+                self.record.device_id.as_str(),
+                "POST",
+                "/keys/claim",
+                &claim,
+            )
+            .unwrap();
+        let claimed = resp["one_time_keys"][user][device].as_object().unwrap();
+        let key = claimed.values().next().unwrap().clone();
+        let devices = BTreeMap::from([(
+            (target_keys.user_id.clone(), target_keys.device_id.clone()),
+            target_keys.clone(),
+        )]);
+        let mut out = olm::handle_keys_claim(
+            &self.account,
+            &[(target_keys.user_id.clone(), target_keys.device_id.clone())],
+            &devices,
+            &resp,
+            0,
+        );
+        (OlmSession::from_record(out.sessions.remove(0).2), key)
+    }
+
+    /// Olm-encrypts an event on `session` and sends it to `target`, naming
+    /// `recipient` as the recipient in the plaintext.
+    pub(crate) fn send_on(
+        &self,
+        session: &mut OlmSession,
+        target: &SimDevice,
+        target_keys: &DeviceRecord,
+        recipient: &DeviceRecord,
+        event_type: &str,
+        content: Value,
+    ) {
         let mut encrypted =
-            olm::encrypt(&self.account, &mut session, recipient, event_type, content).unwrap();
+            olm::encrypt(&self.account, session, recipient, event_type, content).unwrap();
         if recipient.curve25519 != target_keys.curve25519 {
             let ct = encrypted["ciphertext"].as_object_mut().unwrap();
             let v = ct.remove(&recipient.curve25519).unwrap();

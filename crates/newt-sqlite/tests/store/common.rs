@@ -41,6 +41,7 @@ pub(crate) fn account(user_id: &str, device_id: &str, generation: u64) -> Accoun
         shared: true,
         uploaded_one_time_key_count: 0,
         fallback_key_created_at: Some(1_700_000_000_000),
+        fallback_key_published_at: None,
         generation,
         upload_lease_since: None,
     }

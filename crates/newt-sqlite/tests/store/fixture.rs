@@ -122,8 +122,10 @@ async fn v1_fixture_opens_and_reads_back() {
 
     // Fields added since v1 load with their defaults.
     let mut account = manifest["account"].clone();
-    if account.get("upload_lease_since").is_none() {
-        account["upload_lease_since"] = json!(null);
+    for added in ["upload_lease_since", "fallback_key_published_at"] {
+        if account.get(added).is_none() {
+            account[added] = json!(null);
+        }
     }
     let read = to_json(&store.account().await.unwrap().unwrap());
     assert_eq!(as_v1::<AccountPickle>(read), account);
