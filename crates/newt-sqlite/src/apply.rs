@@ -1,8 +1,10 @@
 //! [`Store::apply`](newt_store::Store::apply) for SQLite: every value is
-//! hashed and sealed first, outside any lock, then one `BEGIN IMMEDIATE`
-//! transaction checks the account generation and runs the prepared
-//! statements: removals first, then upserts in list order (a later entry for
-//! the same key wins), all or nothing.
+//! hashed, sealed and digested first, outside any lock, then one
+//! `BEGIN IMMEDIATE` transaction checks the account generation and runs the
+//! prepared statements: removals first, then upserts in list order (a later
+//! entry for the same key wins), all or nothing. The same transaction
+//! updates the integrity record (see [`integrity`]): one
+//! primary-key lookup per row written, and one more small sealed row.
 
 use rusqlite::types::Value;
 use rusqlite::{params_from_iter, Connection, TransactionBehavior};
@@ -14,6 +16,7 @@ use newt_store::{
 };
 
 use crate::cipher::{withheld_key, Cipher, Kind};
+use crate::integrity::{self, CounterFloor, Digest, Integrity};
 use crate::retry::TxError;
 use crate::schema::{
     Table, DEVICES, IDENTITIES, INBOUND, KEY_REQUESTS, MESSAGE_INDICES, OLM_SESSIONS, OUTBOUND,
@@ -30,8 +33,13 @@ pub(crate) const PRIVATE_IDENTITY: &str = "private_identity";
 
 /// One prepared statement execution.
 struct Write {
+    table: &'static Table,
     sql: String,
+    /// The primary key first, then (upserts) the other key columns and the
+    /// sealed value.
     params: Vec<Value>,
+    /// The digest of the row an upsert writes; `None` for a removal.
+    digest: Option<Digest>,
 }
 
 /// A [`Changes`] turned into sealed rows, ready to commit (and to commit
@@ -63,9 +71,11 @@ struct GenerationOnly {
 pub(crate) fn prepare(cipher: &Cipher, changes: Changes) -> Result<Prepared, StoreError> {
     let replay_only = !changes.message_indices.is_empty() && changes.holds_only_message_indices();
     let mut writes = Vec::new();
-    let delete = |table: &Table, by: &[&str], params: Vec<Value>| Write {
+    let delete = |table: &'static Table, by: &[&str], params: Vec<Value>| Write {
+        table,
         sql: table.delete_sql(by),
         params,
+        digest: None,
     };
 
     for room in &changes.removed_outbound_group_sessions {
@@ -186,14 +196,15 @@ pub(crate) fn prepare(cipher: &Cipher, changes: Changes) -> Result<Prepared, Sto
 
 fn upsert<T: Serialize>(
     cipher: &Cipher,
-    table: &Table,
+    table: &'static Table,
     keys: Vec<Value>,
     record: &T,
 ) -> Result<Write, StoreError> {
     let sealed = cipher.seal_json(table.name, &keys, record)?;
+    let digest = Digest::of(cipher.row_digest(table.name, &keys, &sealed));
     let mut params = keys;
     params.push(Value::Blob(sealed));
-    Ok(Write { sql: table.upsert_sql(), params })
+    Ok(Write { table, sql: table.upsert_sql(), params, digest: Some(digest) })
 }
 
 /// Commits prepared changes in one immediate transaction. The account
@@ -202,13 +213,14 @@ fn upsert<T: Serialize>(
 pub(crate) fn commit(
     conn: &mut Connection,
     cipher: &Cipher,
+    floor: &CounterFloor,
     prepared: &Prepared,
 ) -> Result<(), TxError> {
     // Every commit sets its own durability (a pragma, no I/O), and a relaxed
     // one puts FULL back at once, so it never leaks into another write.
     let sync = if prepared.replay_only { "NORMAL" } else { "FULL" };
     conn.pragma_update(None, "synchronous", sync)?;
-    let result = commit_in_transaction(conn, cipher, prepared);
+    let result = commit_in_transaction(conn, cipher, floor, prepared);
     if prepared.replay_only {
         conn.pragma_update(None, "synchronous", "FULL")?;
     }
@@ -218,18 +230,20 @@ pub(crate) fn commit(
 fn commit_in_transaction(
     conn: &mut Connection,
     cipher: &Cipher,
+    floor: &CounterFloor,
     prepared: &Prepared,
 ) -> Result<(), TxError> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let mut record = Integrity::load(&tx, cipher)?;
+    floor.observe(record.counter)?;
     if let Some(incoming) = &prepared.account {
-        let stored: Option<AccountRecord> = query(
-            &tx,
-            cipher,
-            &SINGLETONS,
-            &SINGLETONS.select_sql("WHERE name = ?1"),
-            &[Value::Text(ACCOUNT.into())],
-        )?
-        .pop();
+        // The generation is checked against the account last written, not
+        // an older copy put back in its place.
+        let stored: Option<AccountRecord> =
+            match integrity::checked_singleton(&tx, cipher, &record, ACCOUNT)? {
+                Some((keys, sealed)) => Some(cipher.open_json(SINGLETONS.name, &keys, &sealed)?),
+                None => None,
+            };
         if let Some(stored) = &stored {
             if stored.user_id != incoming.user_id || stored.device_id != incoming.device_id {
                 return Err(StoreError::AccountMismatch.into());
@@ -267,8 +281,19 @@ fn commit_in_transaction(
         )?;
     }
     for write in &prepared.writes {
+        let primary_key = &write.params[..write.table.primary_key];
+        let old = integrity::stored_digest(&tx, cipher, write.table, primary_key)?;
+        record.replace(write.table, primary_key, old, write.digest)?;
         tx.prepare_cached(&write.sql)?.execute(params_from_iter(&write.params))?;
     }
+    // The counter counts durable commits only: a power cut can undo a
+    // relaxed one, and the counter an app keeps must never be ahead of the
+    // file it finds after one.
+    if !prepared.replay_only {
+        record.counter += 1;
+    }
+    record.save(&tx, cipher)?;
     tx.commit()?;
+    floor.raise(record.counter);
     Ok(())
 }

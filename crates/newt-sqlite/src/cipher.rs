@@ -1,8 +1,9 @@
-//! The at-rest cipher: sealed values and keyed lookup hashes.
+//! The at-rest cipher: sealed values, keyed lookup hashes and keyed row
+//! digests.
 //!
-//! Both keys come from the store's random 32-byte data key through
+//! The keys come from the store's random 32-byte data key through
 //! HKDF-SHA256, one `info` string per purpose, so that a weakness in one use
-//! never leaks into the other:
+//! never leaks into another:
 //!
 //! - values: AES-256-GCM, a fresh random 96-bit nonce per write, stored as
 //!   `nonce || ciphertext || tag`. The associated data names the table and
@@ -11,6 +12,9 @@
 //! - lookups: HMAC-SHA256 over `kind || 0x00 || value`; identifiers (user,
 //!   room, device, session IDs, Curve25519 keys, request IDs) are only ever
 //!   stored in this form.
+//! - row digests: HMAC-SHA256 over a row's associated data and sealed value,
+//!   summed per table in the integrity record (see
+//!   [`integrity`](crate::integrity)).
 //!
 //! Random nonces are safe here: a store writes far fewer than 2^32 values
 //! under one data key.
@@ -33,6 +37,8 @@ use newt_store::StoreError;
 const VALUE_INFO: &[u8] = b"newt-sqlite value encryption v1";
 /// HKDF info for the lookup-hash key.
 const LOOKUP_INFO: &[u8] = b"newt-sqlite lookup hash v1";
+/// HKDF info for the row-digest key.
+const DIGEST_INFO: &[u8] = b"newt-sqlite row digest v1";
 /// Length of an AES-GCM nonce.
 const NONCE_LEN: usize = 12;
 /// Prefix of every associated-data string (versions the layout).
@@ -84,10 +90,11 @@ impl Kind {
     }
 }
 
-/// Seals and opens values, and hashes lookup keys, for one store.
+/// Seals and opens values, and hashes lookup keys and rows, for one store.
 pub(crate) struct Cipher {
     value: Aes256Gcm,
     lookup: Hmac<Sha256>,
+    digest: Hmac<Sha256>,
 }
 
 impl Cipher {
@@ -96,9 +103,11 @@ impl Cipher {
         let hkdf = Hkdf::<Sha256>::new(None, data_key);
         let value_key = expand(&hkdf, VALUE_INFO)?;
         let lookup_key = expand(&hkdf, LOOKUP_INFO)?;
+        let digest_key = expand(&hkdf, DIGEST_INFO)?;
         let value = Aes256Gcm::new_from_slice(&value_key[..]).map_err(backend)?;
         let lookup = <Hmac<Sha256> as Mac>::new_from_slice(&lookup_key[..]).map_err(backend)?;
-        Ok(Self { value, lookup })
+        let digest = <Hmac<Sha256> as Mac>::new_from_slice(&digest_key[..]).map_err(backend)?;
+        Ok(Self { value, lookup, digest })
     }
 
     /// The keyed hash of an identifier.
@@ -113,6 +122,18 @@ impl Cipher {
     /// The keyed hash of an identifier, as an SQL parameter.
     pub(crate) fn key(&self, kind: Kind, value: &str) -> Value {
         Value::Blob(self.hash(kind, value).to_vec())
+    }
+
+    /// The keyed digest of a row as stored: its table, key columns and
+    /// sealed value. Two different sealed values of one row (an old copy and
+    /// the current one) have different digests.
+    pub(crate) fn row_digest(&self, table: &str, keys: &[Value], sealed: &[u8]) -> [u8; 32] {
+        let ad = associated_data(table, keys);
+        let mut mac = self.digest.clone();
+        mac.update(&(ad.len() as u64).to_be_bytes());
+        mac.update(&ad);
+        mac.update(sealed);
+        mac.finalize().into_bytes().into()
     }
 
     /// Serialises `record` and seals it for the row (`table`, `keys`).
@@ -251,6 +272,19 @@ mod tests {
         assert_eq!(c.hash(Kind::User, "@a:x"), c.hash(Kind::User, "@a:x"));
         assert_ne!(c.hash(Kind::User, "@a:x"), c.hash(Kind::Device, "@a:x"));
         assert_ne!(c.hash(Kind::User, "@a:x"), cipher(2).hash(Kind::User, "@a:x"));
+    }
+
+    #[test]
+    fn row_digests_tell_copies_rows_and_keys_apart() {
+        let c = cipher(1);
+        let keys = [c.key(Kind::Room, "!a:x")];
+        let old = c.seal_json("t", &keys, &"v").unwrap();
+        let new = c.seal_json("t", &keys, &"v").unwrap();
+        let digest = c.row_digest("t", &keys, &new);
+        assert_eq!(digest, c.row_digest("t", &keys, &new));
+        assert_ne!(digest, c.row_digest("t", &keys, &old));
+        assert_ne!(digest, c.row_digest("u", &keys, &new));
+        assert_ne!(digest, cipher(2).row_digest("t", &keys, &new));
     }
 
     #[test]

@@ -19,6 +19,12 @@
 //! fails to unwrap (the GCM tag is the check), and a `key_check` value sealed
 //! under the data key confirms the unwrapped key is the one the values were
 //! written with.
+//!
+//! The key check also says whether the store keeps an integrity record
+//! (see [`integrity`](crate::integrity)): `v2` since schema version 3, `v1`
+//! before. No store can be opened without its key check, so an attacker
+//! cannot make a store look older than its integrity record by deleting
+//! the record and setting the schema version back.
 
 use std::fmt;
 
@@ -75,8 +81,11 @@ const ARGON2_MAX_P: u32 = 16;
 const RAW_WRAP_INFO: &[u8] = b"newt-sqlite key wrapping v1";
 /// Prefix of the associated data of the wrapped data key.
 const WRAP_AD: &[u8] = b"newt-sqlite data key v1\0";
-/// The plaintext sealed as `key_check`.
-const KEY_CHECK: &[u8] = b"newt-sqlite key check v1";
+/// The plaintext sealed as `key_check`: the store keeps an integrity record.
+const KEY_CHECK: &[u8] = b"newt-sqlite key check v2";
+/// The key check of a store written before schema version 3, which had no
+/// integrity record yet.
+const KEY_CHECK_V1: &[u8] = b"newt-sqlite key check v1";
 
 /// `meta` rows.
 const META_KEK: &str = "kek";
@@ -190,9 +199,33 @@ pub(crate) fn unlock(
     );
     let cipher = Cipher::new(&data_key)?;
     match cipher.open(&key_check_ad(), &material.key_check) {
-        Ok(check) if check[..] == *KEY_CHECK => Ok((data_key, cipher)),
+        Ok(check) if check[..] == *KEY_CHECK || check[..] == *KEY_CHECK_V1 => {
+            Ok((data_key, cipher))
+        }
         _ => Err(StoreError::WrongKey),
     }
+}
+
+/// Whether the key check says the store keeps an integrity record (false
+/// for a store from before schema version 3, and for a store being created).
+pub(crate) fn keeps_integrity_record(conn: &Connection, cipher: &Cipher) -> Result<bool, TxError> {
+    let sealed: Option<Vec<u8>> = conn
+        .prepare_cached("SELECT value FROM meta WHERE name = ?1")?
+        .query_row([META_KEY_CHECK], |row| row.get(0))
+        .optional()?;
+    match sealed {
+        None => Ok(false),
+        Some(sealed) => Ok(cipher.open(&key_check_ad(), &sealed)?[..] == *KEY_CHECK),
+    }
+}
+
+/// Seals the key check that says the store keeps an integrity record
+/// (inside the caller's transaction, which writes that record).
+pub(crate) fn write_key_check(conn: &Connection, cipher: &Cipher) -> Result<(), TxError> {
+    let key_check = cipher.seal(&key_check_ad(), KEY_CHECK)?;
+    conn.prepare_cached("INSERT OR REPLACE INTO meta(name, value) VALUES (?1, ?2)")?
+        .execute((META_KEY_CHECK, key_check))?;
+    Ok(())
 }
 
 /// A new random data key, wrapped for `key` (slow for passphrases).
@@ -221,13 +254,11 @@ pub(crate) fn write(
     cipher: &Cipher,
     material: &NewKeyMaterial,
 ) -> Result<(), TxError> {
-    let key_check = cipher.seal(&key_check_ad(), KEY_CHECK)?;
     let mut put =
         conn.prepare_cached("INSERT OR REPLACE INTO meta(name, value) VALUES (?1, ?2)")?;
     put.execute((META_KEK, &material.kek))?;
     put.execute((META_DATA_KEY, &material.data_key))?;
-    put.execute((META_KEY_CHECK, key_check))?;
-    Ok(())
+    write_key_check(conn, cipher)
 }
 
 fn wrap_ad(kek_json: &[u8]) -> Vec<u8> {

@@ -36,13 +36,11 @@
 //! sealed with AES-256-GCM under a fresh random 96-bit nonce; the associated data is the table name and the row's
 //! key columns, so a ciphertext cannot be moved to another row. Identifiers
 //! (user, room, device and session IDs, Curve25519 keys, request IDs) are
-//! stored only as HMAC-SHA256 keyed hashes. Both keys are derived with
+//! stored only as HMAC-SHA256 keyed hashes. These keys, and the one of the
+//! row digests (see [Threat model](#threat-model)), are derived with
 //! HKDF-SHA256 from a random 32-byte data key, with distinct info strings
-//! (`newt-sqlite value encryption v1`, `newt-sqlite lookup hash v1`).
-//! What is visible without the key: row counts and sizes, which rows share
-//! a room or user hash, three flags/counters (an inbound session's
-//! `backed_up`, a key request's `sent`, a replay record's message index), and
-//! the KDF parameters and salt.
+//! (`newt-sqlite value encryption v1`, `newt-sqlite lookup hash v1`,
+//! `newt-sqlite row digest v1`).
 //!
 //! The data key is stored wrapped (AES-256-GCM) by a key derived from the
 //! [`StoreKey`]: HKDF for [`StoreKey::Raw`], Argon2id (64 MiB, 3 passes) for
@@ -55,6 +53,73 @@
 //! Because identifiers are hashed, [`inbound_group_sessions_page`] pages in
 //! hash order, not by room ID: every session is visited exactly once, which
 //! is what bulk readers (export, backup) need.
+//!
+//! # Threat model
+//!
+//! The store protects its contents from someone who gets the file (a
+//! backup, a lost disk, another program on the device) but not the key.
+//!
+//! **Reading the file** (with its `-wal` and `-shm` companions, and any old
+//! copy) yields no plaintext: no identifier, key, pickle or event ID, and
+//! not the passphrase (each guess costs an Argon2id run). It does show:
+//! how many rows each table has and how large each value is (so roughly
+//! how many devices, sessions and decrypted events there are); which rows
+//! share a room or user hash; three values left in the clear for the
+//! indexes (an inbound session's `backed_up`, a key request's `sent`, a
+//! replay record's message index); the KDF parameters and salt; and, from
+//! file times and WAL growth, when and how much the store writes (a replay
+//! record per decrypted event, for one).
+//!
+//! **Writing the file** without the key, one can neither forge nor alter a
+//! value, nor move one to another row or table (the associated data binds
+//! it to its table and key columns, flags included), nor make the store
+//! take another key. One can corrupt the file (a typed error, not a
+//! crash), delete rows, and put back older sealed copies of single rows or
+//! of the whole file. Those do harm: an older account reuses one-time keys
+//! that were already used; a missing one gets replaced by a new account;
+//! an older Olm or outbound Megolm session reuses message keys; a missing
+//! replay record lets a replayed event through; a missing or older identity
+//! hides that a user's master key changed, or was once verified.
+//!
+//! **What the store detects.** An integrity record (one more sealed row,
+//! written in the transaction of every [`apply`]) holds a counter of
+//! durable commits, a keyed digest of each table and one of each singleton
+//! row (the scheme is described in `src/integrity.rs`). Tampering is
+//! reported as [`StoreError::Corrupt`](newt_store::StoreError::Corrupt)
+//! with a message starting "tampering detected", and the store writes
+//! nothing:
+//!
+//! - the account, the sync token and our private cross-signing keys,
+//!   deleted or put back from an older copy: at open, and at every read and
+//!   write of them;
+//! - identities deleted, added or put back: at open;
+//! - every other table (Olm and Megolm sessions, replay records, devices,
+//!   ...): by [`SqliteStore::verify_integrity`], which reads the whole
+//!   store and so is not part of every open (replay records alone grow
+//!   with every decrypted event). A tampered row stays visible to it even
+//!   after the store has written that row again, because a commit accounts
+//!   for the row it finds, not for the one it expected;
+//! - the integrity record deleted, or the schema version set back so that
+//!   the record would be rebuilt around the rows left: at open;
+//! - the whole file put back to an older copy while a handle has it open
+//!   (the commit counter went down): at the handle's next read of a
+//!   singleton, write, or [`SqliteStore::commit_counter`].
+//!
+//! **What it does not detect.** A rollback of the whole file, rows and
+//! record together, between two opens: nothing in the file tells an old
+//! copy from the current one. An app closes that gap by keeping
+//! [`SqliteStore::commit_counter`] outside the file (the platform
+//! keychain) and comparing it at open. Tampering with the tables checked
+//! only by [`SqliteStore::verify_integrity`] takes effect until it runs
+//! (a replay record deleted before the replayed event arrives lets that
+//! event through; the next check reports it). A store upgraded from an
+//! earlier schema version trusts its rows as they are at the upgrade, and
+//! an attacker who kept its key-check row from before the upgrade can put
+//! that back, set the schema version back, and have the record rebuilt.
+//!
+//! Cost: per commit, one primary-key lookup per row written and one more
+//! sealed row of about 450 bytes (no extra fsync); per singleton read, a
+//! read of that row too; per open, a read of every identity.
 //!
 //! # Durability and crashes
 //!
@@ -108,10 +173,11 @@
 //! transaction each. `tests/fixtures/v1.sqlite` is a store written by schema
 //! version 1 and is opened by the tests of every later version (it migrates
 //! to version 2, which adds the `identities` table for cross-signing; our
-//! private cross-signing keys are a sealed singleton). A file that
-//! is not an SQLite database, is truncated, belongs to another program, or
-//! was written by a newer version is refused with a typed error and left
-//! untouched.
+//! private cross-signing keys are a sealed singleton; and to version 3,
+//! which adds the integrity record, see [Threat model](#threat-model)). A
+//! file that is not an SQLite database, is truncated, belongs to another
+//! program, or was written by a newer version is refused with a typed error
+//! and left untouched.
 //!
 //! [`apply`]: newt_store::Store::apply
 //! [`inbound_group_sessions_page`]: newt_store::Store::inbound_group_sessions_page
@@ -119,6 +185,7 @@
 mod apply;
 mod cipher;
 mod file;
+mod integrity;
 mod keys;
 mod retry;
 mod schema;

@@ -1,5 +1,5 @@
 //! The schema: its version, its migrations, and the tables of versions 1
-//! and 2.
+//! and 2 (version 3 adds no table, only the integrity record in `meta`).
 //!
 //! The version lives in SQLite's `PRAGMA user_version`, next to
 //! `PRAGMA application_id` = "newt", which tells a newt store apart from any
@@ -16,10 +16,11 @@ use rusqlite::{Connection, Transaction, TransactionBehavior};
 use newt_store::StoreError;
 
 use crate::cipher::Cipher;
+use crate::integrity;
 use crate::retry::{with_retry, TxError};
 
 /// The schema version this build writes.
-pub(crate) const SCHEMA_VERSION: u32 = 2;
+pub(crate) const SCHEMA_VERSION: u32 = 3;
 /// `PRAGMA application_id` of a newt store: "newt" in ASCII.
 pub(crate) const APPLICATION_ID: i32 = 0x6e65_7774;
 
@@ -32,8 +33,11 @@ pub(crate) struct Migration {
 }
 
 /// Every schema step, oldest first.
-pub(crate) const MIGRATIONS: &[Migration] =
-    &[Migration { version: 1, run: create_v1 }, Migration { version: 2, run: create_v2 }];
+pub(crate) const MIGRATIONS: &[Migration] = &[
+    Migration { version: 1, run: create_v1 },
+    Migration { version: 2, run: create_v2 },
+    Migration { version: 3, run: integrity::create },
+];
 
 /// A table: its name and key columns, in the order they enter the associated
 /// data of its sealed `value`.
@@ -42,36 +46,68 @@ pub(crate) struct Table {
     pub(crate) name: &'static str,
     /// Key columns (hashes, flags, indices); the `value` column follows.
     pub(crate) keys: &'static [&'static str],
+    /// How many of the first `keys` make the primary key.
+    pub(crate) primary_key: usize,
 }
 
 /// The account, the sync token and our private cross-signing keys, by name.
-pub(crate) const SINGLETONS: Table = Table { name: "singletons", keys: &["name"] };
+pub(crate) const SINGLETONS: Table = Table { name: "singletons", keys: &["name"], primary_key: 1 };
 /// Olm sessions by (sender key, session ID).
 pub(crate) const OLM_SESSIONS: Table =
-    Table { name: "olm_sessions", keys: &["sender_key_hash", "session_hash"] };
+    Table { name: "olm_sessions", keys: &["sender_key_hash", "session_hash"], primary_key: 2 };
 /// Inbound Megolm sessions by (room, session ID), with the backup flag.
-pub(crate) const INBOUND: Table =
-    Table { name: "inbound_group_sessions", keys: &["room_hash", "session_hash", "backed_up"] };
+pub(crate) const INBOUND: Table = Table {
+    name: "inbound_group_sessions",
+    keys: &["room_hash", "session_hash", "backed_up"],
+    primary_key: 2,
+};
 /// Outbound Megolm sessions by room.
-pub(crate) const OUTBOUND: Table = Table { name: "outbound_group_sessions", keys: &["room_hash"] };
+pub(crate) const OUTBOUND: Table =
+    Table { name: "outbound_group_sessions", keys: &["room_hash"], primary_key: 1 };
 /// Devices by (user, device ID).
-pub(crate) const DEVICES: Table = Table { name: "devices", keys: &["user_hash", "device_hash"] };
+pub(crate) const DEVICES: Table =
+    Table { name: "devices", keys: &["user_hash", "device_hash"], primary_key: 2 };
 /// Tracked users by user.
-pub(crate) const TRACKED_USERS: Table = Table { name: "tracked_users", keys: &["user_hash"] };
+pub(crate) const TRACKED_USERS: Table =
+    Table { name: "tracked_users", keys: &["user_hash"], primary_key: 1 };
 /// Key requests by request ID, with their session and sent flag.
-pub(crate) const KEY_REQUESTS: Table =
-    Table { name: "key_requests", keys: &["request_hash", "room_hash", "session_hash", "sent"] };
+pub(crate) const KEY_REQUESTS: Table = Table {
+    name: "key_requests",
+    keys: &["request_hash", "room_hash", "session_hash", "sent"],
+    primary_key: 1,
+};
 /// Withheld notices by (room, session ID and sender). `session_hash` is the
 /// keyed hash of the session ID and the sender together
 /// ([`Kind::WithheldSender`](crate::cipher::Kind::WithheldSender)); rows
 /// written before notices were kept per sender hash the session ID alone
 /// and are read only for the sender their value names.
-pub(crate) const WITHHELD: Table = Table { name: "withheld", keys: &["room_hash", "session_hash"] };
+pub(crate) const WITHHELD: Table =
+    Table { name: "withheld", keys: &["room_hash", "session_hash"], primary_key: 2 };
 /// Replay-detection records by (room, session ID, index).
-pub(crate) const MESSAGE_INDICES: Table =
-    Table { name: "message_indices", keys: &["room_hash", "session_hash", "message_index"] };
+pub(crate) const MESSAGE_INDICES: Table = Table {
+    name: "message_indices",
+    keys: &["room_hash", "session_hash", "message_index"],
+    primary_key: 3,
+};
 /// Public cross-signing identities by user (schema v2).
-pub(crate) const IDENTITIES: Table = Table { name: "identities", keys: &["user_hash"] };
+pub(crate) const IDENTITIES: Table =
+    Table { name: "identities", keys: &["user_hash"], primary_key: 1 };
+
+/// Every table of records (all but `meta`). The integrity record keeps one
+/// sum per table in this order: a schema version that adds a table appends
+/// it here and rewrites the record in its migration.
+pub(crate) const TABLES: &[&Table] = &[
+    &SINGLETONS,
+    &OLM_SESSIONS,
+    &INBOUND,
+    &OUTBOUND,
+    &DEVICES,
+    &TRACKED_USERS,
+    &KEY_REQUESTS,
+    &WITHHELD,
+    &MESSAGE_INDICES,
+    &IDENTITIES,
+];
 
 impl Table {
     /// `INSERT OR REPLACE` of every key column and the value.
@@ -90,6 +126,16 @@ impl Table {
     /// clause, an `ORDER BY`, ...).
     pub(crate) fn select_sql(&self, tail: &str) -> String {
         format!("SELECT {}, value FROM {} {tail}", self.keys.join(", "), self.name)
+    }
+
+    /// `WHERE` on the primary key, as `?1`, `?2`, ...
+    pub(crate) fn primary_key_where(&self) -> String {
+        let clauses: Vec<String> = self.keys[..self.primary_key]
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{c} = ?{}", i + 1))
+            .collect();
+        format!("WHERE {}", clauses.join(" AND "))
     }
 
     /// `DELETE` by the given columns.
@@ -273,18 +319,21 @@ mod tests {
     use super::*;
     use crate::keys::{self, StoreKey};
 
-    /// A future version 3 as a test sees it: a step that must run once,
-    /// after v1 and v2, and see their data and tables.
-    fn v3_hook(tx: &Transaction<'_>, _cipher: &Cipher) -> Result<(), TxError> {
+    /// A future version 4 as a test sees it: a step that must run once,
+    /// after v1 to v3, and see their data, tables and integrity record.
+    fn v4_hook(tx: &Transaction<'_>, _cipher: &Cipher) -> Result<(), TxError> {
         let inbound: i64 =
             tx.query_row("SELECT count(*) FROM inbound_group_sessions", [], |r| r.get(0))?;
         let identities: i64 = tx.query_row("SELECT count(*) FROM identities", [], |r| r.get(0))?;
+        let integrity: i64 =
+            tx.query_row("SELECT count(*) FROM meta WHERE name = 'integrity'", [], |r| r.get(0))?;
         tx.execute_batch(
-            "CREATE TABLE v3_marker (seen_inbound INTEGER NOT NULL, seen_identities INTEGER NOT NULL)",
+            "CREATE TABLE v4_marker (seen_inbound INTEGER NOT NULL, seen_identities INTEGER NOT NULL,
+                                     seen_integrity INTEGER NOT NULL)",
         )?;
         tx.execute(
-            "INSERT INTO v3_marker (seen_inbound, seen_identities) VALUES (?1, ?2)",
-            [inbound, identities],
+            "INSERT INTO v4_marker (seen_inbound, seen_identities, seen_integrity) VALUES (?1, ?2, ?3)",
+            [inbound, identities, integrity],
         )?;
         Ok(())
     }
@@ -292,10 +341,11 @@ mod tests {
     /// The passphrase `tests/fixture.rs` wrote the fixture with.
     const FIXTURE_PASSPHRASE: &str = "newt schema v1 fixture";
 
-    const WITH_V3: &[Migration] = &[
+    const WITH_V4: &[Migration] = &[
         Migration { version: 1, run: create_v1 },
         Migration { version: 2, run: create_v2 },
-        Migration { version: 3, run: v3_hook },
+        Migration { version: 3, run: integrity::create },
+        Migration { version: 4, run: v4_hook },
     ];
 
     fn fixture_copy() -> (tempfile::TempDir, std::path::PathBuf) {
@@ -314,23 +364,28 @@ mod tests {
     }
 
     #[test]
-    fn v1_fixture_migrates_to_v2() {
+    fn v1_fixture_migrates_to_the_newest_version() {
         let (_dir, path) = fixture_copy();
         let mut conn = Connection::open(&path).unwrap();
         assert_eq!(header(&conn).unwrap().version, 1);
         let cipher = unlock_fixture(&conn);
+        assert!(!keys::keeps_integrity_record(&conn, &cipher).unwrap());
         migrate(&mut conn, &cipher, MIGRATIONS).unwrap();
         assert_eq!(header(&conn).unwrap().version, SCHEMA_VERSION);
         let identities: i64 =
             conn.query_row("SELECT count(*) FROM identities", [], |r| r.get(0)).unwrap();
         assert_eq!(identities, 0);
+        // v3: the record fits the fixture's rows, and the key check says so.
+        assert!(keys::keeps_integrity_record(&conn, &cipher).unwrap());
+        let record = integrity::verify(&conn, &cipher, TABLES).unwrap();
+        assert_eq!(record.counter, 0);
         // Idempotent.
         migrate(&mut conn, &cipher, MIGRATIONS).unwrap();
-        assert_eq!(header(&conn).unwrap().version, 2);
+        assert_eq!(header(&conn).unwrap().version, 3);
     }
 
     #[test]
-    fn v1_fixture_migrates_through_v2_to_v3_in_order() {
+    fn v1_fixture_migrates_through_v2_and_v3_to_v4_in_order() {
         let (_dir, path) = fixture_copy();
         let mut conn = Connection::open(&path).unwrap();
         let before = header(&conn).unwrap();
@@ -338,26 +393,26 @@ mod tests {
         assert_eq!(before.application_id, APPLICATION_ID);
         let cipher = unlock_fixture(&conn);
 
-        migrate(&mut conn, &cipher, WITH_V3).unwrap();
-        assert_eq!(header(&conn).unwrap().version, 3);
-        // v1 did not run again (its CREATE TABLEs would have failed), v2 and
-        // v3 ran once each, in order, and v3 saw the fixture's sessions and
-        // v2's table.
-        let seen: Vec<(i64, i64)> = conn
-            .prepare("SELECT seen_inbound, seen_identities FROM v3_marker")
+        migrate(&mut conn, &cipher, WITH_V4).unwrap();
+        assert_eq!(header(&conn).unwrap().version, 4);
+        // v1 did not run again (its CREATE TABLEs would have failed), v2 to
+        // v4 ran once each, in order, and v4 saw the fixture's sessions,
+        // v2's table and v3's record.
+        let seen: Vec<(i64, i64, i64)> = conn
+            .prepare("SELECT seen_inbound, seen_identities, seen_integrity FROM v4_marker")
             .unwrap()
-            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
             .unwrap()
             .collect::<Result<_, _>>()
             .unwrap();
-        assert_eq!(seen, vec![(3, 0)]);
+        assert_eq!(seen, vec![(3, 0, 1)]);
 
         // Migrating again is a no-op; an older build now refuses the store.
-        migrate(&mut conn, &cipher, WITH_V3).unwrap();
-        assert_eq!(header(&conn).unwrap().version, 3);
+        migrate(&mut conn, &cipher, WITH_V4).unwrap();
+        assert_eq!(header(&conn).unwrap().version, 4);
         assert!(matches!(
             migrate(&mut conn, &cipher, MIGRATIONS),
-            Err(StoreError::TooNew { found: 3, supported: 2 })
+            Err(StoreError::TooNew { found: 4, supported: 3 })
         ));
     }
 
@@ -367,13 +422,16 @@ mod tests {
         let mut conn = Connection::open(dir.path().join("new.sqlite")).unwrap();
         let cipher = Cipher::new(&[9; 32]).unwrap();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).unwrap();
-        create(&tx, &cipher, WITH_V3).unwrap();
+        create(&tx, &cipher, WITH_V4).unwrap();
         tx.commit().unwrap();
         let h = header(&conn).unwrap();
-        assert_eq!((h.version, h.application_id), (3, APPLICATION_ID));
-        let seen: i64 =
-            conn.query_row("SELECT seen_inbound FROM v3_marker", [], |r| r.get(0)).unwrap();
-        assert_eq!(seen, 0);
+        assert_eq!((h.version, h.application_id), (4, APPLICATION_ID));
+        let seen: (i64, i64) = conn
+            .query_row("SELECT seen_inbound, seen_integrity FROM v4_marker", [], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .unwrap();
+        assert_eq!(seen, (0, 1));
     }
 
     #[test]

@@ -20,11 +20,13 @@ use newt_store::{Changes, SessionCursor, Store, StoreError};
 
 use crate::apply::{self, ACCOUNT, PRIVATE_IDENTITY, SYNC_TOKEN};
 use crate::cipher::{withheld_key, Cipher, Kind};
+use crate::integrity::{self, CounterFloor, Integrity};
 use crate::keys::{self, DataKey, StoreKey};
 use crate::retry::{install_busy_handler, sqlite_error, with_retry, TxError};
 use crate::schema::{
     self, Table, APPLICATION_ID, DEVICES, IDENTITIES, INBOUND, KEY_REQUESTS, MESSAGE_INDICES,
-    MIGRATIONS, OLM_SESSIONS, OUTBOUND, SCHEMA_VERSION, SINGLETONS, TRACKED_USERS, WITHHELD,
+    MIGRATIONS, OLM_SESSIONS, OUTBOUND, SCHEMA_VERSION, SINGLETONS, TABLES, TRACKED_USERS,
+    WITHHELD,
 };
 
 /// A [`Store`] in one SQLite file, encrypted at rest. See the
@@ -34,6 +36,7 @@ pub struct SqliteStore {
     cipher: Cipher,
     data_key: DataKey,
     path: PathBuf,
+    floor: CounterFloor,
 }
 
 impl fmt::Debug for SqliteStore {
@@ -50,7 +53,10 @@ impl SqliteStore {
     /// Errors, all of which leave the file's bytes untouched:
     /// [`StoreError::WrongKey`] if `key` does not open it;
     /// [`StoreError::Corrupt`] if the file is not an SQLite database, is
-    /// truncated, or is another program's database;
+    /// truncated, or is another program's database, or (with a message
+    /// starting "tampering detected") if the account, sync token, private
+    /// cross-signing keys or an identity was deleted or put back from an
+    /// older copy (see [Threat model](crate#threat-model));
     /// [`StoreError::TooNew`] if a newer build wrote it.
     pub fn open(path: impl AsRef<Path>, key: StoreKey) -> Result<Self, StoreError> {
         let path = path.as_ref();
@@ -66,7 +72,47 @@ impl SqliteStore {
             return Err(StoreError::Backend(format!("journal mode {mode} instead of WAL").into()));
         }
         schema::migrate(&mut conn, &cipher, MIGRATIONS)?;
-        Ok(Self { conn: Mutex::new(conn), cipher, data_key, path: path.to_owned() })
+        // The small tables whose loss or rollback matters most; the rest is
+        // left to `verify_integrity`, as it costs a read of the whole store.
+        let record = with_retry(|| {
+            read_transaction(&mut conn, |tx| {
+                integrity::verify(tx, &cipher, &[&SINGLETONS, &IDENTITIES])
+            })
+        })?;
+        let floor = CounterFloor::new(record.counter);
+        Ok(Self { conn: Mutex::new(conn), cipher, data_key, path: path.to_owned(), floor })
+    }
+
+    /// How many durable commits this store has made (since it was created,
+    /// or upgraded to schema version 3). It only grows, and no power cut
+    /// takes it back (commits of replay records alone, which one may undo,
+    /// do not count). An app that keeps the last value it saw outside the
+    /// file (e.g. in the platform keychain) and finds a lower one at the
+    /// next open knows the whole file was put back to an older copy: the
+    /// one rollback the store cannot see by itself. See
+    /// [Threat model](crate#threat-model).
+    pub fn commit_counter(&self) -> Result<u64, StoreError> {
+        let record =
+            self.with_conn(|conn| read_transaction(conn, |tx| Integrity::load(tx, &self.cipher)))?;
+        self.floor.observe(record.counter)?;
+        Ok(record.counter)
+    }
+
+    /// Checks every row of every table against the integrity record: Olm
+    /// and Megolm sessions, replay records, devices and the rest, beyond
+    /// the singletons and identities that [`open`](Self::open) checks.
+    /// Reads and hashes the whole store, under one read transaction
+    /// (other calls on this handle wait; other processes do not), so it
+    /// suits a background task after start-up rather than every open.
+    ///
+    /// [`StoreError::Corrupt`] (message starting "tampering detected") names
+    /// the first table found with rows deleted, added or put back from an
+    /// older copy.
+    pub fn verify_integrity(&self) -> Result<(), StoreError> {
+        let record = self.with_conn(|conn| {
+            read_transaction(conn, |tx| integrity::verify(tx, &self.cipher, TABLES))
+        })?;
+        self.floor.observe(record.counter)
     }
 
     /// Re-wraps the store's data key for `new_key`; nothing else is
@@ -149,6 +195,32 @@ impl SqliteStore {
     ) -> Result<Option<T>, StoreError> {
         Ok(self.read(table, tail, params)?.pop())
     }
+
+    /// Reads the singleton `name` and the integrity record in one read
+    /// transaction, and refuses a row that is not the one last written.
+    fn read_singleton<T: DeserializeOwned>(&self, name: &str) -> Result<Option<T>, StoreError> {
+        let (record, row) = self.with_conn(|conn| {
+            read_transaction(conn, |tx| {
+                let record = Integrity::load(tx, &self.cipher)?;
+                let row = integrity::checked_singleton(tx, &self.cipher, &record, name)?;
+                Ok((record, row))
+            })
+        })?;
+        self.floor.observe(record.counter)?;
+        row.map(|(keys, sealed)| self.cipher.open_json(SINGLETONS.name, &keys, &sealed)).transpose()
+    }
+}
+
+/// Runs `work` in one read transaction: one snapshot of the file, however
+/// many statements.
+fn read_transaction<T>(
+    conn: &mut Connection,
+    work: impl FnOnce(&rusqlite::Transaction<'_>) -> Result<T, TxError>,
+) -> Result<T, TxError> {
+    let tx = conn.transaction()?;
+    let value = work(&tx)?;
+    tx.commit()?;
+    Ok(value)
 }
 
 /// Per-connection settings; none of them writes to the file.
@@ -224,10 +296,10 @@ pub(crate) fn query<T: DeserializeOwned + Send>(
 }
 
 /// A row as stored: its key columns and its sealed value.
-type SealedRow = (Vec<Value>, Vec<u8>);
+pub(crate) type SealedRow = (Vec<Value>, Vec<u8>);
 
 /// Runs a `SELECT` built by [`Table::select_sql`]; the rows stay sealed.
-fn query_sealed(
+pub(crate) fn query_sealed(
     conn: &Connection,
     table: &Table,
     sql: &str,
@@ -264,7 +336,7 @@ fn limit(limit: usize) -> Value {
 #[cfg_attr(target_arch = "wasm32", async_trait::async_trait(?Send))]
 impl Store for SqliteStore {
     async fn account(&self) -> Result<Option<AccountRecord>, StoreError> {
-        self.read_one(&SINGLETONS, "WHERE name = ?1", &[Value::Text(ACCOUNT.into())])
+        self.read_singleton(ACCOUNT)
     }
 
     async fn olm_sessions(&self, sender_key: &str) -> Result<Vec<OlmSessionRecord>, StoreError> {
@@ -380,7 +452,7 @@ impl Store for SqliteStore {
     }
 
     async fn sync_token(&self) -> Result<Option<String>, StoreError> {
-        self.read_one(&SINGLETONS, "WHERE name = ?1", &[Value::Text(SYNC_TOKEN.into())])
+        self.read_singleton(SYNC_TOKEN)
     }
 
     async fn identity(&self, user_id: &UserId) -> Result<Option<IdentityRecord>, StoreError> {
@@ -389,7 +461,7 @@ impl Store for SqliteStore {
     }
 
     async fn private_identity(&self) -> Result<Option<PrivateIdentityRecord>, StoreError> {
-        self.read_one(&SINGLETONS, "WHERE name = ?1", &[Value::Text(PRIVATE_IDENTITY.into())])
+        self.read_singleton(PRIVATE_IDENTITY)
     }
 
     /// One existence probe per key on the index, under one lock; no session
@@ -457,7 +529,7 @@ impl Store for SqliteStore {
             return Ok(());
         }
         let prepared = apply::prepare(&self.cipher, changes)?;
-        self.with_conn(|conn| apply::commit(conn, &self.cipher, &prepared))
+        self.with_conn(|conn| apply::commit(conn, &self.cipher, &self.floor, &prepared))
     }
 }
 
@@ -488,6 +560,8 @@ mod tests {
             let replay = Changes { message_indices: vec![index(1)], ..Default::default() };
             store.apply(replay).await.unwrap();
             assert_eq!(sync(&store), 2);
+            // Not a durable commit: the counter an app keeps stays behind it.
+            assert_eq!(store.commit_counter().unwrap(), 0);
             let mixed = Changes {
                 message_indices: vec![index(2)],
                 sync_token: Some("t".into()),
@@ -495,6 +569,7 @@ mod tests {
             };
             store.apply(mixed).await.unwrap();
             assert_eq!(sync(&store), 2);
+            assert_eq!(store.commit_counter().unwrap(), 1);
             for i in [1, 2] {
                 let stored = store.message_index(&room, "s", i).await.unwrap().unwrap();
                 assert_eq!(stored.event_id, format!("$e{i}"));
@@ -523,6 +598,13 @@ mod tests {
             (&MESSAGE_INDICES, "WHERE room_hash = ?1 AND session_hash = ?2 AND message_index = ?3"),
             (&IDENTITIES, "WHERE user_hash = ?1"),
         ];
+        // What a commit looks up for every row it writes.
+        let by_primary_key: Vec<(&Table, String)> =
+            TABLES.iter().map(|t| (*t, t.primary_key_where())).collect();
+        let cases = cases
+            .iter()
+            .map(|(t, w)| (*t, *w))
+            .chain(by_primary_key.iter().map(|(t, w)| (*t, w.as_str())));
         for (table, tail) in cases {
             let sql = format!("EXPLAIN QUERY PLAN {}", table.select_sql(tail));
             let params: Vec<Value> = (0..sql.matches('?').count()).map(|_| Value::Null).collect();

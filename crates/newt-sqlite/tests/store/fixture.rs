@@ -1,7 +1,8 @@
 //! The schema v1 fixture: `tests/fixtures/v1.sqlite`, written once by
 //! [`write_v1_fixture`] and kept in the repository, with the records it
-//! holds in `tests/fixtures/v1.json`. Every later build must open it (and
-//! migrate it, once there is a v2) and read the same records back.
+//! holds in `tests/fixtures/v1.json`. Every later build must open it,
+//! migrate it (to v2: identities; to v3: the integrity record) and read the
+//! same records back.
 //!
 //! To regenerate (only ever for v1, which is already committed):
 //! `NEWT_WRITE_FIXTURE=1 cargo test -p newt-sqlite --test store -- --ignored write_v1_fixture`
@@ -171,11 +172,16 @@ async fn v1_fixture_opens_and_reads_back() {
     // Opening migrated it to v2: the cross-signing reads work and are empty.
     assert!(store.identity(&user("@peer:example.org")).await.unwrap().is_none());
     assert!(store.private_identity().await.unwrap().is_none());
+    // And to v3: an integrity record that fits every row, counting from 0.
+    store.verify_integrity().unwrap();
+    assert_eq!(store.commit_counter().unwrap(), 0);
 
     // The fixture is still usable as a store: the account moves on.
     let mut account = store.account().await.unwrap().unwrap();
     account.generation += 1;
     store.apply(Changes { account: Some(account), ..Default::default() }).await.unwrap();
     assert_eq!(store.account().await.unwrap().unwrap().generation, 4);
+    assert_eq!(store.commit_counter().unwrap(), 1);
+    store.verify_integrity().unwrap();
     assert_eq!(digest(&original).unwrap(), original_digest, "the committed fixture changed");
 }

@@ -5,6 +5,7 @@
 // Test code, helpers included: failing loudly is its job.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod attack;
 mod common;
 mod conformance;
 mod crash;

@@ -108,10 +108,10 @@ fn newer_schema_version_is_refused_untouched() {
     let path = dir.path().join("store.sqlite");
     make_store(&path, StoreKey::Raw([1; 32]));
     let conn = rusqlite::Connection::open(&path).unwrap();
-    conn.pragma_update(None, "user_version", 3).unwrap();
+    conn.pragma_update(None, "user_version", 4).unwrap();
     drop(conn);
     let err = open_fails(&path, StoreKey::Raw([1; 32]));
-    assert!(matches!(err, StoreError::TooNew { found: 3, supported: 2 }), "{err:?}");
+    assert!(matches!(err, StoreError::TooNew { found: 4, supported: 3 }), "{err:?}");
     // Even with a wrong key, the version verdict comes first.
     let err = open_fails(&path, StoreKey::Raw([2; 32]));
     assert!(matches!(err, StoreError::TooNew { .. }), "{err:?}");
