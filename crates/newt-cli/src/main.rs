@@ -117,7 +117,8 @@ async fn demo(stores: &Stores) -> Result<(), SimError> {
         SimDevice::open(router.clone(), "@bob:example.org", "BOB1", stores.open("BOB1")?).await?;
     for d in [&alice1, &alice2, &bob] {
         let n = d.flush().await?;
-        let (curve, ed) = d.machine.identity_keys().await;
+        let keys = d.machine.identity_keys().await;
+        let (curve, ed) = (keys.curve25519, keys.ed25519);
         println!(
             "  {} {}: {n} requests sent; curve25519 {}…, ed25519 {}…",
             d.user,
@@ -237,7 +238,9 @@ async fn verify_with_emoji(a: &SimDevice, b: &SimDevice) -> Result<(), SimError>
             .machine
             .sas_emoji(&flow)
             .await
-            .map(|e| e.iter().map(|(symbol, name)| format!("{symbol} {name}")).collect::<Vec<_>>())
+            .map(|e| {
+                e.iter().map(|e| format!("{} {}", e.symbol, e.description)).collect::<Vec<_>>()
+            })
             .unwrap_or_default();
         let numbers = d.machine.sas_decimals(&flow).await.unwrap_or_default();
         println!("  {} sees: {} | {numbers:?}", d.device, shown.join(", "));

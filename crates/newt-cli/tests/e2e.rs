@@ -862,7 +862,7 @@ async fn garbage_from_the_network_is_a_typed_error_not_a_panic() {
     let (a, b) = (dev(&router, "@alice:hs", "A").await, dev(&router, "@bob:hs", "B").await);
     let users = [uid("@alice:hs"), uid("@bob:hs")];
     settle(&[&a, &b], &users).await;
-    let (curve, _) = b.machine.identity_keys().await;
+    let curve = b.machine.identity_keys().await.curve25519;
     let garbage = vec![
         json!(null),
         json!([]),

@@ -27,9 +27,13 @@ pub enum Error {
     /// A `/keys/query` response is malformed.
     #[error(transparent)]
     KeysQuery(#[from] KeysQueryError),
-    /// A server response is malformed.
+    /// A server response is malformed (the server's fault).
     #[error("malformed server response: {0}")]
     BadResponse(&'static str),
+    /// newt broke one of its own invariants (a bug in newt, never the
+    /// caller's, the peer's or the server's fault): please report it.
+    #[error("internal error: {0}")]
+    Internal(&'static str),
     /// `mark_request_sent` got an ID we never handed out (or already marked).
     #[error("unknown request ID {0}")]
     UnknownRequest(String),
@@ -73,4 +77,138 @@ pub enum Error {
     /// Acknowledge (or re-verify) each to continue.
     #[error("identity verification violated for {0:?}")]
     VerificationViolation(Vec<UserId>),
+}
+
+/// What kind of failure an [`Error`] is: one flat, stable list for apps and
+/// bindings to branch on (`match` on it, or on its [`as_str`](Self::as_str)
+/// code), without looking into the nested protocol errors. New kinds may be
+/// added; existing ones keep their name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// The store key or passphrase is wrong; nothing was written.
+    WrongKey,
+    /// The store was written by a newer newt.
+    StoreTooNew,
+    /// Another process changed what this operation read; retry it.
+    StaleGeneration,
+    /// Stored data is unreadable, or was tampered with.
+    StoreCorrupt,
+    /// The storage backend failed (I/O, database engine, browser storage).
+    StoreBackend,
+    /// The store belongs to another account.
+    AccountMismatch,
+    /// An identifier given by the caller is malformed.
+    InvalidId,
+    /// No room key for this event (see [`MegolmError::MissingSession`] for
+    /// the sender's withheld notice, if any).
+    MissingSession,
+    /// The room key we hold starts after this event's message index.
+    UnknownIndex,
+    /// A second event at an already-seen message index (a replay).
+    Replay,
+    /// A room event or room key failed a check or could not be decrypted.
+    DecryptionFailed,
+    /// A key export file is wrong: bad passphrase or MAC, malformed, or
+    /// asking for too many rounds.
+    KeyExport,
+    /// A server response is malformed.
+    BadResponse,
+    /// `mark_request_sent` got an ID newt never handed out.
+    UnknownRequest,
+    /// No outbound session: share the room key first.
+    NoOutboundSession,
+    /// Cross-signing failed (missing or mismatched key, changed identity).
+    CrossSigning,
+    /// No cross-signing identity is known for the user.
+    NoIdentity,
+    /// The device is unknown (or deleted).
+    UnknownDevice,
+    /// No verification flow with this ID.
+    UnknownFlow,
+    /// The verification flow does not allow this action now, or a scanned
+    /// QR code does not fit it.
+    VerificationState,
+    /// A verified member's identity changed and the room blocks on that.
+    VerificationViolation,
+    /// A bug in newt.
+    Internal,
+}
+
+impl ErrorKind {
+    /// The kind's stable name, as bindings report it (e.g. `"WrongKey"`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::WrongKey => "WrongKey",
+            Self::StoreTooNew => "StoreTooNew",
+            Self::StaleGeneration => "StaleGeneration",
+            Self::StoreCorrupt => "StoreCorrupt",
+            Self::StoreBackend => "StoreBackend",
+            Self::AccountMismatch => "AccountMismatch",
+            Self::InvalidId => "InvalidId",
+            Self::MissingSession => "MissingSession",
+            Self::UnknownIndex => "UnknownIndex",
+            Self::Replay => "Replay",
+            Self::DecryptionFailed => "DecryptionFailed",
+            Self::KeyExport => "KeyExport",
+            Self::BadResponse => "BadResponse",
+            Self::UnknownRequest => "UnknownRequest",
+            Self::NoOutboundSession => "NoOutboundSession",
+            Self::CrossSigning => "CrossSigning",
+            Self::NoIdentity => "NoIdentity",
+            Self::UnknownDevice => "UnknownDevice",
+            Self::UnknownFlow => "UnknownFlow",
+            Self::VerificationState => "VerificationState",
+            Self::VerificationViolation => "VerificationViolation",
+            Self::Internal => "Internal",
+        }
+    }
+}
+
+impl std::fmt::Display for ErrorKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl Error {
+    /// The flat kind of this error.
+    ///
+    /// ```
+    /// use newt::{Error, ErrorKind};
+    /// assert_eq!(Error::UnknownDevice.kind(), ErrorKind::UnknownDevice);
+    /// assert_eq!(Error::UnknownDevice.kind().as_str(), "UnknownDevice");
+    /// ```
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Self::Store(e) => match e {
+                StoreError::WrongKey => ErrorKind::WrongKey,
+                StoreError::TooNew { .. } => ErrorKind::StoreTooNew,
+                StoreError::StaleGeneration { .. } => ErrorKind::StaleGeneration,
+                StoreError::Corrupt(_) => ErrorKind::StoreCorrupt,
+                StoreError::AccountMismatch => ErrorKind::AccountMismatch,
+                _ => ErrorKind::StoreBackend,
+            },
+            Self::Id(_) => ErrorKind::InvalidId,
+            Self::Megolm(e) => match e {
+                MegolmError::MissingSession { .. } => ErrorKind::MissingSession,
+                MegolmError::UnknownIndex { .. } => ErrorKind::UnknownIndex,
+                MegolmError::Replay { .. } => ErrorKind::Replay,
+                _ => ErrorKind::DecryptionFailed,
+            },
+            Self::InvalidRoomKey(_) => ErrorKind::DecryptionFailed,
+            Self::Export(_) => ErrorKind::KeyExport,
+            Self::KeysQuery(_) | Self::BadResponse(_) => ErrorKind::BadResponse,
+            Self::Internal(_) => ErrorKind::Internal,
+            Self::UnknownRequest(_) => ErrorKind::UnknownRequest,
+            Self::NoOutboundSession(_) => ErrorKind::NoOutboundSession,
+            Self::AccountMismatch { .. } => ErrorKind::AccountMismatch,
+            Self::CrossSigning(_) => ErrorKind::CrossSigning,
+            Self::NoIdentity(_) => ErrorKind::NoIdentity,
+            Self::UnknownDevice => ErrorKind::UnknownDevice,
+            Self::UnknownFlow(_) => ErrorKind::UnknownFlow,
+            Self::QrScan(_) | Self::VerificationState(_) => ErrorKind::VerificationState,
+            Self::VerificationViolation(_) => ErrorKind::VerificationViolation,
+        }
+    }
 }

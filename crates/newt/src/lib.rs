@@ -134,9 +134,10 @@ mod clock;
 mod error;
 mod machine;
 mod requests;
+mod types;
 
 pub use clock::{Clock, ManualClock, SystemClock};
-pub use error::Error;
+pub use error::{Error, ErrorKind};
 pub use machine::{
     IdentityRejection, ImportOptions, ImportSummary, KeysQueryReport, Machine, ProcessedToDevice,
     RejectedIdentity, RoomSettings, SyncChanges, SyncOutcome, ToDeviceError, ToDeviceOutcome,
@@ -158,3 +159,4 @@ pub use newt_proto::verification::qr::QrMatrix;
 pub use newt_proto::verification::qr_flow::ScanError;
 pub use newt_proto::verification::CancelCode;
 pub use requests::{OutgoingRequest, RequestKind};
+pub use types::{Device, Emoji, IdentityKeys};

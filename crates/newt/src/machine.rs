@@ -47,6 +47,7 @@ use newt_store::{Store, StoreError};
 
 use crate::clock::{Clock, SystemClock};
 use crate::requests::{OutgoingRequest, RequestKind};
+use crate::types::{Device, IdentityKeys};
 use crate::Error;
 
 #[path = "verification.rs"]
@@ -499,11 +500,11 @@ impl Machine {
         &self.inner.device_id
     }
 
-    /// Our identity keys: (Curve25519, Ed25519), unpadded base64.
-    pub async fn identity_keys(&self) -> (String, String) {
+    /// Our identity keys.
+    pub async fn identity_keys(&self) -> IdentityKeys {
         let st = self.inner.state.lock().await;
         let k = st.account.identity_keys();
-        (k.curve25519.to_base64(), k.ed25519.to_base64())
+        IdentityKeys { curve25519: k.curve25519.to_base64(), ed25519: k.ed25519.to_base64() }
     }
 
     /// Our signed device keys, as uploaded.
@@ -670,7 +671,7 @@ impl Machine {
                 .olm_sessions
                 .insert(sender_key.to_owned(), BatchSessions { live, dirty: BTreeSet::new() });
         }
-        batch.olm_sessions.get_mut(sender_key).ok_or(Error::BadResponse("internal: session cache"))
+        batch.olm_sessions.get_mut(sender_key).ok_or(Error::Internal("session cache"))
     }
 
     async fn process_to_device(
@@ -1384,7 +1385,7 @@ impl Machine {
             }
         }
         let plaintext = olm::OlmPlaintext::new(&st.account, "m.room_key", &room_key)
-            .map_err(|_| Error::BadResponse("olm encryption failed"))?;
+            .map_err(|_| Error::Internal("olm encryption failed"))?;
         let encrypt_to = |d: &DeviceRecord, live: &mut [OlmSession]| {
             olm::preferred_session(live).map(|i| {
                 plaintext.encrypt(&mut live[i], d).map(|content| (content, live[i].to_record()))
@@ -1406,8 +1407,7 @@ impl Machine {
         // A recipient without an Olm session gets nothing here.
         for (d, result) in outcomes {
             let Some(result) = result else { continue };
-            let (content, record) =
-                result.map_err(|_| Error::BadResponse("olm encryption failed"))?;
+            let (content, record) = result.map_err(|_| Error::Internal("olm encryption failed"))?;
             changes.olm_sessions.push(record);
             messages.push((d.user_id.clone(), d.device_id.to_string(), content));
             shared.push((d.user_id.clone(), d.device_id.clone(), d.curve25519.clone(), index));
@@ -1700,8 +1700,7 @@ impl Machine {
                 let live = live_inbound(&record)?;
                 st.inbound.insert(record, live);
             }
-            let entry =
-                st.inbound.get_mut(&key).ok_or(Error::BadResponse("internal: session cache"))?;
+            let entry = st.inbound.get_mut(&key).ok_or(Error::Internal("session cache"))?;
             let r = match ahead.take() {
                 Some(decrypted) => finish_room_event(
                     room_id,
@@ -1729,8 +1728,7 @@ impl Machine {
                 break;
             }
         }
-        let (mut decrypted, record) =
-            result.ok_or(Error::BadResponse("internal: session cache"))??;
+        let (mut decrypted, record) = result.ok_or(Error::Internal("session cache"))??;
         if decrypted.trust == SenderTrust::Unverified {
             // Known device, not verified here: it may be cross-signed by a
             // verified identity. Only read identities when there is one.
@@ -1782,9 +1780,10 @@ impl Machine {
         self.commit(&mut st, changes, false).await
     }
 
-    /// The stored devices of `user_id`.
-    pub async fn devices(&self, user_id: &UserId) -> Result<Vec<DeviceRecord>, Error> {
-        Ok(self.store().devices(user_id).await?.into_iter().filter(|d| !d.deleted).collect())
+    /// The known devices of `user_id` (not the deleted ones).
+    pub async fn devices(&self, user_id: &UserId) -> Result<Vec<Device>, Error> {
+        let devices = self.store().devices(user_id).await?;
+        Ok(devices.into_iter().filter(|d| !d.deleted).map(Device::from).collect())
     }
 
     /// Sets the user's decision about a device (verify or blacklist).
@@ -1798,7 +1797,7 @@ impl Machine {
         let Some(mut device) =
             self.store().devices(user_id).await?.into_iter().find(|d| &d.device_id == device_id)
         else {
-            return Err(Error::BadResponse("unknown device"));
+            return Err(Error::UnknownDevice);
         };
         device.local_trust = trust;
         let changes = Changes { devices: vec![device], ..Default::default() };
@@ -2150,7 +2149,7 @@ impl Machine {
     /// `passphrase` (PBKDF2 with `rounds` iterations; use ≥ 100,000).
     pub async fn export_room_keys(&self, passphrase: &str, rounds: u32) -> Result<String, Error> {
         let bytes = self.export_room_keys_to(Vec::new(), passphrase, rounds, |_| {}).await?;
-        String::from_utf8(bytes).map_err(|_| Error::BadResponse("export is not UTF-8"))
+        String::from_utf8(bytes).map_err(|_| Error::Internal("export is not UTF-8"))
     }
 
     /// Streams every inbound session into `out` as a key export file.
@@ -2282,7 +2281,7 @@ async fn derive_export_keys(kdf: ExportKdf, passphrase: &str) -> Result<ExportKe
             // Nobody waiting (the import was dropped): nothing to do.
             let _ = tx.send(kdf.derive(&passphrase));
         });
-        rx.await.map_err(|_| Error::BadResponse("internal: key derivation thread stopped"))
+        rx.await.map_err(|_| Error::Internal("key derivation thread stopped"))
     }
     #[cfg(target_arch = "wasm32")]
     {
@@ -2383,10 +2382,7 @@ impl<'a> ImportBatches<'a> {
                     break;
                 }
                 self.in_flight.push_back(self.stream.done());
-                worker
-                    .keys
-                    .send(batch)
-                    .map_err(|_| Error::BadResponse("internal: import worker stopped"))?;
+                worker.keys.send(batch).map_err(|_| Error::Internal("import worker stopped"))?;
             }
             let Some(done) = self.in_flight.pop_front() else { return Ok(None) };
             match worker.records.next().await {
@@ -2400,7 +2396,7 @@ impl<'a> ImportBatches<'a> {
                             std::panic::resume_unwind(panic);
                         }
                     }
-                    Err(Error::BadResponse("internal: import worker stopped"))
+                    Err(Error::Internal("import worker stopped"))
                 }
             }
         }

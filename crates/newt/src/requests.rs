@@ -86,6 +86,55 @@ impl RequestKind {
         }
     }
 
+    /// The HTTP method: `POST` or `PUT`.
+    pub fn method(&self) -> &'static str {
+        self.method_and_path().0
+    }
+
+    /// The path below `/_matrix/client/v3`, with its parameters
+    /// percent-encoded (room IDs hold `!` and `:`, event types and
+    /// transaction IDs may hold anything).
+    ///
+    /// ```
+    /// use newt::RequestKind;
+    /// let kind = RequestKind::RoomMessage {
+    ///     room_id: "!room:example.org".into(),
+    ///     event_type: "m.key.verification.ready".into(),
+    ///     txn_id: "newt-1".into(),
+    ///     body: serde_json::json!({}),
+    /// };
+    /// assert_eq!(kind.method(), "PUT");
+    /// assert_eq!(kind.path(), "/rooms/%21room%3Aexample.org/send/m.key.verification.ready/newt-1");
+    /// assert_eq!(kind.body_string(), "{}");
+    /// ```
+    pub fn path(&self) -> String {
+        let enc = |s: &str| {
+            let mut out = String::with_capacity(s.len());
+            for b in s.bytes() {
+                if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+                    out.push(char::from(b));
+                } else {
+                    out.push_str(&format!("%{b:02X}"));
+                }
+            }
+            out
+        };
+        match self {
+            Self::ToDevice { event_type, txn_id, .. } => {
+                format!("/sendToDevice/{}/{}", enc(event_type), enc(txn_id))
+            }
+            Self::RoomMessage { room_id, event_type, txn_id, .. } => {
+                format!("/rooms/{}/send/{}/{}", enc(room_id), enc(event_type), enc(txn_id))
+            }
+            other => other.method_and_path().1,
+        }
+    }
+
+    /// The JSON body as a string, ready to send.
+    pub fn body_string(&self) -> String {
+        self.body().to_string()
+    }
+
     /// The JSON body.
     pub fn body(&self) -> &Value {
         match self {

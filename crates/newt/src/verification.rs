@@ -824,14 +824,13 @@ impl Machine {
         .await
     }
 
-    /// The seven emoji (symbol, name) to compare, once keys are exchanged.
-    pub async fn sas_emoji(&self, flow_id: &str) -> Option<[(&'static str, &'static str); 7]> {
+    /// The seven emoji to compare (symbol, English name, and number in the
+    /// spec's table), once keys are exchanged.
+    pub async fn sas_emoji(&self, flow_id: &str) -> Option<[Emoji; 7]> {
         let st = self.inner.state.lock().await;
         let key = Self::flow_key(&st, flow_id).ok()?;
         match &st.flows.get(&key)?.phase {
-            Phase::Sas(SasState::KeysExchanged(k)) => {
-                k.emoji().map(|e: [Emoji; 7]| e.map(|e| (e.symbol, e.description)))
-            }
+            Phase::Sas(SasState::KeysExchanged(k)) => k.emoji(),
             _ => None,
         }
     }
