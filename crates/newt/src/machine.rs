@@ -131,6 +131,13 @@ pub struct ProcessedToDevice {
     /// The sending device's Curve25519 key, authenticated by Olm
     /// (unpadded base64); `None` for events that did not arrive over Olm.
     pub sender_key: Option<String>,
+    /// For an Olm-encrypted event handed to the app
+    /// ([`ToDeviceOutcome::ForApp`], e.g. `m.secret.send`): newt's verdict
+    /// on the sending device, when it is a device known from `/keys/query`
+    /// whose keys the Olm channel matched (and not deleted). `None` for a
+    /// device that only vouched for itself: trust nothing it says. Use this
+    /// rather than looking [`sender_device`](Self::sender_device) up later.
+    pub sender_device_trust: Option<DeviceTrust>,
     /// What newt did with it.
     pub outcome: ToDeviceOutcome,
 }
@@ -146,6 +153,7 @@ impl std::fmt::Debug for ProcessedToDevice {
             .field("encrypted", &self.encrypted)
             .field("sender_device", &self.sender_device)
             .field("sender_key", &self.sender_key)
+            .field("sender_device_trust", &self.sender_device_trust)
             .field("outcome", &self.outcome)
             .finish()
     }
@@ -653,6 +661,26 @@ impl Machine {
         Ok(outcome)
     }
 
+    /// Every tracked user's stored devices by Curve25519 key, read once per
+    /// sync batch and only when an Olm message came from a key none of its
+    /// sender's devices has (so at most one scan per batch, and only after
+    /// Olm authenticated the message).
+    async fn key_holders<'b>(
+        &self,
+        batch: &'b mut Batch,
+    ) -> Result<&'b HashMap<String, Vec<DeviceRecord>>, Error> {
+        if batch.key_holders.is_none() {
+            let users: Vec<UserId> =
+                self.store().tracked_users().await?.into_iter().map(|t| t.user_id).collect();
+            let mut holders: HashMap<String, Vec<DeviceRecord>> = HashMap::new();
+            for d in self.store().devices_of(&users).await? {
+                holders.entry(d.curve25519.clone()).or_default().push(d);
+            }
+            batch.key_holders = Some(holders);
+        }
+        batch.key_holders.as_ref().ok_or(Error::BadResponse("internal: key holders"))
+    }
+
     async fn sessions_for<'b>(
         &self,
         batch: &'b mut Batch,
@@ -691,6 +719,7 @@ impl Machine {
             encrypted: false,
             sender_device: None,
             sender_key: None,
+            sender_device_trust: None,
             outcome: ToDeviceOutcome::Rejected(e),
         };
         let Ok(sender) = UserId::parse(sender_str.as_str()) else {
@@ -727,6 +756,7 @@ impl Machine {
                 encrypted: false,
                 sender_device: None,
                 sender_key: None,
+                sender_device_trust: None,
                 outcome,
             });
         }
@@ -738,17 +768,7 @@ impl Machine {
             Some(k) => k.trim_end_matches('=').to_owned(),
             None => return Ok(reject(event_type, ToDeviceError::Malformed("sender_key"))),
         };
-        let mut sender_devices = self.store().devices(&sender).await?;
-        if !sender_devices.iter().any(|d| d.curve25519 == sender_key) {
-            // Not a key of the sender's known devices: the core refuses it if
-            // another user's device owns it.
-            if !batch.foreign_keys.contains_key(&sender_key) {
-                let owners = self.store().devices_with_curve25519(&sender_key).await?;
-                batch.foreign_keys.insert(sender_key.clone(), owners);
-            }
-            let owners = batch.foreign_keys.get(&sender_key).into_iter().flatten();
-            sender_devices.extend(owners.filter(|d| d.user_id != sender).cloned());
-        }
+        let sender_devices = self.store().devices(&sender).await?;
         let sessions = self.sessions_for(batch, &sender_key).await?;
         let result = olm::decrypt(
             &mut st.account,
@@ -771,6 +791,15 @@ impl Machine {
                 return Ok(reject(event_type, e.into()));
             }
         };
+        if !sender_devices.iter().any(|d| d.curve25519 == sender_key) {
+            // A key none of the sender's known devices has, authenticated by
+            // Olm: refused if another user's known device has these keys.
+            let holders = self.key_holders(batch).await?.get(&sender_key);
+            let holders = holders.map(Vec::as_slice).unwrap_or(&[]);
+            if let Err(e) = olm::check_key_owner(&decrypted, holders) {
+                return Ok(reject(event_type, OlmError::Check(e).into()));
+            }
+        }
         let sender_device = decrypted.sender_device.as_ref().map(|d| d.device_id.clone());
         let inner_type = decrypted.event_type.clone();
         let outcome = match inner_type.as_str() {
@@ -840,6 +869,16 @@ impl Machine {
                 zeroize::Zeroize::zeroize(&mut key);
             }
         }
+        let stored_sender = decrypted.sender_device.as_ref().filter(|d| {
+            !d.deleted
+                && sender_devices
+                    .iter()
+                    .any(|s| s.device_id == d.device_id && s.curve25519 == d.curve25519)
+        });
+        let sender_device_trust = match (&outcome, stored_sender) {
+            (ToDeviceOutcome::ForApp, Some(d)) => Some(self.trust_in_device(st, d).await?),
+            _ => None,
+        };
         Ok(ProcessedToDevice {
             sender: sender_str,
             event_type: inner_type,
@@ -847,8 +886,23 @@ impl Machine {
             encrypted: true,
             sender_device,
             sender_key: Some(decrypted.sender_key),
+            sender_device_trust,
             outcome,
         })
+    }
+
+    /// This device's verdict on a stored `device` (its owner's identity and
+    /// ours read from the store).
+    async fn trust_in_device(
+        &self,
+        st: &State,
+        device: &DeviceRecord,
+    ) -> Result<DeviceTrust, Error> {
+        let own_user = device.user_id == self.inner.user_id;
+        let owner = if own_user { None } else { self.user_identity(&device.user_id).await? };
+        let (own, private) = self.trust_material().await?;
+        let root = TrustRoot::new(&st.account, own.as_ref(), private.as_ref());
+        Ok(root.device_trust(owner.as_ref(), device))
     }
 
     fn note_wedged(
@@ -2277,12 +2331,7 @@ async fn derive_export_keys(kdf: ExportKdf, passphrase: &str) -> Result<ExportKe
     #[cfg(not(target_arch = "wasm32"))]
     {
         let passphrase = zeroize::Zeroizing::new(passphrase.to_owned());
-        let (tx, rx) = futures::channel::oneshot::channel();
-        std::thread::spawn(move || {
-            // Nobody waiting (the import was dropped): nothing to do.
-            let _ = tx.send(kdf.derive(&passphrase));
-        });
-        rx.await.map_err(|_| Error::BadResponse("internal: key derivation thread stopped"))
+        off_thread(move || kdf.derive(&passphrase)).await
     }
     #[cfg(target_arch = "wasm32")]
     {
@@ -2290,12 +2339,30 @@ async fn derive_export_keys(kdf: ExportKdf, passphrase: &str) -> Result<ExportKe
     }
 }
 
+/// Runs `work` on a thread of its own and waits for it without blocking the
+/// caller's executor. A thread the OS will not start is an error, not a
+/// panic.
+#[cfg(not(target_arch = "wasm32"))]
+async fn off_thread<T: Send + 'static>(
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, Error> {
+    let (tx, rx) = futures::channel::oneshot::channel();
+    std::thread::Builder::new()
+        .name("newt-kdf".into())
+        .spawn(move || {
+            // Nobody waiting (the import was dropped): nothing to do.
+            let _ = tx.send(work());
+        })
+        .map_err(|_| Error::BadResponse("internal: cannot start a thread"))?;
+    rx.await.map_err(|_| Error::BadResponse("internal: key derivation thread stopped"))
+}
+
 #[derive(Default)]
 struct Batch {
     olm_sessions: BTreeMap<String, BatchSessions>,
-    /// Stored devices (of any user) by a Curve25519 key that none of the
-    /// claimed sender's devices has; read once per key per batch.
-    foreign_keys: BTreeMap<String, Vec<DeviceRecord>>,
+    /// Every tracked user's devices by Curve25519 key (see
+    /// [`Machine::key_holders`]), loaded at most once per batch.
+    key_holders: Option<HashMap<String, Vec<DeviceRecord>>>,
     inbound: BTreeMap<(RoomId, String), usize>,
     requests: Vec<OutgoingRequest>,
     account_changed: bool,
@@ -2462,19 +2529,15 @@ fn to_device_request(
 mod tests {
     use super::*;
     use newt_proto::export::encrypt_export;
-    use std::future::Future;
-    use std::task::Context;
 
     #[test]
     fn export_key_derivation_runs_off_the_callers_thread() {
-        // 20,000 rounds take milliseconds; derived inline, the first poll
-        // would return them. Off the thread, it cannot have finished yet.
-        let file = encrypt_export(&[], "pw", 20_000).unwrap();
+        let here = std::thread::current().id();
+        let there = futures::executor::block_on(off_thread(|| std::thread::current().id()));
+        assert_ne!(there.unwrap(), here);
+        let file = encrypt_export(&[], "pw", 1_000).unwrap();
         let kdf = ExportKdf::read(&file, DEFAULT_MAX_ROUNDS).unwrap();
-        let mut derive = Box::pin(derive_export_keys(kdf, "pw"));
-        let mut cx = Context::from_waker(futures::task::noop_waker_ref());
-        assert!(derive.as_mut().poll(&mut cx).is_pending());
-        let keys = futures::executor::block_on(derive).unwrap();
+        let keys = futures::executor::block_on(derive_export_keys(kdf, "pw")).unwrap();
         assert_eq!(ExportStream::open_with_keys(&file, &keys).unwrap().total(), 0);
     }
 }
