@@ -12,7 +12,7 @@ use common::*;
 use std::sync::Arc;
 
 use newt::{
-    Error, LocalTrust, MegolmError, RoomId, RoomSettings, SenderTrust, SharingPolicy,
+    DeviceTrust, Error, LocalTrust, MegolmError, RoomId, RoomSettings, SenderTrust, SharingPolicy,
     ToDeviceError, ToDeviceOutcome,
 };
 use newt_cli::{SimDevice, SimError};
@@ -47,24 +47,27 @@ fn withheld_code(result: Result<newt::DecryptedRoomEvent, SimError>) -> Option<S
 /// Item 1: a device we have not fetched may vouch for itself with
 /// `sender_device_keys`, but not under the ID of a device we know with other
 /// keys: an app asking `device_trust(user, sender_device)` would otherwise
-/// trust the impostor as the real, verified device.
+/// trust the impostor as the real, verified device. Its event is not named
+/// after that device, and carries no trust verdict; a known device's event
+/// carries newt's verdict on it.
 #[tokio::test]
-async fn attack_new_device_taking_a_known_device_id_is_rejected() {
+async fn attack_new_device_taking_a_known_device_id_is_not_named_as_it() {
     let router = Arc::new(Router::new());
     let (_a, b, _) = alice_and_bob(&router).await;
-    b.machine.set_local_trust(&uid("@alice:hs"), &did("A"), LocalTrust::Verified).await.unwrap();
+    let known = RawDevice::new(&router, "@alice:hs", "KNOWN");
+    b.sync().await.unwrap();
+    for d in ["A", "KNOWN"] {
+        b.machine.set_local_trust(&uid("@alice:hs"), &did(d), LocalTrust::Verified).await.unwrap();
+    }
     let b_rec = own_record(&b).await;
 
     let impostor = RawDevice::unpublished(&router, "@alice:hs", "A");
     impostor.send_olm(&b, &b_rec, "org.example.trusted_command", json!({"run": "rm -rf"}));
     let out = b.sync().await.unwrap();
-    assert_eq!(
-        rejected(&out.to_device[0].outcome),
-        &ToDeviceError::Olm(OlmError::Check(PlaintextCheckError::DeviceIdTaken {
-            device_id: "A".into()
-        }))
-    );
-    assert_eq!(out.to_device[0].content, Value::Null);
+    let t = &out.to_device[0];
+    assert_eq!(t.outcome, ToDeviceOutcome::ForApp);
+    assert_eq!((&t.sender_device, &t.sender_device_trust), (&None, &None));
+    assert_eq!(t.sender_key.as_deref(), Some(impostor.record.curve25519.as_str()));
 
     // A device not fetched yet, under an ID of its own, is named by its
     // claim (with the key Olm authenticated) and is trusted by nothing.
@@ -73,9 +76,15 @@ async fn attack_new_device_taking_a_known_device_id_is_rejected() {
     let out = b.sync().await.unwrap();
     let t = &out.to_device[0];
     assert_eq!(t.outcome, ToDeviceOutcome::ForApp);
-    assert_eq!(t.sender_device, Some(did("NEW")));
-    assert_eq!(t.sender_key.as_deref(), Some(newcomer.record.curve25519.as_str()));
+    assert_eq!((&t.sender_device, &t.sender_device_trust), (&Some(did("NEW")), &None));
     assert_eq!(b.machine.device_trust(&uid("@alice:hs"), &did("NEW")).await.unwrap(), None);
+
+    // The device Bob knows and verified: named, with the verdict.
+    known.send_olm(&b, &b_rec, "org.example.hello", json!({}));
+    let out = b.sync().await.unwrap();
+    let t = &out.to_device[0];
+    assert_eq!(t.sender_device, Some(did("KNOWN")));
+    assert_eq!(t.sender_device_trust, Some(DeviceTrust::LocallyVerified));
 }
 
 /// Item 2: a device that got the room key and is blacklisted afterwards (or

@@ -19,7 +19,7 @@ use crate::account::{OwnAccount, SIGNED_CURVE25519};
 use crate::devices::parse_device_keys;
 use crate::ids::{DeviceId, UserId};
 use crate::json::{b64_decode, b64_encode, strip_padding, verify_json, JsonError};
-use crate::records::{DeviceRecord, OlmSessionRecord};
+use crate::records::{DeviceRecord, LocalTrust, OlmSessionRecord};
 use crate::secret::SecretBuf;
 use crate::OLM_V1;
 
@@ -148,13 +148,6 @@ pub enum PlaintextCheckError {
         /// The user whose device owns the key.
         owner: String,
     },
-    /// `sender_device_keys` of an unknown key claims the ID of a device we
-    /// know with other keys (an impostor of that device).
-    #[error("sender_device_keys claims device {device_id}, which we know with other keys")]
-    DeviceIdTaken {
-        /// The claimed device ID.
-        device_id: String,
-    },
 }
 
 /// A to-device event decrypted and checked.
@@ -217,8 +210,7 @@ pub fn parse_olm_content(
 /// `sessions` are the live sessions with the event's sender key (the caller
 /// keeps them across a batch so consecutive messages see each other's
 /// ratchet state); a new inbound session is appended. `sender_devices` are
-/// the stored devices of `sender` (deleted ones included) and any stored
-/// device of another user that has the event's sender key (see
+/// the stored devices of `sender` (deleted ones included; see
 /// [`check_plaintext`]). Nothing is returned unless every
 /// plaintext check passed; on a failed check the session state has still
 /// advanced, which is harmless (the message is consumed either way).
@@ -312,11 +304,11 @@ fn field<'a>(
 /// Applies the receiver checks to a decrypted Olm plaintext.
 ///
 /// `sender_devices` are the stored devices of `sender`, deleted ones
-/// included, plus every stored device of any other user whose Curve25519 key
-/// is `sender_key`. The sending device is the stored record of `sender_key`
-/// (its flags kept); only when none is stored does the self-signed
-/// `sender_device_keys` name it, and then not with the ID of a known device
-/// that has other keys. A key owned by another user's device is refused.
+/// included. The sending device is the stored record of `sender_key` (its
+/// flags kept); only when none is stored does the self-signed
+/// `sender_device_keys` name it, and never with the ID of a known device
+/// that has other keys. When no stored device of the sender has the key,
+/// the caller also runs [`check_key_owner`].
 pub fn check_plaintext(
     own: &OwnAccount,
     sender: &UserId,
@@ -353,16 +345,14 @@ pub fn check_plaintext(
         .ok_or(PlaintextCheckError::MissingField("content"))?;
 
     // The Olm channel authenticates the Curve25519 key, so the stored record
-    // of that key decides who sent this, flags included (a deleted or
-    // blacklisted device stays one). A live record wins over a deleted one.
-    let with_key = |d: &&DeviceRecord| d.curve25519 == sender_key;
-    if let Some(other) = sender_devices.iter().filter(with_key).find(|d| &d.user_id != sender) {
-        return Err(
-            PlaintextCheckError::KeyOfAnotherUser { owner: other.user_id.to_string() }.into()
-        );
-    }
-    let mut sender_device =
-        sender_devices.iter().filter(with_key).min_by_key(|d| d.deleted).cloned();
+    // of that key decides who sent this, flags included: a deleted or
+    // blacklisted device stays one, and where two records share the key
+    // (only a copied key does that) the most restricted one counts.
+    let mut sender_device = sender_devices
+        .iter()
+        .filter(|d| d.curve25519 == sender_key && &d.user_id == sender)
+        .max_by_key(|d| (d.deleted, d.local_trust == LocalTrust::Blacklisted))
+        .cloned();
     if let Some(d) = &sender_device {
         if d.ed25519 != claimed_ed {
             return Err(PlaintextCheckError::SenderKeys.into());
@@ -370,20 +360,16 @@ pub fn check_plaintext(
     }
     if let Some(sdk) = v.get("sender_device_keys").filter(|x| !x.is_null()) {
         let device = check_sender_device_keys(sender, sender_key, &claimed_ed, sdk)?;
-        if sender_device.is_none() {
-            // A device we have not fetched yet vouches for itself; it may not
-            // take the ID of a device we know with other keys.
-            let taken = sender_devices.iter().any(|d| {
-                d.user_id == device.user_id
-                    && d.device_id == device.device_id
-                    && (d.curve25519 != device.curve25519 || d.ed25519 != device.ed25519)
-            });
-            if taken {
-                return Err(PlaintextCheckError::DeviceIdTaken {
-                    device_id: device.device_id.to_string(),
-                }
-                .into());
-            }
+        // A device we have not fetched yet vouches for itself. It is named
+        // only under an ID no known device has with other keys: an impostor
+        // (or a device ID reused with new keys, which `/keys/query` refuses
+        // too) is left unnamed, so nothing looked up by its ID applies.
+        let taken = sender_devices.iter().any(|d| {
+            d.user_id == device.user_id
+                && d.device_id == device.device_id
+                && (d.curve25519 != device.curve25519 || d.ed25519 != device.ed25519)
+        });
+        if sender_device.is_none() && !taken {
             sender_device = Some(device);
         }
     }
@@ -395,6 +381,27 @@ pub fn check_plaintext(
         event_type,
         content,
     })
+}
+
+/// The check of an event whose sender key none of the sender's stored
+/// devices has: refused when `holders` (stored devices of any user with that
+/// key) include another user's device with the very keys the plaintext
+/// claims (`keys.ed25519` too). A device record under another user with the
+/// same Curve25519 key but another Ed25519 key proves nothing (anyone can
+/// copy a Curve25519 key into keys they sign) and does not count.
+pub fn check_key_owner(
+    event: &DecryptedToDevice,
+    holders: &[DeviceRecord],
+) -> Result<(), PlaintextCheckError> {
+    let owner = holders.iter().find(|d| {
+        d.user_id != event.sender
+            && d.curve25519 == event.sender_key
+            && d.ed25519 == event.sender_ed25519
+    });
+    match owner {
+        Some(d) => Err(PlaintextCheckError::KeyOfAnotherUser { owner: d.user_id.to_string() }),
+        None => Ok(()),
+    }
 }
 
 fn check_sender_device_keys(
@@ -796,18 +803,18 @@ mod tests {
     }
 
     /// A device we do not know, vouching for itself under the ID of a device
-    /// we know with other keys (deleted or not), is an impostor.
+    /// we know with other keys (deleted or not), is an impostor: its event is
+    /// not named after that device.
     #[test]
-    fn attack_sender_device_keys_taking_a_known_device_id_are_rejected() {
+    fn attack_sender_device_keys_taking_a_known_device_id_are_not_named() {
         let real = dev("@alice:hs", "A");
         let impostor = dev("@alice:hs", "A");
         for deleted in [false, true] {
             let mut stored = real.rec.clone();
             stored.deleted = deleted;
             let sdk = impostor.acc.device_keys();
-            let err = receive(&impostor, &[stored], |v| v["sender_device_keys"] = sdk).unwrap_err();
-            let expected = PlaintextCheckError::DeviceIdTaken { device_id: "A".into() };
-            assert_eq!(err, OlmError::Check(expected));
+            let event = receive(&impostor, &[stored], |v| v["sender_device_keys"] = sdk).unwrap();
+            assert_eq!(event.sender_device, None);
         }
         // An ID nobody has: the claim names the device.
         let sdk = impostor.acc.device_keys();
@@ -816,22 +823,28 @@ mod tests {
     }
 
     /// The stored record of the sender key wins over `sender_device_keys`,
-    /// with its flags: a deleted, blacklisted device stays one.
+    /// with its flags: a deleted, blacklisted device stays one, also when a
+    /// live record was given a copy of its key.
     #[test]
     fn attack_stored_record_with_its_flags_wins_over_sender_device_keys() {
         let alice = dev("@alice:hs", "A");
         let mut stored = alice.rec.clone();
         stored.deleted = true;
         stored.local_trust = LocalTrust::Blacklisted;
-        let sdk = alice.acc.device_keys();
-        let event = receive(&alice, &[stored.clone()], |v| v["sender_device_keys"] = sdk).unwrap();
-        let device = event.sender_device.unwrap();
-        assert!(device.deleted);
-        assert_eq!(device.local_trust, LocalTrust::Blacklisted);
+        let mut copy = alice.rec.clone();
+        copy.device_id = DeviceId::parse("COPY").unwrap();
+        for devices in [vec![stored.clone()], vec![copy.clone(), stored.clone()]] {
+            let sdk = alice.acc.device_keys();
+            let event = receive(&alice, &devices, |v| v["sender_device_keys"] = sdk).unwrap();
+            let device = event.sender_device.unwrap();
+            assert!(device.deleted);
+            assert_eq!(device.local_trust, LocalTrust::Blacklisted);
+        }
     }
 
-    /// A sender key that a known device of another user owns cannot speak
-    /// for the event's sender.
+    /// A sender key that a known device of another user holds, with the
+    /// keys the plaintext claims, cannot speak for the event's sender; a
+    /// record that only copied the Curve25519 key proves nothing.
     #[test]
     fn attack_sender_key_of_another_users_device_is_rejected() {
         let mallory = dev("@mallory:hs", "M");
@@ -840,10 +853,14 @@ mod tests {
         // Mallory's channel, under Alice's name (the server relabels the event).
         let c = forge(&mallory, &mut s, &bob, |v| v["sender"] = json!("@alice:hs"));
         let alice = UserId::parse("@alice:hs").unwrap();
-        let stored = [mallory.rec.clone()];
-        let err = decrypt(&mut bob.acc, &alice, &c, &mut Vec::new(), &stored, 1).unwrap_err();
-        let expected = PlaintextCheckError::KeyOfAnotherUser { owner: "@mallory:hs".into() };
-        assert_eq!(err, OlmError::Check(expected));
+        let event = decrypt(&mut bob.acc, &alice, &c, &mut Vec::new(), &[], 1).unwrap().event;
+        assert_eq!(event.sender_device, None);
+        let err = check_key_owner(&event, &[mallory.rec.clone()]).unwrap_err();
+        assert_eq!(err, PlaintextCheckError::KeyOfAnotherUser { owner: "@mallory:hs".into() });
+        // Carol published Mallory's Curve25519 key under her own Ed25519 key.
+        let mut copied = dev("@carol:hs", "C").rec;
+        copied.curve25519 = mallory.rec.curve25519.clone();
+        assert_eq!(check_key_owner(&event, &[copied]), Ok(()));
     }
 
     #[test]

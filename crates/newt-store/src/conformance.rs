@@ -54,7 +54,6 @@ pub async fn run_all<S: Store, F: Future<Output = S>>(make: impl Fn() -> F) {
     check("inbound_group_sessions_batch", inbound_batch(make().await)).await;
     check("devices_and_olm_sessions_batch", devices_and_olm_batch(make().await)).await;
     check("devices_by_user", devices_by_user(make().await)).await;
-    check("devices_with_curve25519", devices_with_curve25519(make().await)).await;
     check("tracked_users", tracked_users(make().await)).await;
     check("key_requests", key_requests(make().await)).await;
     check("withheld", withheld(make().await)).await;
@@ -513,22 +512,6 @@ async fn devices_and_olm_batch(store: impl Store) {
     assert_eq!(found.len(), 3);
     assert_eq!(found, expected);
     assert!(store.olm_sessions_of(&[unknown.as_str()]).await.unwrap().is_empty());
-}
-
-/// A device is found by its Curve25519 key among every tracked user's
-/// devices, deleted ones included.
-async fn devices_with_curve25519(store: impl Store) {
-    let a1 = device_record(ALICE, "ALICE1");
-    let mut b1 = device_record(BOB, "BOB1");
-    b1.deleted = true;
-    let b2 = device_record(BOB, "BOB2");
-    let tracked_users = vec![tracked(ALICE, false), tracked(BOB, true)];
-    let devices = vec![a1.clone(), b1.clone(), b2];
-    apply(&store, Changes { devices, tracked_users, ..Default::default() }).await;
-    assert_eq!(store.devices_with_curve25519(&b1.curve25519).await.unwrap(), vec![b1]);
-    assert_eq!(store.devices_with_curve25519(&a1.curve25519).await.unwrap(), vec![a1]);
-    let unknown = Account::new().curve25519_key().to_base64();
-    assert!(store.devices_with_curve25519(&unknown).await.unwrap().is_empty());
 }
 
 async fn devices_by_user(store: impl Store) {

@@ -132,8 +132,9 @@ pub trait Store: StoreBounds {
     /// Outgoing key requests not yet handed out to be sent.
     async fn unsent_key_requests(&self) -> Result<Vec<KeyRequestRecord>, StoreError>;
     /// The withheld notice that `sender` sent for the session. Notices are
-    /// kept per sender (keyed by room, session and sender), so nobody can
-    /// overwrite another user's notice.
+    /// kept per sender (keyed by room, session and sender), so another user
+    /// cannot overwrite one (a server can still forge the `sender` of these
+    /// unencrypted events: a notice is the sender's claim at best).
     async fn withheld(
         &self,
         room_id: &RoomId,
@@ -198,23 +199,6 @@ pub trait Store: StoreBounds {
         for user_id in users {
             found.extend(self.devices(user_id).await?);
         }
-        Ok(found)
-    }
-
-    /// Every stored device, of any tracked user, whose Curve25519 key is
-    /// `curve25519` (deleted ones included). The Olm receiver asks this only
-    /// when none of the claimed sender's devices has the key, to refuse a key
-    /// that another user's device owns. The default reads the devices of
-    /// every tracked user; a backend with an index on the key should
-    /// override it.
-    async fn devices_with_curve25519(
-        &self,
-        curve25519: &str,
-    ) -> Result<Vec<DeviceRecord>, StoreError> {
-        let users: Vec<UserId> =
-            self.tracked_users().await?.into_iter().map(|t| t.user_id).collect();
-        let mut found = self.devices_of(&users).await?;
-        found.retain(|d| d.curve25519 == curve25519);
         Ok(found)
     }
 

@@ -8,7 +8,7 @@ use serde_json::Value;
 
 use newt_proto::devices::RejectedDevice;
 use newt_proto::export::DEFAULT_MAX_ROUNDS;
-use newt_proto::identities::CrossSigningError;
+use newt_proto::identities::{CrossSigningError, DeviceTrust};
 use newt_proto::ids::{DeviceId, RoomId, UserId};
 use newt_proto::key_requests::KeyShareError;
 use newt_proto::megolm::{MegolmError, RotationSettings};
@@ -80,6 +80,13 @@ pub struct ProcessedToDevice {
     /// The sending device's Curve25519 key, authenticated by Olm
     /// (unpadded base64); `None` for events that did not arrive over Olm.
     pub sender_key: Option<String>,
+    /// For an Olm-encrypted event handed to the app
+    /// ([`ToDeviceOutcome::ForApp`], e.g. `m.secret.send`): newt's verdict
+    /// on the sending device, when it is a device known from `/keys/query`
+    /// whose keys the Olm channel matched (and not deleted). `None` for a
+    /// device that only vouched for itself: trust nothing it says. Use this
+    /// rather than looking [`sender_device`](Self::sender_device) up later.
+    pub sender_device_trust: Option<DeviceTrust>,
     /// What newt did with it.
     pub outcome: ToDeviceOutcome,
 }
@@ -95,6 +102,7 @@ impl std::fmt::Debug for ProcessedToDevice {
             .field("encrypted", &self.encrypted)
             .field("sender_device", &self.sender_device)
             .field("sender_key", &self.sender_key)
+            .field("sender_device_trust", &self.sender_device_trust)
             .field("outcome", &self.outcome)
             .finish()
     }

@@ -146,17 +146,30 @@ async fn derive_export_keys(kdf: ExportKdf, passphrase: &str) -> Result<ExportKe
     #[cfg(not(target_arch = "wasm32"))]
     {
         let passphrase = zeroize::Zeroizing::new(passphrase.to_owned());
-        let (tx, rx) = futures::channel::oneshot::channel();
-        std::thread::spawn(move || {
-            // Nobody waiting (the import was dropped): nothing to do.
-            let _ = tx.send(kdf.derive(&passphrase));
-        });
-        rx.await.map_err(|_| Error::Internal("key derivation thread stopped"))
+        off_thread(move || kdf.derive(&passphrase)).await
     }
     #[cfg(target_arch = "wasm32")]
     {
         Ok(kdf.derive(passphrase))
     }
+}
+
+/// Runs `work` on a thread of its own and waits for it without blocking the
+/// caller's executor. A thread the OS will not start is an error, not a
+/// panic.
+#[cfg(not(target_arch = "wasm32"))]
+async fn off_thread<T: Send + 'static>(
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, Error> {
+    let (tx, rx) = futures::channel::oneshot::channel();
+    std::thread::Builder::new()
+        .name("newt-kdf".into())
+        .spawn(move || {
+            // Nobody waiting (the import was dropped): nothing to do.
+            let _ = tx.send(work());
+        })
+        .map_err(|_| Error::Internal("cannot start a thread"))?;
+    rx.await.map_err(|_| Error::Internal("key derivation thread stopped"))
 }
 
 /// Batches of an import, parsed into session records (`None` for an invalid
@@ -284,19 +297,15 @@ fn sessions_from_export(keys: &[ExportedRoomKey]) -> Vec<Option<InboundGroupSess
 mod tests {
     use super::*;
     use newt_proto::export::{encrypt_export, DEFAULT_MAX_ROUNDS};
-    use std::future::Future;
-    use std::task::Context;
 
     #[test]
     fn export_key_derivation_runs_off_the_callers_thread() {
-        // 20,000 rounds take milliseconds; derived inline, the first poll
-        // would return them. Off the thread, it cannot have finished yet.
-        let file = encrypt_export(&[], "pw", 20_000).unwrap();
+        let here = std::thread::current().id();
+        let there = futures::executor::block_on(off_thread(|| std::thread::current().id()));
+        assert_ne!(there.unwrap(), here);
+        let file = encrypt_export(&[], "pw", 1_000).unwrap();
         let kdf = ExportKdf::read(&file, DEFAULT_MAX_ROUNDS).unwrap();
-        let mut derive = Box::pin(derive_export_keys(kdf, "pw"));
-        let mut cx = Context::from_waker(futures::task::noop_waker_ref());
-        assert!(derive.as_mut().poll(&mut cx).is_pending());
-        let keys = futures::executor::block_on(derive).unwrap();
+        let keys = futures::executor::block_on(derive_export_keys(kdf, "pw")).unwrap();
         assert_eq!(ExportStream::open_with_keys(&file, &keys).unwrap().total(), 0);
     }
 }

@@ -1,12 +1,12 @@
 //! Incoming sync data: tracked users, device-list changes, key counts and
 //! to-device events (Olm decryption, room keys, key requests, unwedging).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use serde_json::Value;
 
 use newt_proto::changes::Changes;
-use newt_proto::identities::TrustRoot;
+use newt_proto::identities::{DeviceTrust, TrustRoot};
 use newt_proto::ids::{RoomId, UserId};
 use newt_proto::key_requests::{
     accept_forwarded_key, answer_request, parse_request, request_content,
@@ -113,6 +113,26 @@ impl Machine {
         Ok(outcome)
     }
 
+    /// Every tracked user's stored devices by Curve25519 key, read once per
+    /// sync batch and only when an Olm message came from a key none of its
+    /// sender's devices has (so at most one scan per batch, and only after
+    /// Olm authenticated the message).
+    async fn key_holders<'b>(
+        &self,
+        batch: &'b mut Batch,
+    ) -> Result<&'b HashMap<String, Vec<DeviceRecord>>, Error> {
+        if batch.key_holders.is_none() {
+            let users: Vec<UserId> =
+                self.store().tracked_users().await?.into_iter().map(|t| t.user_id).collect();
+            let mut holders: HashMap<String, Vec<DeviceRecord>> = HashMap::new();
+            for d in self.store().devices_of(&users).await? {
+                holders.entry(d.curve25519.clone()).or_default().push(d);
+            }
+            batch.key_holders = Some(holders);
+        }
+        batch.key_holders.as_ref().ok_or(Error::Internal("key holders"))
+    }
+
     async fn sessions_for<'b>(
         &self,
         batch: &'b mut Batch,
@@ -151,6 +171,7 @@ impl Machine {
             encrypted: false,
             sender_device: None,
             sender_key: None,
+            sender_device_trust: None,
             outcome: ToDeviceOutcome::Rejected(e),
         };
         let Ok(sender) = UserId::parse(sender_str.as_str()) else {
@@ -187,6 +208,7 @@ impl Machine {
                 encrypted: false,
                 sender_device: None,
                 sender_key: None,
+                sender_device_trust: None,
                 outcome,
             });
         }
@@ -198,17 +220,7 @@ impl Machine {
             Some(k) => k.trim_end_matches('=').to_owned(),
             None => return Ok(reject(event_type, ToDeviceError::Malformed("sender_key"))),
         };
-        let mut sender_devices = self.store().devices(&sender).await?;
-        if !sender_devices.iter().any(|d| d.curve25519 == sender_key) {
-            // Not a key of the sender's known devices: the core refuses it if
-            // another user's device owns it.
-            if !batch.foreign_keys.contains_key(&sender_key) {
-                let owners = self.store().devices_with_curve25519(&sender_key).await?;
-                batch.foreign_keys.insert(sender_key.clone(), owners);
-            }
-            let owners = batch.foreign_keys.get(&sender_key).into_iter().flatten();
-            sender_devices.extend(owners.filter(|d| d.user_id != sender).cloned());
-        }
+        let sender_devices = self.store().devices(&sender).await?;
         let sessions = self.sessions_for(batch, &sender_key).await?;
         let result = olm::decrypt(
             &mut st.account,
@@ -231,6 +243,15 @@ impl Machine {
                 return Ok(reject(event_type, e.into()));
             }
         };
+        if !sender_devices.iter().any(|d| d.curve25519 == sender_key) {
+            // A key none of the sender's known devices has, authenticated by
+            // Olm: refused if another user's known device has these keys.
+            let holders = self.key_holders(batch).await?.get(&sender_key);
+            let holders = holders.map(Vec::as_slice).unwrap_or(&[]);
+            if let Err(e) = olm::check_key_owner(&decrypted, holders) {
+                return Ok(reject(event_type, OlmError::Check(e).into()));
+            }
+        }
         let sender_device = decrypted.sender_device.as_ref().map(|d| d.device_id.clone());
         let inner_type = decrypted.event_type.clone();
         let outcome = match inner_type.as_str() {
@@ -300,6 +321,16 @@ impl Machine {
                 zeroize::Zeroize::zeroize(&mut key);
             }
         }
+        let stored_sender = decrypted.sender_device.as_ref().filter(|d| {
+            !d.deleted
+                && sender_devices
+                    .iter()
+                    .any(|s| s.device_id == d.device_id && s.curve25519 == d.curve25519)
+        });
+        let sender_device_trust = match (&outcome, stored_sender) {
+            (ToDeviceOutcome::ForApp, Some(d)) => Some(self.trust_in_device(st, d).await?),
+            _ => None,
+        };
         Ok(ProcessedToDevice {
             sender: sender_str,
             event_type: inner_type,
@@ -307,8 +338,23 @@ impl Machine {
             encrypted: true,
             sender_device,
             sender_key: Some(decrypted.sender_key),
+            sender_device_trust,
             outcome,
         })
+    }
+
+    /// This device's verdict on a stored `device` (its owner's identity and
+    /// ours read from the store).
+    async fn trust_in_device(
+        &self,
+        st: &State,
+        device: &DeviceRecord,
+    ) -> Result<DeviceTrust, Error> {
+        let own_user = device.user_id == self.inner.user_id;
+        let owner = if own_user { None } else { self.user_identity(&device.user_id).await? };
+        let (own, private) = self.trust_material().await?;
+        let root = TrustRoot::new(&st.account, own.as_ref(), private.as_ref());
+        Ok(root.device_trust(owner.as_ref(), device))
     }
 
     fn note_wedged(
@@ -428,9 +474,9 @@ impl Machine {
 #[derive(Default)]
 struct Batch {
     olm_sessions: BTreeMap<String, BatchSessions>,
-    /// Stored devices (of any user) by a Curve25519 key that none of the
-    /// claimed sender's devices has; read once per key per batch.
-    foreign_keys: BTreeMap<String, Vec<DeviceRecord>>,
+    /// Every tracked user's devices by Curve25519 key (see
+    /// [`Machine::key_holders`]), loaded at most once per batch.
+    key_holders: Option<HashMap<String, Vec<DeviceRecord>>>,
     inbound: BTreeMap<(RoomId, String), usize>,
     requests: Vec<OutgoingRequest>,
     account_changed: bool,
