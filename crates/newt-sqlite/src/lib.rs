@@ -107,15 +107,25 @@
 //!
 //! **What it does not detect.** A rollback of the whole file, rows and
 //! record together, between two opens: nothing in the file tells an old
-//! copy from the current one. An app closes that gap by keeping
+//! copy from the current one. An app narrows that gap by keeping
 //! [`SqliteStore::commit_counter`] outside the file (the platform
-//! keychain) and comparing it at open. Tampering with the tables checked
+//! keychain) and comparing it at open; commits of Megolm replay records
+//! alone do not advance the counter (a power cut may undo them, and a
+//! keychain value must never be ahead of the file), so a rollback to the
+//! last durable commit, dropping only replay records written since, is
+//! invisible to it. Tampering with the tables checked
 //! only by [`SqliteStore::verify_integrity`] takes effect until it runs
 //! (a replay record deleted before the replayed event arrives lets that
 //! event through; the next check reports it). A store upgraded from an
 //! earlier schema version trusts its rows as they are at the upgrade, and
 //! an attacker who kept its key-check row from before the upgrade can put
 //! that back, set the schema version back, and have the record rebuilt.
+//!
+//! **Upgrading to schema v3.** A process of an older newt that still has
+//! the file open keeps writing without updating the integrity record, and
+//! the next check then reports tampering that did not happen. Close every
+//! process on the store (an app and its notification extension) before the
+//! first open by a newer newt.
 //!
 //! Cost: per commit, one primary-key lookup per row written and one more
 //! sealed row of about 450 bytes (no extra fsync); per singleton read, a
