@@ -562,38 +562,60 @@ fn check_session_room(
     Ok(())
 }
 
+/// A Megolm plaintext that passed vodozemac's signature and MAC checks,
+/// bound to the session that decrypted it. Only [`megolm_decrypt`] makes
+/// one, so [`finish_room_event`] cannot be handed a plaintext that skipped
+/// those checks or came from another session.
+#[derive(Clone)]
+pub struct CheckedPlaintext {
+    message: DecryptedMessage,
+    session_id: String,
+}
+
+impl std::fmt::Debug for CheckedPlaintext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CheckedPlaintext")
+            .field("session_id", &self.session_id)
+            .field("message_index", &self.message.message_index)
+            .finish_non_exhaustive()
+    }
+}
+
 /// vodozemac's Megolm decryption alone (signature, MAC, cipher): the costly
 /// step, which a batch may run ahead on other threads with copies of the
 /// session (see [`finish_room_event`]).
 pub fn megolm_decrypt(
     inbound: &mut InboundGroupSession,
     message: &MegolmMessage,
-) -> Result<DecryptedMessage, MegolmError> {
-    inbound.decrypt(message).map_err(|e| match e {
+) -> Result<CheckedPlaintext, MegolmError> {
+    let decrypted = inbound.decrypt(message).map_err(|e| match e {
         vodozemac::megolm::DecryptionError::UnknownMessageIndex(first, index) => {
             MegolmError::UnknownIndex { index, first_known: first }
         }
         other => MegolmError::Decryption(other.to_string()),
-    })
+    })?;
+    Ok(CheckedPlaintext { message: decrypted, session_id: inbound.session_id() })
 }
 
 /// Every check of [`decrypt_room_event_with`] after the Megolm decryption,
 /// for a message `decrypted` by [`megolm_decrypt`] with a copy of the live
-/// session of `session`.
-///
-/// The signature and MAC checks happen in [`megolm_decrypt`]: passing
-/// anything else as `decrypted` (plaintext from another session, or not
-/// decrypted at all) skips them. Prefer [`decrypt_room_event_with`]; this
-/// split exists so a batch can run the Megolm step on other threads.
+/// session of `session` (the signature and MAC checks happened there; a
+/// plaintext of another session is refused here). Prefer
+/// [`decrypt_room_event_with`]; this split exists so a batch can run the
+/// Megolm step on other threads.
 pub fn finish_room_event(
     room_id: &RoomId,
     event: &EncryptedRoomEvent,
     session: &InboundGroupSessionRecord,
-    decrypted: DecryptedMessage,
+    decrypted: CheckedPlaintext,
     sender_devices: &[DeviceRecord],
     seen: Option<&MessageIndexRecord>,
 ) -> Result<(DecryptedRoomEvent, Option<MessageIndexRecord>), MegolmError> {
     check_session_room(room_id, session)?;
+    if decrypted.session_id != session.session_id || event.session_id != session.session_id {
+        return Err(MegolmError::Malformed("plaintext of another session"));
+    }
+    let decrypted = decrypted.message;
     let payload: Value = serde_json::from_slice(&decrypted.plaintext)
         .map_err(|_| MegolmError::Malformed("payload JSON"))?;
     let payload_room = payload
@@ -689,6 +711,28 @@ mod tests {
 
     fn event(content: Value, id: &str, ts: u64) -> Value {
         json!({"event_id": id, "sender": "@alice:hs", "origin_server_ts": ts, "content": content, "type": "m.room.encrypted"})
+    }
+
+    /// A plaintext checked by another session's MAC and signature cannot be
+    /// finished as this session's event.
+    #[test]
+    fn attack_plaintext_of_another_session_is_not_finished() {
+        let a = own();
+        let mut first = OutboundSession::new(room(), RotationSettings::default(), 0);
+        let mut second = OutboundSession::new(room(), RotationSettings::default(), 0);
+        let first_record = first.own_inbound(&a);
+        let second_record = second.own_inbound(&a);
+        let c = second.encrypt(&a, "m.room.message", json!({"body": "second"}));
+        let _ = first.encrypt(&a, "m.room.message", json!({"body": "first"}));
+        let parsed = parse_room_event(&event(c, "$e", 1)).unwrap();
+        let mut live = live_inbound(&second_record).unwrap();
+        let checked = megolm_decrypt(&mut live, &parsed.message).unwrap();
+        let err = finish_room_event(&room(), &parsed, &first_record, checked.clone(), &[], None)
+            .unwrap_err();
+        assert_eq!(err, MegolmError::Malformed("plaintext of another session"));
+        let (ok, _) =
+            finish_room_event(&room(), &parsed, &second_record, checked, &[], None).unwrap();
+        assert_eq!(ok.content["body"], "second");
     }
 
     #[test]

@@ -11,13 +11,13 @@ use newt_proto::identities::{OwnIdentity, PrivateCrossSigningIdentity, TrustRoot
 use newt_proto::ids::{RoomId, UserId};
 use newt_proto::megolm::{
     decrypt_room_event_with, finish_room_event, live_inbound, megolm_decrypt, parse_room_event,
-    DecryptedRoomEvent, EncryptedRoomEvent, MegolmError,
+    CheckedPlaintext, DecryptedRoomEvent, EncryptedRoomEvent, MegolmError,
 };
 use newt_proto::records::{
     DeviceRecord, InboundGroupSessionRecord, KeyRequestRecord, LocalTrust, MessageIndexRecord,
 };
 use newt_proto::trust::{with_cross_signing, SenderTrust};
-use newt_proto::vodozemac::megolm::{DecryptedMessage, InboundGroupSession, MegolmMessage};
+use newt_proto::vodozemac::megolm::{InboundGroupSession, MegolmMessage};
 
 use crate::Error;
 
@@ -162,7 +162,7 @@ impl Machine {
         st: &mut State,
         room_id: &RoomId,
         parsed: &[Result<EncryptedRoomEvent, MegolmError>],
-    ) -> Result<Vec<Option<DecryptedMessage>>, Error> {
+    ) -> Result<Vec<Option<CheckedPlaintext>>, Error> {
         const MIN_PER_THREAD: usize = 32;
         let mut ahead = vec![None; parsed.len()];
         let mut by_session: BTreeMap<&str, Vec<(usize, &MegolmMessage)>> = BTreeMap::new();
@@ -215,7 +215,7 @@ impl Machine {
         ctx: &mut DecryptContext,
         room_id: &RoomId,
         parsed: EncryptedRoomEvent,
-        mut ahead: Option<DecryptedMessage>,
+        mut ahead: Option<CheckedPlaintext>,
     ) -> Result<(DecryptedRoomEvent, Option<MessageIndexRecord>), Error> {
         let key = (room_id.clone(), parsed.session_id.clone());
         if !ctx.devices.contains_key(&parsed.sender) {
