@@ -11,7 +11,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use newt::{
-    Error, ExportError, ImportOptions, LocalTrust, MegolmError, RoomId, RoomSettings,
+    Error, ExportError, ImportOptions, LocalTrust, ManualClock, MegolmError, RoomId, RoomSettings,
     RotationSettings, SenderTrust, SharingPolicy, ToDeviceError, ToDeviceOutcome,
     DEFAULT_MAX_ROUNDS,
 };
@@ -22,7 +22,7 @@ use newt_proto::key_requests::KeyShareError;
 use newt_proto::olm::{OlmError, OlmSession};
 use newt_proto::records::DeviceRecord;
 use newt_router::Router;
-use newt_store::{Changes, MemoryStore, Store};
+use newt_store::{MemoryStore, Store};
 use serde_json::{json, Value};
 
 fn room() -> RoomId {
@@ -562,15 +562,27 @@ async fn wedged_session_is_replaced_once_per_hour() {
     assert!(b.machine.get_missing_sessions([uid("@alice:hs")]).await.unwrap().is_some());
 }
 
+/// Bob on `store`, with time from `clock`.
+async fn bob_on(
+    router: &Arc<Router>,
+    store: &Arc<MemoryStore>,
+    clock: &Arc<ManualClock>,
+) -> SimDevice {
+    SimDevice::open_with_clock(router.clone(), "@bob:hs", "B", store.clone(), clock.clone())
+        .await
+        .unwrap()
+}
+
 /// Bob on `store`, after each of `senders` claimed his fallback key (his
 /// one-time keys used up first) and he rotated it and uploaded the new one.
 /// Returns Bob, his device record and each sender's session on the old key.
 async fn bob_after_fallback_rotation(
     router: &Arc<Router>,
     store: &Arc<MemoryStore>,
+    clock: &Arc<ManualClock>,
     senders: &[RawDevice],
 ) -> (SimDevice, DeviceRecord, Vec<OlmSession>) {
-    let b = SimDevice::open(router.clone(), "@bob:hs", "B", store.clone()).await.unwrap();
+    let b = bob_on(router, store, clock).await;
     b.flush().await.unwrap();
     let b_rec = own_record(&b).await;
     for _ in 0..50 {
@@ -587,20 +599,6 @@ async fn bob_after_fallback_rotation(
     (b, b_rec, claimed.into_iter().map(|(session, _)| session).collect())
 }
 
-/// The driver reads the wall clock: an hour passes by moving the stored
-/// upload time of the fallback key back an hour. As another process's
-/// write, it makes the machine reload the account. Returns the generation
-/// written.
-async fn an_hour_passes_for_the_fallback_key(store: &MemoryStore) -> u64 {
-    let mut record = store.account().await.unwrap().unwrap();
-    record.fallback_key_published_at =
-        record.fallback_key_published_at.map(|t| t - FALLBACK_KEY_GRACE_MS);
-    record.generation += 1;
-    let generation = record.generation;
-    store.apply(Changes { account: Some(record), ..Default::default() }).await.unwrap();
-    generation
-}
-
 /// Bob's previous fallback key is forgotten an hour after its successor was
 /// uploaded, and that is committed: a pre-key message made with it decrypts
 /// within the hour (in flight) and fails after it, in a machine reopened on
@@ -609,21 +607,24 @@ async fn an_hour_passes_for_the_fallback_key(store: &MemoryStore) -> u64 {
 async fn attack_old_fallback_key_is_forgotten_an_hour_after_its_successor_is_uploaded() {
     let router = Arc::new(Router::new());
     let store = Arc::new(MemoryStore::new());
+    let clock = manual_clock();
     let senders = [("@mallory:hs", "M"), ("@eve:hs", "E")]
         .map(|(user, device)| RawDevice::new(&router, user, device));
-    let (b, b_rec, mut sessions) = bob_after_fallback_rotation(&router, &store, &senders).await;
+    let (b, b_rec, mut sessions) =
+        bob_after_fallback_rotation(&router, &store, &clock, &senders).await;
 
     senders[0].send_on(&mut sessions[0], &b, &b_rec, &b_rec, "m.dummy", json!({}));
     let out = b.sync().await.unwrap();
     assert_eq!(out.to_device[0].outcome, ToDeviceOutcome::Handled, "{out:?}");
 
-    let generation = an_hour_passes_for_the_fallback_key(&store).await;
+    clock.advance(FALLBACK_KEY_GRACE_MS);
+    let generation = store.account().await.unwrap().unwrap().generation;
     // A sync with nothing else in it: forgetting alone must be committed.
     let out = b.sync().await.unwrap();
     assert!(out.to_device.is_empty());
     assert!(store.account().await.unwrap().unwrap().generation > generation, "not committed");
 
-    let b = SimDevice::open(router.clone(), "@bob:hs", "B", store.clone()).await.unwrap();
+    let b = bob_on(&router, &store, &clock).await;
     senders[1].send_on(&mut sessions[1], &b, &b_rec, &b_rec, "m.dummy", json!({}));
     let out = b.sync().await.unwrap();
     assert!(
@@ -642,12 +643,14 @@ async fn attack_old_fallback_key_is_forgotten_an_hour_after_its_successor_is_upl
 async fn old_fallback_key_message_waiting_past_the_hour_still_decrypts() {
     let router = Arc::new(Router::new());
     let store = Arc::new(MemoryStore::new());
+    let clock = manual_clock();
     let senders = [("@carol:hs", "C"), ("@eve:hs", "E")]
         .map(|(user, device)| RawDevice::new(&router, user, device));
-    let (b, b_rec, mut sessions) = bob_after_fallback_rotation(&router, &store, &senders).await;
+    let (b, b_rec, mut sessions) =
+        bob_after_fallback_rotation(&router, &store, &clock, &senders).await;
 
     senders[0].send_on(&mut sessions[0], &b, &b_rec, &b_rec, "m.dummy", json!({}));
-    an_hour_passes_for_the_fallback_key(&store).await;
+    clock.advance(FALLBACK_KEY_GRACE_MS);
     let out = b.sync().await.unwrap();
     assert_eq!(out.to_device[0].outcome, ToDeviceOutcome::Handled, "{out:?}");
 
