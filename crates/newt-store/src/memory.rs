@@ -14,11 +14,11 @@ use newt_proto::records::{
     OlmSessionRecord, OutboundGroupSessionRecord, TrackedUser, WithheldRecord,
 };
 /// A record serialised as JSON bytes: compact, and every read is an
-/// independent copy (pickles are not `Clone`).
-/// A serialised record. Records hold secrets (pickles), so the bytes are
-/// wiped when dropped, and were written into a buffer that wipes every
-/// allocation it outgrew.
-type Value = zeroize::Zeroizing<Vec<u8>>;
+/// independent copy (pickles are not `Clone`). Not wiped when replaced:
+/// this store's contents are the secrets for as long as the process lives,
+/// and wiping every replaced Olm session cost a fifth of a room key share
+/// (zeroising is a byte-at-a-time volatile write).
+type Value = Vec<u8>;
 
 use crate::{
     check_generation, check_generation_value, check_outbound_generation, Changes, SessionCursor,
@@ -83,13 +83,11 @@ impl Inner {
 }
 
 fn to_value<T: serde::Serialize>(v: &T) -> Result<Value, StoreError> {
-    let mut buf = newt_proto::secret::SecretBuf::with_capacity(512);
-    serde_json::to_writer(&mut buf, v).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-    Ok(buf.into_inner())
+    serde_json::to_vec(v).map_err(|e| StoreError::Corrupt(e.to_string()))
 }
 
 fn from_value<T: serde::de::DeserializeOwned>(v: &Value) -> Result<T, StoreError> {
-    serde_json::from_slice(&v[..]).map_err(|e| StoreError::Corrupt(e.to_string()))
+    serde_json::from_slice(v).map_err(|e| StoreError::Corrupt(e.to_string()))
 }
 
 #[cfg_attr(not(target_arch = "wasm32"), async_trait::async_trait)]
