@@ -100,9 +100,9 @@ pub enum MegolmError {
         /// First index we can decrypt.
         first_known: u32,
     },
-    /// MAC or signature failure, or undecodable ciphertext.
+    /// The ciphertext failed vodozemac's checks (which one, typed).
     #[error("Megolm decryption failed: {0}")]
-    Decryption(String),
+    Decryption(DecryptionFailure),
     /// The payload's `room_id` is not the event's room, or the session is bound to another room.
     #[error("room mismatch: event in {event_room}, payload/session says {other}")]
     RoomMismatch {
@@ -562,6 +562,31 @@ fn check_session_room(
     Ok(())
 }
 
+/// Which of vodozemac's checks a Megolm ciphertext failed (its
+/// `DecryptionError`, without the unknown index, which is
+/// [`MegolmError::UnknownIndex`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum DecryptionFailure {
+    /// The message's signature by the session key is invalid.
+    #[error("invalid signature")]
+    Signature,
+    /// The message authentication code is invalid.
+    #[error("invalid MAC")]
+    Mac,
+    /// The MAC has the wrong length.
+    #[error("MAC of {found} bytes, {expected} expected")]
+    MacLength {
+        /// The expected length.
+        expected: usize,
+        /// The length found.
+        found: usize,
+    },
+    /// The plaintext is not padded correctly.
+    #[error("invalid padding")]
+    Padding,
+}
+
 /// A Megolm plaintext that passed vodozemac's signature and MAC checks,
 /// bound to the session that decrypted it. Only [`megolm_decrypt`] makes
 /// one, so [`finish_room_event`] cannot be handed a plaintext that skipped
@@ -592,7 +617,18 @@ pub fn megolm_decrypt(
         vodozemac::megolm::DecryptionError::UnknownMessageIndex(first, index) => {
             MegolmError::UnknownIndex { index, first_known: first }
         }
-        other => MegolmError::Decryption(other.to_string()),
+        vodozemac::megolm::DecryptionError::Signature(_) => {
+            MegolmError::Decryption(DecryptionFailure::Signature)
+        }
+        vodozemac::megolm::DecryptionError::InvalidMAC(_) => {
+            MegolmError::Decryption(DecryptionFailure::Mac)
+        }
+        vodozemac::megolm::DecryptionError::InvalidMACLength(expected, found) => {
+            MegolmError::Decryption(DecryptionFailure::MacLength { expected, found })
+        }
+        vodozemac::megolm::DecryptionError::InvalidPadding(_) => {
+            MegolmError::Decryption(DecryptionFailure::Padding)
+        }
     })?;
     Ok(CheckedPlaintext { message: decrypted, session_id: inbound.session_id() })
 }

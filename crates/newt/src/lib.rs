@@ -149,7 +149,9 @@ pub use newt_proto::identities::{
     PrivateIdentityRecord,
 };
 pub use newt_proto::ids::{DeviceId, IdError, RoomId, UserId};
-pub use newt_proto::megolm::{DecryptedRoomEvent, MegolmError, RotationSettings};
+pub use newt_proto::megolm::{
+    DecryptedRoomEvent, DecryptionFailure, MegolmError, RotationSettings,
+};
 pub use newt_proto::parallel::{max_threads, set_max_threads};
 pub use newt_proto::records::LocalTrust;
 pub use newt_proto::sharing::SharingPolicy;
