@@ -15,7 +15,7 @@ use newt_proto::identities::{
     PrivateIdentityRecord, TrustRoot, UserIdentity,
 };
 use newt_proto::ids::{DeviceId, UserId};
-use newt_proto::records::{LocalTrust, TrackedUser};
+use newt_proto::records::{DeviceRecord, LocalTrust, TrackedUser};
 
 use crate::types::Device;
 use crate::Error;
@@ -52,11 +52,7 @@ impl Machine {
     pub(super) async fn trust_material(
         &self,
     ) -> Result<(Option<OwnIdentity>, Option<PrivateCrossSigningIdentity>), Error> {
-        let own = self
-            .store()
-            .identity(&self.inner.user_id)
-            .await?
-            .and_then(|r| OwnIdentity::from_record(&r).ok());
+        let own = self.own_identity().await?;
         let private = self
             .store()
             .private_identity()
@@ -64,6 +60,26 @@ impl Machine {
             .filter(|r| r.user_id == self.inner.user_id)
             .and_then(|r| PrivateCrossSigningIdentity::from_seeds(&r).ok());
         Ok((own, private))
+    }
+
+    /// Our stored public identity (re-checked), if any; no private key read.
+    async fn own_identity(&self) -> Result<Option<OwnIdentity>, Error> {
+        let record = self.store().identity(&self.inner.user_id).await?;
+        Ok(record.and_then(|r| OwnIdentity::from_record(&r).ok()))
+    }
+
+    /// This device's verdict on a stored `device` (its owner's identity and
+    /// ours read from the store).
+    pub(super) async fn trust_in_device(
+        &self,
+        st: &State,
+        device: &DeviceRecord,
+    ) -> Result<DeviceTrust, Error> {
+        let own_user = device.user_id == self.inner.user_id;
+        let owner = if own_user { None } else { self.user_identity(&device.user_id).await? };
+        let (own, private) = self.trust_material().await?;
+        let root = TrustRoot::new(&st.account, own.as_ref(), private.as_ref());
+        Ok(root.device_trust(owner.as_ref(), device))
     }
 
     /// Another user's stored identity (re-checked), if any.
@@ -287,7 +303,7 @@ impl Machine {
     /// `None` when no identity is known for the user.
     pub async fn master_key(&self, user_id: &UserId) -> Result<Option<String>, Error> {
         let found = if user_id == &self.inner.user_id {
-            self.trust_material().await?.0.map(|o| o.master_key().public_key().to_base64())
+            self.own_identity().await?.map(|o| o.master_key().public_key().to_base64())
         } else {
             self.user_identity(user_id).await?.map(|i| i.master_key().public_key().to_base64())
         };
@@ -410,10 +426,6 @@ impl Machine {
         else {
             return Ok(None);
         };
-        let owner =
-            if user_id == &self.inner.user_id { None } else { self.user_identity(user_id).await? };
-        let (own, private) = self.trust_material().await?;
-        let root = TrustRoot::new(&st.account, own.as_ref(), private.as_ref());
-        Ok(Some(root.device_trust(owner.as_ref(), &device)))
+        Ok(Some(self.trust_in_device(&st, &device).await?))
     }
 }

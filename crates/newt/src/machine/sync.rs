@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use serde_json::Value;
 
 use newt_proto::changes::Changes;
-use newt_proto::identities::{DeviceTrust, TrustRoot};
+use newt_proto::identities::TrustRoot;
 use newt_proto::ids::{RoomId, UserId};
 use newt_proto::key_requests::{
     accept_forwarded_key, answer_request, parse_request, request_content,
@@ -130,7 +130,7 @@ impl Machine {
             }
             batch.key_holders = Some(holders);
         }
-        batch.key_holders.as_ref().ok_or(Error::Internal("key holders"))
+        Ok(batch.key_holders.get_or_insert_with(HashMap::new))
     }
 
     async fn sessions_for<'b>(
@@ -341,20 +341,6 @@ impl Machine {
             sender_device_trust,
             outcome,
         })
-    }
-
-    /// This device's verdict on a stored `device` (its owner's identity and
-    /// ours read from the store).
-    async fn trust_in_device(
-        &self,
-        st: &State,
-        device: &DeviceRecord,
-    ) -> Result<DeviceTrust, Error> {
-        let own_user = device.user_id == self.inner.user_id;
-        let owner = if own_user { None } else { self.user_identity(&device.user_id).await? };
-        let (own, private) = self.trust_material().await?;
-        let root = TrustRoot::new(&st.account, own.as_ref(), private.as_ref());
-        Ok(root.device_trust(owner.as_ref(), device))
     }
 
     fn note_wedged(
