@@ -70,25 +70,21 @@ pub enum RequestKind {
 }
 
 impl RequestKind {
-    /// The HTTP method and path (below `/_matrix/client/v3`).
+    /// The HTTP method and the path: [`method`](Self::method) and
+    /// [`path`](Self::path) together.
     pub fn method_and_path(&self) -> (&'static str, String) {
-        match self {
-            Self::KeysUpload { .. } => ("POST", "/keys/upload".into()),
-            Self::KeysQuery { .. } => ("POST", "/keys/query".into()),
-            Self::KeysClaim { .. } => ("POST", "/keys/claim".into()),
-            Self::SignaturesUpload { .. } => ("POST", "/keys/signatures/upload".into()),
-            Self::ToDevice { event_type, txn_id, .. } => {
-                ("PUT", format!("/sendToDevice/{event_type}/{txn_id}"))
-            }
-            Self::RoomMessage { room_id, event_type, txn_id, .. } => {
-                ("PUT", format!("/rooms/{room_id}/send/{event_type}/{txn_id}"))
-            }
-        }
+        (self.method(), self.path())
     }
 
     /// The HTTP method: `POST` or `PUT`.
     pub fn method(&self) -> &'static str {
-        self.method_and_path().0
+        match self {
+            Self::KeysUpload { .. }
+            | Self::KeysQuery { .. }
+            | Self::KeysClaim { .. }
+            | Self::SignaturesUpload { .. } => "POST",
+            Self::ToDevice { .. } | Self::RoomMessage { .. } => "PUT",
+        }
     }
 
     /// The path below `/_matrix/client/v3`, with its parameters
@@ -108,25 +104,17 @@ impl RequestKind {
     /// assert_eq!(kind.body_string(), "{}");
     /// ```
     pub fn path(&self) -> String {
-        let enc = |s: &str| {
-            let mut out = String::with_capacity(s.len());
-            for b in s.bytes() {
-                if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
-                    out.push(char::from(b));
-                } else {
-                    out.push_str(&format!("%{b:02X}"));
-                }
-            }
-            out
-        };
         match self {
+            Self::KeysUpload { .. } => "/keys/upload".into(),
+            Self::KeysQuery { .. } => "/keys/query".into(),
+            Self::KeysClaim { .. } => "/keys/claim".into(),
+            Self::SignaturesUpload { .. } => "/keys/signatures/upload".into(),
             Self::ToDevice { event_type, txn_id, .. } => {
-                format!("/sendToDevice/{}/{}", enc(event_type), enc(txn_id))
+                format!("/sendToDevice/{}/{}", encode(event_type), encode(txn_id))
             }
             Self::RoomMessage { room_id, event_type, txn_id, .. } => {
-                format!("/rooms/{}/send/{}/{}", enc(room_id), enc(event_type), enc(txn_id))
+                format!("/rooms/{}/send/{}/{}", encode(room_id), encode(event_type), encode(txn_id))
             }
-            other => other.method_and_path().1,
         }
     }
 
@@ -146,4 +134,18 @@ impl RequestKind {
             | Self::RoomMessage { body, .. } => body,
         }
     }
+}
+
+/// Percent-encodes a path segment: everything but RFC 3986's unreserved
+/// characters.
+fn encode(segment: &str) -> String {
+    let mut out = String::with_capacity(segment.len());
+    for b in segment.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
