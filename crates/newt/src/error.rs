@@ -212,3 +212,31 @@ impl Error {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The codes bindings report are the variant names, and a store error,
+    /// a decryption error and a caller's error each map to their own kind.
+    #[test]
+    fn kinds_are_their_names_and_errors_map_to_them() {
+        let cases = [
+            (Error::Store(StoreError::WrongKey), ErrorKind::WrongKey),
+            (
+                Error::Store(StoreError::StaleGeneration { expected: 1, found: 2 }),
+                ErrorKind::StaleGeneration,
+            ),
+            (Error::Store(StoreError::Backend("disk".into())), ErrorKind::StoreBackend),
+            (Error::Megolm(MegolmError::Replay { index: 3 }), ErrorKind::Replay),
+            (Error::Megolm(MegolmError::Malformed("x")), ErrorKind::DecryptionFailed),
+            (Error::BadResponse("keys/claim"), ErrorKind::BadResponse),
+            (Error::Internal("invariant"), ErrorKind::Internal),
+            (Error::UnknownRequest("r".into()), ErrorKind::UnknownRequest),
+        ];
+        for (error, kind) in cases {
+            assert_eq!(error.kind(), kind, "{error}");
+            assert_eq!(kind.as_str(), format!("{kind:?}"));
+        }
+    }
+}
