@@ -573,30 +573,59 @@ async fn bob_on(
         .unwrap()
 }
 
-/// Bob on `store`, after each of `senders` claimed his fallback key (his
-/// one-time keys used up first) and he rotated it and uploaded the new one.
-/// Returns Bob, his device record and each sender's session on the old key.
-async fn bob_after_fallback_rotation(
-    router: &Arc<Router>,
-    store: &Arc<MemoryStore>,
-    clock: &Arc<ManualClock>,
-    senders: &[RawDevice],
-) -> (SimDevice, DeviceRecord, Vec<OlmSession>) {
-    let b = bob_on(router, store, clock).await;
-    b.flush().await.unwrap();
-    let b_rec = own_record(&b).await;
-    for _ in 0..50 {
-        let (_, key) = senders[0].claim_session(&b_rec);
-        assert!(key.get("fallback").is_none());
+/// Bob after two senders each claimed his fallback key (his one-time keys
+/// used up first) and he rotated it and uploaded the new one; each sender
+/// keeps its Olm session on the old key.
+struct AfterFallbackRotation {
+    router: Arc<Router>,
+    store: Arc<MemoryStore>,
+    clock: Arc<ManualClock>,
+    senders: [RawDevice; 2],
+    sessions: Vec<OlmSession>,
+    b: SimDevice,
+    b_rec: DeviceRecord,
+}
+
+impl AfterFallbackRotation {
+    async fn new(senders: [(&str, &str); 2]) -> Self {
+        let router = Arc::new(Router::new());
+        let store = Arc::new(MemoryStore::new());
+        let clock = manual_clock();
+        let senders = senders.map(|(user, device)| RawDevice::new(&router, user, device));
+        let b = bob_on(&router, &store, &clock).await;
+        b.flush().await.unwrap();
+        let b_rec = own_record(&b).await;
+        for _ in 0..50 {
+            let (_, key) = senders[0].claim_session(&b_rec);
+            assert!(key.get("fallback").is_none());
+        }
+        let claimed: Vec<_> = senders.iter().map(|s| s.claim_session(&b_rec)).collect();
+        assert_eq!(claimed[0].1["fallback"], true);
+        assert!(claimed.iter().all(|(_, key)| *key == claimed[0].1), "one fallback key");
+        // Bob learns the fallback key was used, rotates and uploads the new one.
+        b.sync().await.unwrap();
+        let stored = store.account().await.unwrap().unwrap();
+        assert!(stored.fallback_key_published_at.is_some(), "upload time recorded");
+        let sessions = claimed.into_iter().map(|(session, _)| session).collect();
+        Self { router, store, clock, senders, sessions, b, b_rec }
     }
-    let claimed: Vec<_> = senders.iter().map(|s| s.claim_session(&b_rec)).collect();
-    assert_eq!(claimed[0].1["fallback"], true);
-    assert!(claimed.iter().all(|(_, key)| *key == claimed[0].1), "one fallback key");
-    // Bob learns the fallback key was used, rotates and uploads the new one.
-    b.sync().await.unwrap();
-    let stored = store.account().await.unwrap().unwrap();
-    assert!(stored.fallback_key_published_at.is_some(), "upload time recorded");
-    (b, b_rec, claimed.into_iter().map(|(session, _)| session).collect())
+
+    /// Sender `i` writes to Bob on its old-key session; Bob syncs.
+    async fn old_key_message(&mut self, i: usize) -> newt::SyncOutcome {
+        let (b, b_rec) = (&self.b, &self.b_rec);
+        self.senders[i].send_on(&mut self.sessions[i], b, b_rec, b_rec, "m.dummy", json!({}));
+        b.sync().await.unwrap()
+    }
+}
+
+fn no_session_on_the_old_key(out: &newt::SyncOutcome) {
+    assert!(
+        matches!(
+            rejected(&out.to_device[0].outcome),
+            ToDeviceError::Olm(OlmError::SessionCreation(_))
+        ),
+        "{out:?}"
+    );
 }
 
 /// Bob's previous fallback key is forgotten an hour after its successor was
@@ -605,35 +634,20 @@ async fn bob_after_fallback_rotation(
 /// the store.
 #[tokio::test]
 async fn attack_old_fallback_key_is_forgotten_an_hour_after_its_successor_is_uploaded() {
-    let router = Arc::new(Router::new());
-    let store = Arc::new(MemoryStore::new());
-    let clock = manual_clock();
-    let senders = [("@mallory:hs", "M"), ("@eve:hs", "E")]
-        .map(|(user, device)| RawDevice::new(&router, user, device));
-    let (b, b_rec, mut sessions) =
-        bob_after_fallback_rotation(&router, &store, &clock, &senders).await;
-
-    senders[0].send_on(&mut sessions[0], &b, &b_rec, &b_rec, "m.dummy", json!({}));
-    let out = b.sync().await.unwrap();
+    let mut scene = AfterFallbackRotation::new([("@mallory:hs", "M"), ("@eve:hs", "E")]).await;
+    let out = scene.old_key_message(0).await;
     assert_eq!(out.to_device[0].outcome, ToDeviceOutcome::Handled, "{out:?}");
 
-    clock.advance(FALLBACK_KEY_GRACE_MS);
-    let generation = store.account().await.unwrap().unwrap().generation;
+    scene.clock.advance(FALLBACK_KEY_GRACE_MS);
+    let generation = scene.store.account().await.unwrap().unwrap().generation;
     // A sync with nothing else in it: forgetting alone must be committed.
-    let out = b.sync().await.unwrap();
+    let out = scene.b.sync().await.unwrap();
     assert!(out.to_device.is_empty());
-    assert!(store.account().await.unwrap().unwrap().generation > generation, "not committed");
+    let stored = scene.store.account().await.unwrap().unwrap();
+    assert!(stored.generation > generation, "not committed");
 
-    let b = bob_on(&router, &store, &clock).await;
-    senders[1].send_on(&mut sessions[1], &b, &b_rec, &b_rec, "m.dummy", json!({}));
-    let out = b.sync().await.unwrap();
-    assert!(
-        matches!(
-            rejected(&out.to_device[0].outcome),
-            ToDeviceError::Olm(OlmError::SessionCreation(_))
-        ),
-        "{out:?}"
-    );
+    scene.b = bob_on(&scene.router, &scene.store, &scene.clock).await;
+    no_session_on_the_old_key(&scene.old_key_message(1).await);
 }
 
 /// A pre-key message made with the old fallback key and waiting for Bob
@@ -641,28 +655,14 @@ async fn attack_old_fallback_key_is_forgotten_an_hour_after_its_successor_is_upl
 /// it: the key is forgotten only after that sync's events were decrypted.
 #[tokio::test]
 async fn old_fallback_key_message_waiting_past_the_hour_still_decrypts() {
-    let router = Arc::new(Router::new());
-    let store = Arc::new(MemoryStore::new());
-    let clock = manual_clock();
-    let senders = [("@carol:hs", "C"), ("@eve:hs", "E")]
-        .map(|(user, device)| RawDevice::new(&router, user, device));
-    let (b, b_rec, mut sessions) =
-        bob_after_fallback_rotation(&router, &store, &clock, &senders).await;
-
-    senders[0].send_on(&mut sessions[0], &b, &b_rec, &b_rec, "m.dummy", json!({}));
-    clock.advance(FALLBACK_KEY_GRACE_MS);
-    let out = b.sync().await.unwrap();
+    let mut scene = AfterFallbackRotation::new([("@carol:hs", "C"), ("@eve:hs", "E")]).await;
+    let (b, b_rec) = (&scene.b, &scene.b_rec);
+    scene.senders[0].send_on(&mut scene.sessions[0], b, b_rec, b_rec, "m.dummy", json!({}));
+    scene.clock.advance(FALLBACK_KEY_GRACE_MS);
+    let out = scene.b.sync().await.unwrap();
     assert_eq!(out.to_device[0].outcome, ToDeviceOutcome::Handled, "{out:?}");
 
-    senders[1].send_on(&mut sessions[1], &b, &b_rec, &b_rec, "m.dummy", json!({}));
-    let out = b.sync().await.unwrap();
-    assert!(
-        matches!(
-            rejected(&out.to_device[0].outcome),
-            ToDeviceError::Olm(OlmError::SessionCreation(_))
-        ),
-        "{out:?}"
-    );
+    no_session_on_the_old_key(&scene.old_key_message(1).await);
 }
 
 /// Alice shares the room key again, to Bob's new device B2, while another
