@@ -223,14 +223,20 @@ async fn device_without_keys_gets_no_olm_and_is_not_claimed_again() {
     assert_eq!(withheld[0].kind.body()["messages"]["@bob:hs"]["BARE"]["code"], "m.no_olm");
 }
 
-#[tokio::test]
-async fn replayed_megolm_event_is_rejected() {
+/// Alice (A) and Bob (B) tracking each other; Bob holds Alice's room key.
+async fn alice_shared_with_bob() -> (Arc<Router>, SimDevice, SimDevice) {
     let router = Arc::new(Router::new());
     let (a, b) = (dev(&router, "@alice:hs", "A").await, dev(&router, "@bob:hs", "B").await);
     let users = [uid("@alice:hs"), uid("@bob:hs")];
     settle(&[&a, &b], &users).await;
     a.share_room_key(&room(), &users, &RoomSettings::default()).await.unwrap();
     b.sync().await.unwrap();
+    (router, a, b)
+}
+
+#[tokio::test]
+async fn replayed_megolm_event_is_rejected() {
+    let (_router, a, b) = alice_shared_with_bob().await;
     let e = a.send_text(&room(), "pay Bob 10").await.unwrap();
     assert_eq!(b.decrypt(&room(), &e).await.unwrap().content["body"], "pay Bob 10");
     // Decrypting the same event again is normal.
@@ -774,12 +780,7 @@ async fn nothing_is_acknowledged_before_it_is_persisted() {
 
 #[tokio::test]
 async fn export_import_round_trip_and_bad_passphrase() {
-    let router = Arc::new(Router::new());
-    let (a, b) = (dev(&router, "@alice:hs", "A").await, dev(&router, "@bob:hs", "B").await);
-    let users = [uid("@alice:hs"), uid("@bob:hs")];
-    settle(&[&a, &b], &users).await;
-    a.share_room_key(&room(), &users, &RoomSettings::default()).await.unwrap();
-    b.sync().await.unwrap();
+    let (router, a, b) = alice_shared_with_bob().await;
     let e = a.send_text(&room(), "history").await.unwrap();
     let mut counts = Vec::new();
     let bytes =
@@ -816,12 +817,7 @@ fn with_rounds(file: &str, rounds: u32) -> String {
 
 #[tokio::test]
 async fn attack_export_file_asking_for_too_many_rounds_is_refused_by_import() {
-    let router = Arc::new(Router::new());
-    let (a, b) = (dev(&router, "@alice:hs", "A").await, dev(&router, "@bob:hs", "B").await);
-    let users = [uid("@alice:hs"), uid("@bob:hs")];
-    settle(&[&a, &b], &users).await;
-    a.share_room_key(&room(), &users, &RoomSettings::default()).await.unwrap();
-    b.sync().await.unwrap();
+    let (router, a, b) = alice_shared_with_bob().await;
     let e = a.send_text(&room(), "history").await.unwrap();
     let file = b.machine.export_room_keys("pass", 2000).await.unwrap();
     let fresh = dev(&router, "@bob:hs", "B9").await;
