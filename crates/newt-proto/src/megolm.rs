@@ -18,6 +18,7 @@ use vodozemac::megolm::{
 
 use crate::account::OwnAccount;
 use crate::export::ExportedRoomKey;
+use crate::identities::{TrustRoot, UserIdentity};
 use crate::ids::{DeviceId, RoomId, UserId};
 use crate::json::strip_padding;
 use crate::olm::DecryptedToDevice;
@@ -25,7 +26,7 @@ use crate::records::{
     DeviceRecord, InboundGroupSessionRecord, MessageIndexRecord, OutboundGroupSessionRecord,
     SessionSource, SharedWith, WithheldRecord, WithheldTo,
 };
-use crate::trust::{sender_trust, SenderTrust};
+use crate::trust::{sender_trust, with_cross_signing, SenderTrust};
 use crate::MEGOLM_V1;
 
 /// Default rotation: 100 messages.
@@ -512,6 +513,36 @@ pub struct DecryptedRoomEvent {
     pub session_id: String,
 }
 
+/// What a room event's sender is judged against, loaded by the driver before
+/// the decryption so that one call returns the final [`SenderTrust`].
+#[derive(Clone, Copy)]
+pub struct SenderContext<'a> {
+    /// The sender's known devices (for our own user, this device too, with
+    /// [`LocalTrust::Verified`](crate::records::LocalTrust::Verified)).
+    pub devices: &'a [DeviceRecord],
+    /// Our trust root and the sender's identity (`None` for our own user,
+    /// whose devices the root judges with our own identity), when
+    /// [`needs_cross_signing`] asked for them; without them a known,
+    /// not locally verified device stays [`SenderTrust::Unverified`].
+    pub cross_signing: Option<(&'a TrustRoot<'a>, Option<&'a UserIdentity>)>,
+}
+
+impl<'a> SenderContext<'a> {
+    /// A context of devices only (no cross-signing).
+    pub fn devices(devices: &'a [DeviceRecord]) -> Self {
+        Self { devices, cross_signing: None }
+    }
+}
+
+/// Whether an event of `session` from a sender with `devices` can only be
+/// labelled once cross-signing is known: its device is known and owns the
+/// session but is not locally verified. The driver then loads our trust
+/// root and the sender's identity into the [`SenderContext`]; otherwise it
+/// need not read them.
+pub fn needs_cross_signing(session: &InboundGroupSessionRecord, devices: &[DeviceRecord]) -> bool {
+    sender_trust(session, devices) == SenderTrust::Unverified
+}
+
 /// Decrypts a parsed room event with its session.
 ///
 /// `seen` is the replay record at the event's index, if any; when the event
@@ -520,11 +551,11 @@ pub fn decrypt_room_event(
     room_id: &RoomId,
     event: &EncryptedRoomEvent,
     session: &InboundGroupSessionRecord,
-    sender_devices: &[DeviceRecord],
+    sender: &SenderContext<'_>,
     seen: Option<&MessageIndexRecord>,
 ) -> Result<(DecryptedRoomEvent, Option<MessageIndexRecord>), MegolmError> {
     let mut inbound = live_inbound(session)?;
-    decrypt_room_event_with(room_id, event, session, &mut inbound, sender_devices, seen)
+    decrypt_room_event_with(room_id, event, session, &mut inbound, sender, seen)
 }
 
 /// The live vodozemac session of a stored record (the record is kept).
@@ -541,12 +572,12 @@ pub fn decrypt_room_event_with(
     event: &EncryptedRoomEvent,
     session: &InboundGroupSessionRecord,
     inbound: &mut InboundGroupSession,
-    sender_devices: &[DeviceRecord],
+    sender: &SenderContext<'_>,
     seen: Option<&MessageIndexRecord>,
 ) -> Result<(DecryptedRoomEvent, Option<MessageIndexRecord>), MegolmError> {
     check_session_room(room_id, session)?;
     let decrypted = megolm_decrypt(inbound, &event.message)?;
-    finish_room_event(room_id, event, session, decrypted, sender_devices, seen)
+    finish_room_event(room_id, event, session, decrypted, sender, seen)
 }
 
 fn check_session_room(
@@ -644,7 +675,7 @@ pub fn finish_room_event(
     event: &EncryptedRoomEvent,
     session: &InboundGroupSessionRecord,
     decrypted: CheckedPlaintext,
-    sender_devices: &[DeviceRecord],
+    sender: &SenderContext<'_>,
     seen: Option<&MessageIndexRecord>,
 ) -> Result<(DecryptedRoomEvent, Option<MessageIndexRecord>), MegolmError> {
     check_session_room(room_id, session)?;
@@ -702,11 +733,14 @@ pub fn finish_room_event(
             obj.insert("m.relates_to".into(), rel.clone());
         }
     }
-    let trust = sender_trust(session, sender_devices);
-    let sender_device = sender_devices
-        .iter()
-        .find(|d| d.curve25519 == session.sender_key && d.ed25519 == session.sender_claimed_ed25519)
-        .map(|d| d.device_id.clone());
+    let device = sender.devices.iter().find(|d| {
+        d.curve25519 == session.sender_key && d.ed25519 == session.sender_claimed_ed25519
+    });
+    let mut trust = sender_trust(session, sender.devices);
+    if let (Some(device), Some((root, owner))) = (device, sender.cross_signing) {
+        trust = with_cross_signing(trust, Some(root.device_trust(owner, device)));
+    }
+    let sender_device = device.map(|d| d.device_id.clone());
     Ok((
         DecryptedRoomEvent {
             event_type,
@@ -763,12 +797,41 @@ mod tests {
         let parsed = parse_room_event(&event(c, "$e", 1)).unwrap();
         let mut live = live_inbound(&second_record).unwrap();
         let checked = megolm_decrypt(&mut live, &parsed.message).unwrap();
-        let err = finish_room_event(&room(), &parsed, &first_record, checked.clone(), &[], None)
-            .unwrap_err();
+        let err = finish_room_event(
+            &room(),
+            &parsed,
+            &first_record,
+            checked.clone(),
+            &SenderContext::devices(&[]),
+            None,
+        )
+        .unwrap_err();
         assert_eq!(err, MegolmError::Malformed("plaintext of another session"));
-        let (ok, _) =
-            finish_room_event(&room(), &parsed, &second_record, checked, &[], None).unwrap();
+        let (ok, _) = finish_room_event(
+            &room(),
+            &parsed,
+            &second_record,
+            checked,
+            &SenderContext::devices(&[]),
+            None,
+        )
+        .unwrap();
         assert_eq!(ok.content["body"], "second");
+    }
+
+    /// The sender's identity is only worth reading for a known device that
+    /// owns the session and is not locally verified.
+    #[test]
+    fn cross_signing_is_only_needed_for_a_known_unverified_device() {
+        let a = own();
+        let out = OutboundSession::new(room(), RotationSettings::default(), 0);
+        let inbound = out.own_inbound(&a);
+        let mut device =
+            crate::devices::parse_device_keys(a.user_id(), "A", &a.device_keys()).unwrap();
+        assert!(!needs_cross_signing(&inbound, &[]));
+        assert!(needs_cross_signing(&inbound, std::slice::from_ref(&device)));
+        device.local_trust = crate::records::LocalTrust::Verified;
+        assert!(!needs_cross_signing(&inbound, std::slice::from_ref(&device)));
     }
 
     #[test]
@@ -783,23 +846,27 @@ mod tests {
         );
         assert_eq!(c["m.relates_to"]["event_id"], "$t");
         let ev = parse_room_event(&event(c.clone(), "$1", 10)).unwrap();
-        let (d, rec) = decrypt_room_event(&room(), &ev, &inbound, &[], None).unwrap();
+        let (d, rec) =
+            decrypt_room_event(&room(), &ev, &inbound, &SenderContext::devices(&[]), None).unwrap();
         assert_eq!(d.content["body"], "hi");
         assert_eq!(d.trust, SenderTrust::UnknownDevice);
         let rec = rec.unwrap();
         // Same event again: fine, no new record.
-        let (_, again) = decrypt_room_event(&room(), &ev, &inbound, &[], Some(&rec)).unwrap();
+        let (_, again) =
+            decrypt_room_event(&room(), &ev, &inbound, &SenderContext::devices(&[]), Some(&rec))
+                .unwrap();
         assert!(again.is_none());
         // Same index, other event ID: replay.
         let ev2 = parse_room_event(&event(c.clone(), "$2", 10)).unwrap();
         assert_eq!(
-            decrypt_room_event(&room(), &ev2, &inbound, &[], Some(&rec)).unwrap_err(),
+            decrypt_room_event(&room(), &ev2, &inbound, &SenderContext::devices(&[]), Some(&rec))
+                .unwrap_err(),
             MegolmError::Replay { index: 0 }
         );
         // Event delivered in another room.
         let other = RoomId::parse("!other:hs").unwrap();
         assert!(matches!(
-            decrypt_room_event(&other, &ev, &inbound, &[], None),
+            decrypt_room_event(&other, &ev, &inbound, &SenderContext::devices(&[]), None),
             Err(MegolmError::RoomMismatch { .. })
         ));
         // Sender who does not own the session.
@@ -807,7 +874,7 @@ mod tests {
         forged["sender"] = json!("@mallory:hs");
         let ev3 = parse_room_event(&forged).unwrap();
         assert!(matches!(
-            decrypt_room_event(&room(), &ev3, &inbound, &[], None),
+            decrypt_room_event(&room(), &ev3, &inbound, &SenderContext::devices(&[]), None),
             Err(MegolmError::SenderMismatch { .. })
         ));
     }
@@ -825,7 +892,7 @@ mod tests {
         let c = json!({"algorithm": MEGOLM_V1, "ciphertext": msg.to_base64(), "session_id": out.session_id()});
         let ev = parse_room_event(&event(c, "$1", 1)).unwrap();
         assert!(matches!(
-            decrypt_room_event(&room(), &ev, &inbound, &[], None),
+            decrypt_room_event(&room(), &ev, &inbound, &SenderContext::devices(&[]), None),
             Err(MegolmError::RoomMismatch { .. })
         ));
     }

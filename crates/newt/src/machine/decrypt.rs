@@ -2,26 +2,27 @@
 //! the cache of unpickled inbound sessions, and asking for missing keys.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 
 use serde_json::Value;
 
 use newt_proto::changes::Changes;
 use newt_proto::devices::parse_device_keys;
-use newt_proto::identities::{OwnIdentity, PrivateCrossSigningIdentity, TrustRoot, UserIdentity};
+use newt_proto::identities::UserIdentity;
 use newt_proto::ids::{RoomId, UserId};
 use newt_proto::megolm::{
-    decrypt_room_event_with, finish_room_event, live_inbound, megolm_decrypt, parse_room_event,
-    CheckedPlaintext, DecryptedRoomEvent, EncryptedRoomEvent, MegolmError,
+    decrypt_room_event_with, finish_room_event, live_inbound, megolm_decrypt, needs_cross_signing,
+    parse_room_event, CheckedPlaintext, DecryptedRoomEvent, EncryptedRoomEvent, MegolmError,
+    SenderContext,
 };
 use newt_proto::records::{
     DeviceRecord, InboundGroupSessionRecord, KeyRequestRecord, LocalTrust, MessageIndexRecord,
 };
-use newt_proto::trust::{with_cross_signing, SenderTrust};
 use newt_proto::vodozemac::megolm::{InboundGroupSession, MegolmMessage};
 
 use crate::Error;
 
-use super::{Machine, State, INBOUND_CACHE_SIZE};
+use super::{Machine, State, TrustMaterial, INBOUND_CACHE_SIZE};
 
 /// A bounded LRU of unpickled inbound Megolm sessions with their records.
 /// An entry is dropped when this process writes its session and on any
@@ -46,7 +47,7 @@ struct CachedInbound {
 struct DecryptContext {
     devices: HashMap<UserId, Vec<DeviceRecord>>,
     owners: HashMap<UserId, Option<UserIdentity>>,
-    material: Option<(Option<OwnIdentity>, Option<PrivateCrossSigningIdentity>)>,
+    material: Option<Arc<TrustMaterial>>,
     pending: HashMap<(String, u32), MessageIndexRecord>,
 }
 
@@ -205,10 +206,13 @@ impl Machine {
     }
 
     /// One decryption under the state lock: the session from the cache (or
-    /// the store), every check of [`decrypt_room_event_with`], the replay
-    /// record (`ctx.pending` first, then the store) and the sender's trust.
-    /// `ahead` is the event's Megolm decryption if [`Self::decrypt_ahead`]
-    /// did it. Returns the new replay record to commit, if the index is new.
+    /// the store), what the core asks for to judge the sender (their
+    /// devices; their identity and our trust root only when
+    /// [`needs_cross_signing`]), then one core call for every check of
+    /// [`decrypt_room_event_with`], the replay record (`ctx.pending` first,
+    /// then the store) and the sender's final trust. `ahead` is the event's
+    /// Megolm decryption if [`Self::decrypt_ahead`] did it. Returns the new
+    /// replay record to commit, if the index is new.
     async fn decrypt_parsed(
         &self,
         st: &mut State,
@@ -233,12 +237,12 @@ impl Machine {
             }
             ctx.devices.insert(parsed.sender.clone(), devices);
         }
-        let sender_devices = ctx.devices.get(&parsed.sender).map(Vec::as_slice).unwrap_or(&[]);
         let index = parsed.message.message_index();
         let seen = match ctx.pending.get(&(parsed.session_id.clone(), index)) {
             Some(record) => Some(record.clone()),
             None => self.store().message_index(room_id, &parsed.session_id, index).await?,
         };
+        let own_user = parsed.sender == self.inner.user_id;
         let mut result = None;
         for attempt in 0..2 {
             let cached = attempt == 0 && st.inbound.get_mut(&key).is_some();
@@ -262,6 +266,33 @@ impl Machine {
                 let live = live_inbound(&record)?;
                 st.inbound.insert(record, live);
             }
+            let sender_devices = ctx.devices.get(&parsed.sender).map_or(&[][..], Vec::as_slice);
+            let entry = st.inbound.get_mut(&key).ok_or(Error::Internal("session cache"))?;
+            if needs_cross_signing(&entry.record, sender_devices) {
+                // Read once per sender, and our material once, per call.
+                if !own_user && !ctx.owners.contains_key(&parsed.sender) {
+                    let owner = self.user_identity(&parsed.sender).await?;
+                    ctx.owners.insert(parsed.sender.clone(), owner);
+                }
+                let owner_known =
+                    own_user || ctx.owners.get(&parsed.sender).is_some_and(Option::is_some);
+                if owner_known && ctx.material.is_none() {
+                    ctx.material = Some(self.trust_material().await?);
+                }
+            }
+            // Our own devices are judged by our identity; another user's by
+            // theirs, so without it there is nothing to judge by.
+            let owner =
+                ctx.owners.get(&parsed.sender).and_then(Option::as_ref).filter(|_| !own_user);
+            let root = ctx
+                .material
+                .as_ref()
+                .filter(|_| own_user || owner.is_some())
+                .map(|m| m.root(&st.account));
+            let sender = SenderContext {
+                devices: sender_devices,
+                cross_signing: root.as_ref().map(|r| (r, owner)),
+            };
             let entry = st.inbound.get_mut(&key).ok_or(Error::Internal("session cache"))?;
             let r = match ahead.take() {
                 Some(decrypted) => finish_room_event(
@@ -269,7 +300,7 @@ impl Machine {
                     &parsed,
                     &entry.record,
                     decrypted,
-                    sender_devices,
+                    &sender,
                     seen.as_ref(),
                 ),
                 None => decrypt_room_event_with(
@@ -277,7 +308,7 @@ impl Machine {
                     &parsed,
                     &entry.record,
                     &mut entry.live,
-                    sender_devices,
+                    &sender,
                     seen.as_ref(),
                 ),
             };
@@ -290,37 +321,7 @@ impl Machine {
                 break;
             }
         }
-        let (mut decrypted, record) = result.ok_or(Error::Internal("session cache"))??;
-        if decrypted.trust == SenderTrust::Unverified {
-            // Known device, not verified here: it may be cross-signed by a
-            // verified identity. Only read identities when there is one.
-            let device = sender_devices
-                .iter()
-                .find(|d| Some(&d.device_id) == decrypted.sender_device.as_ref());
-            if let Some(device) = device {
-                let own_user = parsed.sender == self.inner.user_id;
-                if !own_user && !ctx.owners.contains_key(&parsed.sender) {
-                    let owner = self.user_identity(&parsed.sender).await?;
-                    ctx.owners.insert(parsed.sender.clone(), owner);
-                }
-                let owner = if own_user { None } else { ctx.owners.get(&parsed.sender) };
-                let owner = owner.and_then(Option::as_ref);
-                if own_user || owner.is_some() {
-                    if ctx.material.is_none() {
-                        ctx.material = Some(self.trust_material().await?);
-                    }
-                    if let Some((own_identity, private)) = &ctx.material {
-                        let root =
-                            TrustRoot::new(&st.account, own_identity.as_ref(), private.as_ref());
-                        decrypted.trust = with_cross_signing(
-                            decrypted.trust,
-                            Some(root.device_trust(owner, device)),
-                        );
-                    }
-                }
-            }
-        }
-        Ok((decrypted, record))
+        Ok(result.ok_or(Error::Internal("session cache"))??)
     }
 
     /// Asks our other devices for the key of an undecryptable event. The

@@ -3,6 +3,7 @@
 //! trust states of users and devices.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, PoisonError};
 
 use serde_json::Value;
 
@@ -47,19 +48,28 @@ impl Machine {
         self.commit(&mut st, changes, false).await
     }
 
-    /// Our public identity and our private keys, as stored (unreadable or
-    /// mismatched records count as absent: they grant no trust).
-    pub(super) async fn trust_material(
-        &self,
-    ) -> Result<(Option<OwnIdentity>, Option<PrivateCrossSigningIdentity>), Error> {
-        let own = self.own_identity().await?;
-        let private = self
-            .store()
-            .private_identity()
-            .await?
+    /// Our public identity and our private keys as stored (unreadable or
+    /// mismatched records count as absent: they grant no trust). The two
+    /// records are read every time; they are parsed (signatures checked,
+    /// keys derived) only when they differ from the last ones parsed, also
+    /// when another process wrote them.
+    pub(super) async fn trust_material(&self) -> Result<Arc<TrustMaterial>, Error> {
+        let own_record = self.store().identity(&self.inner.user_id).await?;
+        let private_record = self.store().private_identity().await?;
+        let mut cache = self.inner.trust_cache.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(cached) = cache.as_ref() {
+            if cached.own_record == own_record && cached.private_record == private_record {
+                return Ok(Arc::clone(cached));
+            }
+        }
+        let own = own_record.as_ref().and_then(|r| OwnIdentity::from_record(r).ok());
+        let private = private_record
+            .as_ref()
             .filter(|r| r.user_id == self.inner.user_id)
-            .and_then(|r| PrivateCrossSigningIdentity::from_seeds(&r).ok());
-        Ok((own, private))
+            .and_then(|r| PrivateCrossSigningIdentity::from_seeds(r).ok());
+        let material = Arc::new(TrustMaterial { own_record, private_record, own, private });
+        *cache = Some(Arc::clone(&material));
+        Ok(material)
     }
 
     /// Our stored public identity (re-checked), if any; no private key read.
@@ -77,9 +87,8 @@ impl Machine {
     ) -> Result<DeviceTrust, Error> {
         let own_user = device.user_id == self.inner.user_id;
         let owner = if own_user { None } else { self.user_identity(&device.user_id).await? };
-        let (own, private) = self.trust_material().await?;
-        let root = TrustRoot::new(&st.account, own.as_ref(), private.as_ref());
-        Ok(root.device_trust(owner.as_ref(), device))
+        let material = self.trust_material().await?;
+        Ok(material.root(&st.account).device_trust(owner.as_ref(), device))
     }
 
     /// Another user's stored identity (re-checked), if any.
@@ -142,7 +151,9 @@ impl Machine {
         report: &mut KeysQueryReport,
     ) -> Result<(), Error> {
         let own_user = &self.inner.user_id;
-        let (mut own_identity, private) = self.trust_material().await?;
+        let material = self.trust_material().await?;
+        // Our identity as this answer updates it (ours is handled first).
+        let mut updated_own: Option<OwnIdentity> = None;
         let ordered =
             users.iter().filter(|u| *u == own_user).chain(users.iter().filter(|u| *u != own_user));
         for user in ordered {
@@ -179,7 +190,7 @@ impl Machine {
             let record = if user == own_user {
                 match OwnIdentity::updated_record(old.as_ref(), &keys) {
                     Ok(record) => {
-                        own_identity = OwnIdentity::from_record(&record).ok();
+                        updated_own = OwnIdentity::from_record(&record).ok();
                         record
                     }
                     Err(e) => {
@@ -193,7 +204,8 @@ impl Machine {
             } else {
                 // The keys are verified already: ask only whether our USK
                 // signed the master key (no re-parse of the identity).
-                let root = TrustRoot::new(account, own_identity.as_ref(), private.as_ref());
+                let own_identity = updated_own.as_ref().or(material.own.as_ref());
+                let root = TrustRoot::new(account, own_identity, material.private.as_ref());
                 let verified_now = root.signed_by_our_user_signing_key(user, &keys.master);
                 UserIdentity::updated_record(old.as_ref(), &keys, verified_now)
             };
@@ -258,9 +270,10 @@ impl Machine {
             }
             .into());
         }
-        let (own, _) = self.trust_material().await?;
-        let own = own.ok_or_else(|| Error::NoIdentity(self.inner.user_id.clone()))?;
-        let private = PrivateCrossSigningIdentity::import_checked(keys, &own)?;
+        let material = self.trust_material().await?;
+        let own =
+            material.own.as_ref().ok_or_else(|| Error::NoIdentity(self.inner.user_id.clone()))?;
+        let private = PrivateCrossSigningIdentity::import_checked(keys, own)?;
         let changes =
             Changes { private_identity: Some(private.export_seeds()), ..Default::default() };
         self.commit(&mut st, changes, false).await
@@ -272,10 +285,12 @@ impl Machine {
     /// own user is queued for a re-query.
     pub async fn cross_sign_own_device(&self, device_id: &DeviceId) -> Result<Value, Error> {
         let mut st = self.inner.state.lock().await;
-        let (own, private) = self.trust_material().await?;
-        let private = private
+        let material = self.trust_material().await?;
+        let private = material
+            .private
+            .as_ref()
             .ok_or(CrossSigningError::MissingKey(newt_proto::identities::KeyUsage::SelfSigning))?;
-        if let Some(own) = &own {
+        if let Some(own) = &material.own {
             private.matches(own)?;
         }
         let device_keys = if device_id == &self.inner.device_id {
@@ -334,12 +349,13 @@ impl Machine {
         }
         let identity =
             self.user_identity(user_id).await?.ok_or_else(|| Error::NoIdentity(user_id.clone()))?;
-        let (own, private) = self.trust_material().await?;
-        TrustRoot::new(&st.account, own.as_ref(), private.as_ref())
-            .check_user_to_verify(&identity, expected_master_key)?;
-        let private = private
+        let material = self.trust_material().await?;
+        material.root(&st.account).check_user_to_verify(&identity, expected_master_key)?;
+        let private = material
+            .private
+            .as_ref()
             .ok_or(CrossSigningError::MissingKey(newt_proto::identities::KeyUsage::UserSigning))?;
-        if let Some(own) = &own {
+        if let Some(own) = &material.own {
             private.matches(own)?;
         }
         let signed = private.sign_user(identity.master_key())?;
@@ -357,12 +373,11 @@ impl Machine {
     /// when we have none (or it was not fetched yet).
     pub async fn own_identity_state(&self) -> Result<Option<OwnIdentityTrust>, Error> {
         let st = self.inner.state.lock().await;
-        let (own, private) = self.trust_material().await?;
-        if own.is_none() {
+        let material = self.trust_material().await?;
+        if material.own.is_none() {
             return Ok(None);
         }
-        let root = TrustRoot::new(&st.account, own.as_ref(), private.as_ref());
-        Ok(Some(root.own_identity_trust()))
+        Ok(Some(material.root(&st.account).own_identity_trust()))
     }
 
     /// Our view of `user_id`'s identity; `None` when the user has no known
@@ -380,9 +395,8 @@ impl Machine {
         }
         let st = self.inner.state.lock().await;
         let Some(identity) = self.user_identity(user_id).await? else { return Ok(None) };
-        let (own, private) = self.trust_material().await?;
-        let root = TrustRoot::new(&st.account, own.as_ref(), private.as_ref());
-        Ok(Some(root.identity_trust(&identity)))
+        let material = self.trust_material().await?;
+        Ok(Some(material.root(&st.account).identity_trust(&identity)))
     }
 
     /// The user accepts `user_id`'s current identity: a `PinnedChanged`
@@ -394,9 +408,7 @@ impl Machine {
         let Some(mut identity) = self.user_identity(user_id).await? else {
             return Err(Error::NoIdentity(user_id.clone()));
         };
-        let (own, private) = self.trust_material().await?;
-        let state =
-            TrustRoot::new(&st.account, own.as_ref(), private.as_ref()).identity_trust(&identity);
+        let state = self.trust_material().await?.root(&st.account).identity_trust(&identity);
         let record: IdentityRecord = match state {
             IdentityTrust::VerificationViolation => identity.withdraw_verification(),
             IdentityTrust::PinnedChanged => identity.pin_current_master_key(),
@@ -427,5 +439,24 @@ impl Machine {
             return Ok(None);
         };
         Ok(Some(self.trust_in_device(&st, &device).await?))
+    }
+}
+
+/// Our own identity and private cross-signing keys, parsed from the stored
+/// records they came from (kept to tell whether the store still holds them).
+/// [`TrustMaterial::root`] is the one way the driver gets a [`TrustRoot`].
+pub(super) struct TrustMaterial {
+    own_record: Option<IdentityRecord>,
+    private_record: Option<PrivateIdentityRecord>,
+    /// Our public identity, if stored and valid.
+    pub(super) own: Option<OwnIdentity>,
+    /// Our private cross-signing keys, if stored, ours and valid.
+    pub(super) private: Option<PrivateCrossSigningIdentity>,
+}
+
+impl TrustMaterial {
+    /// The trust root of this device (`account`) with this material.
+    pub(super) fn root<'a>(&'a self, account: &'a OwnAccount) -> TrustRoot<'a> {
+        TrustRoot::new(account, self.own.as_ref(), self.private.as_ref())
     }
 }

@@ -38,6 +38,7 @@ mod sync;
 mod verification;
 
 use decrypt::InboundCache;
+use identity::TrustMaterial;
 use requests::Pending;
 use share::ShareBatch;
 
@@ -110,6 +111,10 @@ struct Inner {
     user_id: UserId,
     device_id: DeviceId,
     state: Mutex<State>,
+    /// The last [`TrustMaterial`] parsed, reused while the stored records
+    /// it came from are unchanged (a parse cache, not state: every use
+    /// re-reads the records and compares).
+    trust_cache: std::sync::Mutex<Option<Arc<TrustMaterial>>>,
 }
 
 impl std::fmt::Debug for Machine {
@@ -184,6 +189,7 @@ impl Machine {
                 clock,
                 user_id,
                 device_id,
+                trust_cache: std::sync::Mutex::new(None),
                 state: Mutex::new(State {
                     account,
                     id_prefix: rand::random(),

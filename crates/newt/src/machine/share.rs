@@ -7,7 +7,7 @@ use std::sync::Arc;
 use serde_json::Value;
 
 use newt_proto::changes::Changes;
-use newt_proto::identities::{DeviceTrust, IdentityTrust, TrustRoot};
+use newt_proto::identities::{DeviceTrust, IdentityTrust};
 use newt_proto::ids::{DeviceId, RoomId, UserId};
 use newt_proto::megolm::OutboundSession;
 use newt_proto::olm::{self, OlmSession};
@@ -79,14 +79,14 @@ impl Machine {
         }
         let device_trust =
             if settings.policy.needs_device_trust() || settings.block_on_verification_violation {
-                let (own_identity, private) = self.trust_material().await?;
+                let material = self.trust_material().await?;
                 let mut identities = BTreeMap::new();
                 for u in members.iter().filter(|u| **u != self.inner.user_id) {
                     if let Some(i) = self.user_identity(u).await? {
                         identities.insert(u.clone(), i);
                     }
                 }
-                let root = TrustRoot::new(&st.account, own_identity.as_ref(), private.as_ref());
+                let root = material.root(&st.account);
                 if settings.block_on_verification_violation {
                     let violating: Vec<UserId> = identities
                         .values()

@@ -6,7 +6,6 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use serde_json::Value;
 
 use newt_proto::changes::Changes;
-use newt_proto::identities::TrustRoot;
 use newt_proto::ids::{RoomId, UserId};
 use newt_proto::key_requests::{
     accept_forwarded_key, answer_request, parse_request, request_content,
@@ -272,9 +271,9 @@ impl Machine {
                     None => None,
                 };
                 let own_curve = st.account.curve25519_key().to_base64();
-                let (own_identity, private) = self.trust_material().await?;
+                let material = self.trust_material().await?;
                 let accepted = {
-                    let root = TrustRoot::new(&st.account, own_identity.as_ref(), private.as_ref());
+                    let root = material.root(&st.account);
                     accept_forwarded_key(
                         &root,
                         &self.inner.user_id,
@@ -413,9 +412,9 @@ impl Machine {
             _ => None,
         };
         let own_curve = st.account.curve25519_key().to_base64();
-        let (own_identity, private) = self.trust_material().await?;
+        let material = self.trust_material().await?;
         let answer = {
-            let root = TrustRoot::new(&st.account, own_identity.as_ref(), private.as_ref());
+            let root = material.root(&st.account);
             answer_request(
                 &root,
                 &self.inner.user_id,

@@ -4,7 +4,7 @@
 use serde_json::{json, Map, Value};
 
 use newt_proto::changes::Changes;
-use newt_proto::identities::{KeyUsage, OwnIdentityTrust, TrustRoot};
+use newt_proto::identities::{KeyUsage, OwnIdentityTrust};
 use newt_proto::ids::{DeviceId, RoomId, UserId};
 use newt_proto::verification::sas::ExpectedKeys;
 use newt_proto::verification::sas_flow::{Created, SasIds, SasState};
@@ -39,11 +39,10 @@ impl Machine {
             .find(|d| &d.device_id == device && !d.deleted)
             .ok_or(Error::UnknownDevice)?;
         let device_key = parse_key(&record.ed25519).ok_or(Error::UnknownDevice)?;
-        let (own, private) = self.trust_material().await?;
-        let own_trusted = own.as_ref().is_some_and(|o| {
-            TrustRoot::new(&st.account, Some(o), private.as_ref()).own_identity_trust()
-                == OwnIdentityTrust::Verified
-        });
+        let material = self.trust_material().await?;
+        let (own, private) = (&material.own, &material.private);
+        let own_trusted = own.is_some()
+            && material.root(&st.account).own_identity_trust() == OwnIdentityTrust::Verified;
         let believed_own_master = own.as_ref().map(|o| o.master_key().public_key());
         let own_master_key = believed_own_master.filter(|_| own_trusted);
         let their_keys = if user == &self.inner.user_id {

@@ -247,7 +247,8 @@ impl Machine {
         verified: &VerifiedKeys,
     ) -> Result<(), Error> {
         let own_user = verified.user_id == self.inner.user_id;
-        let (own, private) = self.trust_material().await?;
+        let material = self.trust_material().await?;
+        let (own, private) = (&material.own, &material.private);
         let mut uploads = Vec::new();
         if let Some(device_key) = verified.device_key {
             let device = self
