@@ -160,5 +160,6 @@ pub use newt_proto::trust::SenderTrust;
 pub use newt_proto::verification::qr::QrMatrix;
 pub use newt_proto::verification::qr_flow::ScanError;
 pub use newt_proto::verification::CancelCode;
+pub use newt_store::{MemoryStore, Store, StoreError};
 pub use requests::{OutgoingRequest, RequestKind};
 pub use types::{Device, Emoji, IdentityKeys};

@@ -153,6 +153,9 @@ impl Machine {
     /// [`ManualClock`](crate::ManualClock) in tests): every rule that
     /// depends on time (rotation by age, unwedging at most once an hour,
     /// verification timeouts, the upload lease) reads it there.
+    // On wasm32 the store (IndexedDB) is neither `Send` nor `Sync`, and
+    // nothing is shared between threads: the `Arc` is only for cheap clones.
+    #[cfg_attr(target_arch = "wasm32", allow(clippy::arc_with_non_send_sync))]
     pub async fn open_with_clock(
         store: Arc<dyn Store>,
         user_id: UserId,
