@@ -106,7 +106,7 @@ impl IntegrityRecord {
         IntegrityRecord::from_bytes(&cipher.open(&record_ad(), sealed)?, tables)
     }
 
-    /// The layout: [`LAYOUT_V1`]; the counter (8 bytes, big-endian); the
+    /// The layout: a version byte, 1; the counter (8 bytes, big-endian); the
     /// number of sums (1 byte) and each sum (32 bytes); then each singleton
     /// digest as its name's length (1 byte), its name and the digest, in
     /// name order.
