@@ -32,7 +32,7 @@ cargo clippy --workspace --all-targets -- -D warnings
 step "cargo test (workspace, including interop with matrix-sdk-crypto)"
 cargo test --workspace
 step "wasm32 build check of the core crates"
-cargo check --target wasm32-unknown-unknown -p newt-proto -p newt-store -p newt
+cargo check --target wasm32-unknown-unknown -p newt-proto -p newt-store -p newt-store-crypto -p newt-indexeddb -p newt
 step "demo"
 cargo run -q -p newt-cli -- demo >/dev/null
 step "benchmarks, smoke mode (every workload once; no timings asserted)"

@@ -15,7 +15,7 @@ use newt_store::{
     check_generation, check_generation_value, check_outbound_generation, Changes, StoreError,
 };
 
-use crate::cipher::{withheld_key, Cipher, Kind};
+use crate::cipher::{withheld_key, Cipher, Kind, RowCipher};
 use crate::integrity::{self, CounterFloor, Digest, Integrity};
 use crate::retry::TxError;
 use crate::schema::{

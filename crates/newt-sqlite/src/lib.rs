@@ -31,6 +31,9 @@
 //!
 //! # Encryption at rest
 //!
+//! The scheme is [`newt_store_crypto`]'s, shared with the browser's store so
+//! that the two cannot drift; its crate docs give it byte by byte. In short:
+//!
 //! Every record is stored as its JSON (vodozemac pickles inside it as
 //! base64 of MessagePack, see `newt_proto::records::pickle_encoding`),
 //! sealed with AES-256-GCM under a fresh random 96-bit nonce; the associated data is the table name and the row's
@@ -185,7 +188,10 @@
 //! version 1 and is opened by the tests of every later version (it migrates
 //! to version 2, which adds the `identities` table for cross-signing; our
 //! private cross-signing keys are a sealed singleton; and to version 3,
-//! which adds the integrity record, see [Threat model](#threat-model)). A
+//! which adds the integrity record, see [Threat model](#threat-model)).
+//! `tests/fixtures/v3-raw.sqlite` and `v3-passphrase.sqlite` are version 3
+//! stores written before the cipher moved to `newt_store_crypto`, opened by
+//! every later build (provenance in `tests/fixtures/README.md`). A
 //! file that is not an SQLite database, is truncated, belongs to another
 //! program, or was written by a newer version is refused with a typed error
 //! and left untouched.

@@ -19,7 +19,7 @@ use newt_proto::records::{
 use newt_store::{Changes, SessionCursor, Store, StoreError};
 
 use crate::apply::{self, ACCOUNT, PRIVATE_IDENTITY, SYNC_TOKEN};
-use crate::cipher::{withheld_key, Cipher, Kind};
+use crate::cipher::{withheld_key, Cipher, Kind, RowCipher};
 use crate::integrity::{self, CounterFloor, Integrity};
 use crate::keys::{self, DataKey, StoreKey};
 use crate::retry::{install_busy_handler, sqlite_error, with_retry, TxError};

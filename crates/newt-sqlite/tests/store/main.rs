@@ -10,6 +10,7 @@ mod common;
 mod conformance;
 mod crash;
 mod fixture;
+mod fixture_v3;
 mod multi_process;
 mod open_errors;
 mod persistence;
