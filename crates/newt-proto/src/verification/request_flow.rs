@@ -234,7 +234,6 @@ pub struct Refused {
 
 /// Why an action was refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
 pub enum Refusal {
     /// Not legal in this state (or with these methods).
     State(&'static str),
