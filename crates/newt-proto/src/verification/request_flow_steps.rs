@@ -301,7 +301,7 @@ impl RequestFlow {
     }
 
     /// The user says the SAS match: sends our `mac` (see
-    /// [`super::sas_flow::KeysExchanged::confirm`]).
+    /// [`crate::verification::sas_flow::KeysExchanged::confirm`]).
     pub fn confirm_sas(self, now: u64) -> Action {
         self.sas_action(|sas| match sas {
             SasState::KeysExchanged(k) => Ok(k.confirm(now)),
