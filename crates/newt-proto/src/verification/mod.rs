@@ -5,15 +5,18 @@
 //! ID and sends what comes out.
 //!
 //! ```text
-//!   incoming m.key.verification.* content, now
+//!   incoming m.key.verification.* content, now, (keys the flow asked for)
 //!                    |
 //!                    v
-//!   SasState (Created -> Started/Accepted -> KeysExchanged -> Confirmed -> Done | Cancelled)
+//!   RequestFlow (Requested | RequestReceived -> Ready -> Sas(SasState) | Qr(QrState), or Cancelled)
 //!                    |
 //!                    v
-//!   outgoing content (start, accept, key, mac, done, cancel) + VerifiedKeys when done
+//!   outgoing content (request, ready, start, accept, key, mac, done, cancel),
+//!   "need the keys of device X", VerifiedKeys when done
 //! ```
 //!
+//! - [`request_flow`]: one verification from the request on (request,
+//!   ready, cancel, timeout), handing over to SAS or QR.
 //! - [`sas`]: the SAS computations (commitment, info strings, emoji and
 //!   decimals, MACs and their verification).
 //! - [`sas_flow`]: one SAS flow as a state machine.
@@ -24,6 +27,7 @@
 pub mod emoji;
 pub mod qr;
 pub mod qr_flow;
+pub mod request_flow;
 pub mod sas;
 pub mod sas_flow;
 

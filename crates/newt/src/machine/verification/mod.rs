@@ -19,27 +19,32 @@
 //! stored device and identity; what a finished flow proved is written to
 //! the store.
 //!
-//! This file holds the types and the flow bookkeeping; `handshake` the
-//! request/ready handshake, cancels and timeouts, `incoming` the other
-//! side's messages (to-device and in-room), `methods` SAS, QR codes and
-//! recording what a finished flow verified.
+//! The protocol is [`newt_proto::verification::request_flow`]: each method
+//! here loads what the core asks for (the keys of the other device, see
+//! `handshake::fixed_keys`), makes one core call, queues what the step sends
+//! (to-device or into the room) and commits what a finished flow verified.
+//! This file holds the types and the flow bookkeeping (the map, stepping a
+//! flow, checkpoints and rollback); `handshake` asking, accepting, cancels
+//! and timeouts, `incoming` the other side's messages (to-device and
+//! in-room), `methods` SAS, QR codes and recording what a finished flow
+//! verified.
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use newt_proto::vodozemac::Ed25519PublicKey;
 use rand::rngs::OsRng;
 use rand::RngCore;
-use serde_json::{json, Value};
+use serde_json::Value;
 
 use newt_proto::changes::Changes;
 use newt_proto::ids::{DeviceId, RoomId, UserId};
-use newt_proto::verification::qr::METHOD_RECIPROCATE_V1;
-use newt_proto::verification::qr_flow::{QrState, Shown, METHOD_QR_SCAN_V1, METHOD_QR_SHOW_V1};
-use newt_proto::verification::sas::METHOD_SAS_V1;
-use newt_proto::verification::sas_flow::{Cancelled, SasIds, SasState};
-use newt_proto::verification::{
-    cancel_content, CancelCode, FlowId, OutgoingContent, VERIFICATION_TIMEOUT_MS,
+use newt_proto::verification::qr_flow::QrState;
+pub use newt_proto::verification::request_flow::VerificationMethods;
+use newt_proto::verification::request_flow::{
+    Action, FixedKeys, Refusal, RequestFlow, RequestState, RequestStep, StepMarker, Withdrawal,
 };
+use newt_proto::verification::sas_flow::SasState;
+use newt_proto::verification::{event_types, CancelCode, FlowId, OutgoingContent};
 
 use super::{to_device_request, Machine, State};
 use crate::requests::{OutgoingRequest, RequestKind};
@@ -49,12 +54,6 @@ mod handshake;
 mod incoming;
 mod methods;
 
-/// A request whose timestamp is older than this is ignored (ms).
-const REQUEST_MAX_AGE_MS: u64 = VERIFICATION_TIMEOUT_MS;
-/// A request whose timestamp is this far in the future is ignored (ms).
-const REQUEST_MAX_FUTURE_MS: u64 = 5 * 60 * 1000;
-/// `msgtype` of an in-room request.
-const MSGTYPE_REQUEST: &str = "m.key.verification.request";
 /// The cancel code of a flow whose step could not be stored (no `m.` code
 /// fits; custom codes use Java package naming).
 pub const STORE_FAILURE: &str = "org.newt.store_failure";
@@ -106,54 +105,6 @@ pub struct VerificationFlow {
     pub state: VerificationState,
 }
 
-/// The verification methods this device offers in its requests and
-/// `ready`s (default: all). An app that cannot show QR codes turns
-/// `show_qr` off, one without a camera `scan_qr`
-/// ([`Machine::set_verification_methods`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct VerificationMethods {
-    /// `m.sas.v1`: emoji / decimal comparison.
-    pub sas: bool,
-    /// `m.qr_code.show.v1`: we can display a QR code.
-    pub show_qr: bool,
-    /// `m.qr_code.scan.v1`: we can scan a QR code.
-    pub scan_qr: bool,
-}
-
-impl Default for VerificationMethods {
-    fn default() -> Self {
-        Self { sas: true, show_qr: true, scan_qr: true }
-    }
-}
-
-impl VerificationMethods {
-    fn to_wire(self) -> Value {
-        let mut out = Vec::new();
-        if self.sas {
-            out.push(METHOD_SAS_V1);
-        }
-        if self.show_qr {
-            out.push(METHOD_QR_SHOW_V1);
-        }
-        if self.scan_qr {
-            out.push(METHOD_QR_SCAN_V1);
-        }
-        if self.show_qr || self.scan_qr {
-            out.push(METHOD_RECIPROCATE_V1);
-        }
-        json!(out)
-    }
-
-    /// Whether we and a peer offering `theirs` can do anything together.
-    fn common(self, theirs: &[String]) -> bool {
-        let has = |m: &str| theirs.iter().any(|t| t == m);
-        (self.sas && has(METHOD_SAS_V1))
-            || (has(METHOD_RECIPROCATE_V1)
-                && ((self.show_qr && has(METHOD_QR_SCAN_V1))
-                    || (self.scan_qr && has(METHOD_QR_SHOW_V1))))
-    }
-}
-
 /// The flows of one machine, keyed by (other user, flow ID), and the
 /// methods we offer.
 #[derive(Default)]
@@ -191,57 +142,26 @@ fn new_transaction_id() -> String {
     format!("newt-{hex}")
 }
 
-// Few flows live at once; boxing the states would only add indirection.
-#[allow(clippy::large_enum_variant)]
-enum Phase {
-    /// We sent the request.
-    Requested,
-    /// They sent the request.
-    RequestReceived,
-    /// Ready exchanged (SAS in `Created`) or SAS under way.
-    Sas(SasState),
-    /// A QR code was scanned (by them or by us).
-    Qr(QrState),
-    /// Cancelled before SAS or QR started.
-    Cancelled(Cancelled),
+/// One flow: the core's state machine and what the driver keeps about
+/// its transport.
+pub(crate) struct Flow {
+    core: RequestFlow,
+    transport: Transport,
 }
 
-/// One flow.
-pub(crate) struct Flow {
-    flow: FlowId,
-    other_user: UserId,
-    /// Unknown until a fanned-out or in-room request is answered.
-    other_device: Option<DeviceId>,
-    /// The devices a to-device request went to: when one answers, the
-    /// others get `m.accepted`; a cancel before anyone answered goes to all.
-    requested_devices: Vec<DeviceId>,
-    /// The methods the other side offered in its request or ready.
-    their_methods: Vec<String>,
-    /// The keys being verified, fixed once the other device is known.
-    ids: Option<SasIds>,
-    /// Our master key as stored, trusted or not (QR mode `0x02`).
-    believed_own_master: Option<Ed25519PublicKey>,
-    /// The QR code we show, once asked for.
-    qr_shown: Option<Shown>,
-    /// Whether we hold our user-signing key: verifying another user's
-    /// identity records something only then.
-    can_sign_users: bool,
+/// What the driver keeps about a flow's transport.
+#[derive(Default)]
+struct Transport {
     /// In-room flows: whether the other side's messages come encrypted
     /// (fixed by the first one; a flow never mixes).
     room_encrypted: Option<bool>,
     /// In-room flows: the event IDs already handled (a timeline may
     /// deliver an event twice).
     seen_events: BTreeSet<String>,
-    deadline: u64,
-    phase: Phase,
     /// Messages queued for this flow so far (see [`FlowMark`]).
     sent: u64,
 }
 
-/// Where a flow stands, finely enough to tell whether a batch of incoming
-/// messages moved it: the phase, down to the SAS or QR step, and how many
-/// messages it has queued. Taken before a batch so that a batch whose
-/// commit fails can be undone ([`Machine::rollback_flows`]).
 /// What [`Machine::rollback_flows`] needs to undo a batch or an action:
 /// how many requests were queued, and every flow's [`FlowMark`], before it.
 pub(super) struct FlowCheckpoint {
@@ -249,77 +169,81 @@ pub(super) struct FlowCheckpoint {
     marks: BTreeMap<(UserId, String), FlowMark>,
 }
 
+/// Where a flow stands, finely enough to tell whether a batch of incoming
+/// messages moved it: the core's step (down to the SAS or QR step), and
+/// how many messages it has queued. Taken before a batch so that a batch
+/// whose commit fails can be undone ([`Machine::rollback_flows`]).
 #[derive(PartialEq, Eq)]
 pub(super) struct FlowMark {
-    phase: std::mem::Discriminant<Phase>,
-    step: Option<std::mem::Discriminant<SasState>>,
-    qr_step: Option<std::mem::Discriminant<QrState>>,
+    step: StepMarker,
     sent: u64,
 }
 
+/// What a core call gets besides the flow: the methods we offer now, the
+/// other device's keys when the core asked for them, and the time.
+struct Input {
+    ours: VerificationMethods,
+    keys: Option<FixedKeys>,
+    now: u64,
+}
+
+/// What the driver does when the keys the core asked for are of a device
+/// not in the store.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum IfUnknownDevice {
+    /// The caller's error ([`Error::UnknownDevice`]).
+    Fail,
+    /// Query the user's devices and leave the flow waiting.
+    Query,
+}
+
 impl Flow {
+    fn new(core: RequestFlow) -> Self {
+        Self { core, transport: Transport::default() }
+    }
+
     fn mark(&self) -> FlowMark {
-        FlowMark {
-            phase: std::mem::discriminant(&self.phase),
-            step: match &self.phase {
-                Phase::Sas(s) => Some(std::mem::discriminant(s)),
-                _ => None,
-            },
-            qr_step: match &self.phase {
-                Phase::Qr(s) => Some(std::mem::discriminant(s)),
-                _ => None,
-            },
-            sent: self.sent,
-        }
+        FlowMark { step: self.core.marker(), sent: self.transport.sent }
     }
 
     fn state(&self) -> VerificationState {
-        match &self.phase {
-            Phase::Requested => VerificationState::Requested,
-            Phase::RequestReceived => VerificationState::RequestReceived,
-            Phase::Cancelled(c)
-            | Phase::Sas(SasState::Cancelled(c))
-            | Phase::Qr(QrState::Cancelled(c)) => {
+        match self.core.state() {
+            RequestState::Requested => VerificationState::Requested,
+            RequestState::RequestReceived => VerificationState::RequestReceived,
+            RequestState::Cancelled(c)
+            | RequestState::Sas(SasState::Cancelled(c))
+            | RequestState::Qr(QrState::Cancelled(c)) => {
                 VerificationState::Cancelled { code: c.code.clone(), by_us: c.by_us }
             }
-            Phase::Sas(SasState::Created(_)) | Phase::Qr(QrState::Shown(_)) => {
-                VerificationState::Ready
-            }
-            Phase::Sas(SasState::Started(_) | SasState::Accepted(_) | SasState::KeySent(_)) => {
-                VerificationState::Started
-            }
-            Phase::Sas(SasState::KeysExchanged(_)) => VerificationState::KeysExchanged,
-            Phase::Qr(QrState::Scanned(_)) => VerificationState::QrScanned,
-            Phase::Sas(SasState::Confirmed(_) | SasState::WaitingForDone(_))
-            | Phase::Qr(QrState::Confirmed(_) | QrState::Reciprocated(_)) => {
+            RequestState::Ready(_)
+            | RequestState::Sas(SasState::Created(_))
+            | RequestState::Qr(QrState::Shown(_)) => VerificationState::Ready,
+            RequestState::Sas(
+                SasState::Started(_) | SasState::Accepted(_) | SasState::KeySent(_),
+            ) => VerificationState::Started,
+            RequestState::Sas(SasState::KeysExchanged(_)) => VerificationState::KeysExchanged,
+            RequestState::Qr(QrState::Scanned(_)) => VerificationState::QrScanned,
+            RequestState::Sas(SasState::Confirmed(_) | SasState::WaitingForDone(_))
+            | RequestState::Qr(QrState::Confirmed(_) | QrState::Reciprocated(_)) => {
                 VerificationState::Confirmed
             }
-            Phase::Sas(SasState::Done(_)) | Phase::Qr(QrState::Done(_)) => VerificationState::Done,
+            RequestState::Sas(SasState::Done(_)) | RequestState::Qr(QrState::Done(_)) => {
+                VerificationState::Done
+            }
         }
     }
 
     fn is_finished(&self) -> bool {
-        match &self.phase {
-            Phase::Cancelled(_) => true,
-            Phase::Sas(s) => s.is_finished(),
-            Phase::Qr(s) => s.is_finished(),
-            Phase::Requested | Phase::RequestReceived => false,
-        }
-    }
-
-    /// Cancels a flow that has not reached SAS; returns the cancel to send.
-    fn cancel_handshake(&mut self, code: CancelCode) -> OutgoingContent {
-        let out = cancel_content(&self.flow, &code);
-        self.phase = Phase::Cancelled(Cancelled { code, by_us: true });
-        out
+        self.core.is_finished()
     }
 
     fn info(&self) -> VerificationFlow {
+        let flow = self.core.flow_id();
         VerificationFlow {
-            flow_id: self.flow.as_str().to_owned(),
-            other_user: self.other_user.clone(),
-            other_device: self.other_device.clone(),
-            room_id: match &self.flow {
+            flow_id: flow.as_str().to_owned(),
+            other_user: self.core.other_user().clone(),
+            other_device: self.core.other_device().cloned(),
+            room_id: match flow {
                 FlowId::InRoom { room_id, .. } => Some(room_id.clone()),
                 FlowId::ToDevice(_) => None,
             },
@@ -332,42 +256,14 @@ fn str_field<'a>(content: &'a Value, field: &str) -> Option<&'a str> {
     content.get(field).and_then(Value::as_str)
 }
 
-fn methods_of(content: &Value) -> Vec<String> {
-    content
-        .get("methods")
-        .and_then(Value::as_array)
-        .map(|m| m.iter().filter_map(Value::as_str).map(str::to_owned).collect())
-        .unwrap_or_default()
-}
-
 fn parse_key(b64: &str) -> Option<Ed25519PublicKey> {
     Ed25519PublicKey::from_base64(b64.trim_end_matches('=')).ok()
 }
 
-fn fresh(ts: u64, now: u64) -> bool {
-    ts.saturating_add(REQUEST_MAX_AGE_MS) > now && ts <= now.saturating_add(REQUEST_MAX_FUTURE_MS)
-}
-
-/// What a flow fixes once the other device is known.
-struct Fixed {
-    ids: SasIds,
-    believed_own_master: Option<Ed25519PublicKey>,
-    can_sign_users: bool,
-}
-
-impl Flow {
-    fn fix(&mut self, fixed: Fixed) {
-        self.ids = Some(fixed.ids);
-        self.believed_own_master = fixed.believed_own_master;
-        self.can_sign_users = fixed.can_sign_users;
-    }
-
-    fn fixed(&self) -> Option<Fixed> {
-        self.ids.clone().map(|ids| Fixed {
-            ids,
-            believed_own_master: self.believed_own_master,
-            can_sign_users: self.can_sign_users,
-        })
+fn refusal_error(reason: Refusal) -> Error {
+    match reason {
+        Refusal::State(why) => Error::VerificationState(why),
+        Refusal::Scan(e) => Error::QrScan(e),
     }
 }
 
@@ -376,21 +272,22 @@ impl Machine {
     /// before one answered, to every device the request went to), or into
     /// the flow's room.
     fn queue_verification(&self, st: &mut State, flow: &mut Flow, outgoing: Vec<OutgoingContent>) {
-        flow.sent += outgoing.len() as u64;
+        flow.transport.sent += outgoing.len() as u64;
+        let core = &flow.core;
         for out in outgoing {
             let id = st.next_id();
-            let request = match &flow.flow {
+            let request = match core.flow_id() {
                 FlowId::ToDevice(_) => {
-                    let targets = match &flow.other_device {
+                    let targets = match core.other_device() {
                         Some(d) => vec![d.clone()],
-                        None => flow.requested_devices.clone(),
+                        None => core.requested_devices().to_vec(),
                     };
                     to_device_request(
                         id,
                         out.event_type,
-                        targets
-                            .into_iter()
-                            .map(|d| (flow.other_user.clone(), d.to_string(), out.content.clone())),
+                        targets.into_iter().map(|d| {
+                            (core.other_user().clone(), d.to_string(), out.content.clone())
+                        }),
                     )
                 }
                 FlowId::InRoom { room_id, .. } => OutgoingRequest {
@@ -407,23 +304,81 @@ impl Machine {
         }
     }
 
-    fn new_flow(flow: FlowId, other_user: &UserId, now: u64, phase: Phase) -> Flow {
-        Flow {
-            flow,
-            other_user: other_user.clone(),
-            other_device: None,
-            requested_devices: Vec::new(),
-            their_methods: Vec::new(),
-            ids: None,
-            believed_own_master: None,
-            qr_shown: None,
-            can_sign_users: false,
-            room_encrypted: None,
-            seen_events: BTreeSet::new(),
-            deadline: now.saturating_add(VERIFICATION_TIMEOUT_MS),
-            phase,
-            sent: 0,
+    /// Puts a step into effect: the flow takes the step's core; the
+    /// withdrawal goes to the devices that did not answer, then the step's
+    /// messages to the flow's transport; what a flow that just finished
+    /// verified is recorded (into `changes`).
+    async fn apply(
+        &self,
+        st: &mut State,
+        changes: &mut Changes,
+        transport: Transport,
+        step: RequestStep,
+    ) -> (Flow, Result<(), Error>) {
+        let RequestStep { flow: core, outgoing, withdrawn, needs_keys: _, verified } = step;
+        let mut flow = Flow { core, transport };
+        if let Some(Withdrawal { devices, cancel }) = withdrawn {
+            let id = st.next_id();
+            let user = flow.core.other_user();
+            st.queued.push(to_device_request(
+                id,
+                event_types::CANCEL,
+                devices.iter().map(|d| (user.clone(), d.to_string(), cancel.content.clone())),
+            ));
         }
+        self.queue_verification(st, &mut flow, outgoing);
+        let result = match verified {
+            Some(verified) => self.record_verified(st, changes, &verified).await,
+            None => Ok(()),
+        };
+        (flow, result)
+    }
+
+    /// One core call on flow `key` (taken out of the map and always put
+    /// back): `call` gets the flow and [`Input`]; if the step asks for the
+    /// keys of the other device they are loaded and `call` runs once more
+    /// with them (a device not in the store: see [`IfUnknownDevice`]);
+    /// then the step is put into effect ([`Self::apply`]).
+    async fn step_flow(
+        &self,
+        st: &mut State,
+        changes: &mut Changes,
+        key: &(UserId, String),
+        now: u64,
+        if_unknown: IfUnknownDevice,
+        mut call: impl FnMut(RequestFlow, Input) -> Action,
+    ) -> Result<(), Error> {
+        let Some(Flow { core, transport }) = st.flows.remove(key) else {
+            return Err(Error::UnknownFlow(key.1.clone()));
+        };
+        let ours = st.flows.methods;
+        let input = |keys| Input { ours, keys, now };
+        let outcome = match call(core, input(None)) {
+            Err(refused) => Err((refused.flow, refusal_error(refused.reason))),
+            Ok(step) => match step.needs_keys.clone() {
+                None => Ok(step),
+                Some(device) => {
+                    let user = step.flow.other_user().clone();
+                    match self.fixed_keys(st, &user, &device).await {
+                        Ok(keys) => call(step.flow, input(Some(keys)))
+                            .map_err(|r| (r.flow, refusal_error(r.reason))),
+                        Err(Error::UnknownDevice) if if_unknown == IfUnknownDevice::Query => {
+                            // Fetch its keys and keep waiting (another
+                            // device may answer, or this one again).
+                            self.mark_outdated(st, changes, user);
+                            Ok(step)
+                        }
+                        Err(e) => Err((step.flow, e)),
+                    }
+                }
+            },
+        };
+        let (flow, result) = match outcome {
+            Ok(step) => self.apply(st, changes, transport, step).await,
+            Err((core, e)) => (Flow { core, transport }, Err(e)),
+        };
+        st.flows.insert(key.clone(), flow);
+        result
     }
 
     fn flow_key(st: &State, flow_id: &str) -> Result<(UserId, String), Error> {
@@ -434,21 +389,20 @@ impl Machine {
             .ok_or_else(|| Error::UnknownFlow(flow_id.to_owned()))
     }
 
-    /// Runs `f` on flow `flow_id`, taken out of the map and put back after.
-    async fn with_flow<T>(
+    /// A user action on flow `flow_id`: one core call ([`Self::step_flow`],
+    /// at the current time), then commit or roll back.
+    async fn with_flow(
         &self,
         flow_id: &str,
-        f: impl AsyncFnOnce(&Self, &mut State, &mut Flow, &mut Changes) -> Result<T, Error>,
-    ) -> Result<T, Error> {
+        call: impl FnMut(RequestFlow, Input) -> Action,
+    ) -> Result<(), Error> {
         let mut st = self.inner.state.lock().await;
         let key = Self::flow_key(&st, flow_id)?;
         let checkpoint = Self::flow_checkpoint(&st);
-        let Some(mut flow) = st.flows.remove(&key) else {
-            return Err(Error::UnknownFlow(flow_id.to_owned()));
-        };
         let mut changes = Changes::default();
-        let result = f(self, &mut *st, &mut flow, &mut changes).await;
-        st.flows.insert(key, flow);
+        let now = self.now();
+        let result =
+            self.step_flow(&mut st, &mut changes, &key, now, IfUnknownDevice::Fail, call).await;
         self.settle_flows(&mut st, &checkpoint, result, changes, false).await
     }
 
@@ -497,23 +451,20 @@ impl Machine {
         st.queued.truncate(checkpoint.queued);
         let keys: Vec<(UserId, String)> = st.flows.keys().cloned().collect();
         for key in keys {
-            let Some(mut flow) = st.flows.remove(&key) else { continue };
+            let Some(flow) = st.flows.remove(&key) else { continue };
             let moved = match checkpoint.marks.get(&key) {
                 Some(mark) => *mark != flow.mark(),
-                None => flow.sent > 0,
+                None => flow.transport.sent > 0,
             };
-            if moved {
-                let out = match flow.state() {
-                    VerificationState::Cancelled { by_us: false, .. } => None,
-                    VerificationState::Cancelled { code, by_us: true } => {
-                        Some(cancel_content(&flow.flow, &code))
-                    }
-                    _ => Some(flow.cancel_handshake(CancelCode::Other(STORE_FAILURE.to_owned()))),
-                };
-                if let Some(out) = out {
-                    self.queue_verification(st, &mut flow, vec![out]);
-                }
-            }
+            let flow = if moved {
+                let Flow { core, transport } = flow;
+                let step = core.abort(CancelCode::Other(STORE_FAILURE.to_owned()));
+                let mut flow = Flow { core: step.flow, transport };
+                self.queue_verification(st, &mut flow, step.outgoing);
+                flow
+            } else {
+                flow
+            };
             st.flows.insert(key, flow);
         }
     }
