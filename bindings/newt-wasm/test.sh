@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Tests the npm package as a user gets it: builds and packs it (build.sh),
+# installs the tarball into an empty project outside the clone, then runs
+# the Node tests there and type-checks the TypeScript example with
+# `tsc --noEmit --strict`.
+set -euo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+tools="${NEWT_TOOLS_DIR:-$HOME/.cache/newt-tools}"
+"$here/build.sh"
+tarball=$(ls "$here"/dist/newt-wasm-*.tgz)
+
+project=$(mktemp -d "${TMPDIR:-/tmp}/newt-wasm-test.XXXXXX")
+trap 'rm -rf "$project"' EXIT
+cd "$project"
+npm init -y >/dev/null
+npm install --silent --no-audit --no-fund "$tarball"
+cp "$here"/tests/*.mjs "$here"/tests/*.ts "$project/"
+node --test "$project"/*.test.mjs
+"$tools/node_modules/.bin/tsc" --noEmit --strict --target es2022 --module nodenext \
+    --moduleResolution nodenext "$project/example.ts"
+echo "newt-wasm: node tests and tsc --strict passed on $(basename "$tarball")"
