@@ -133,6 +133,7 @@
 mod clock;
 mod error;
 mod machine;
+mod progress;
 mod requests;
 mod types;
 
@@ -160,5 +161,6 @@ pub use newt_proto::trust::SenderTrust;
 pub use newt_proto::verification::qr::QrMatrix;
 pub use newt_proto::verification::qr_flow::ScanError;
 pub use newt_proto::verification::CancelCode;
+pub use progress::Progress;
 pub use requests::{OutgoingRequest, RequestKind};
 pub use types::{Device, Emoji, IdentityKeys};
