@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use newt::{RoomId, RoomSettings, UserId};
+use newt::{ImportOptions, RoomId, RoomSettings, UserId};
 use newt_cli::{SimDevice, SimError};
 use newt_router::Router;
 use newt_sqlite::{SqliteStore, StoreKey};
@@ -181,7 +181,7 @@ async fn demo(stores: &Stores) -> Result<(), SimError> {
     println!("  BOB2 reads the new message: {:?}", plain.content["body"]);
 
     step("Bob exports his room keys; BOB2 imports them and reads the history");
-    let file = bob.machine.export_room_keys("correct horse battery staple", 10_000).await?;
+    let file = bob.machine.export_room_keys("correct horse battery staple", 10_000, None).await?;
     println!(
         "  export file: {} bytes, starts {:?}",
         file.len(),
@@ -189,11 +189,16 @@ async fn demo(stores: &Stores) -> Result<(), SimError> {
     );
     let summary = bob2
         .machine
-        .import_room_keys(&file, "correct horse battery staple", |done, total| {
-            if done == total {
-                println!("  import progress: {done}/{total}");
-            }
-        })
+        .import_room_keys(
+            &file,
+            "correct horse battery staple",
+            &ImportOptions::default(),
+            Some(&|done: u64, total: u64| {
+                if done == total {
+                    println!("  import progress: {done}/{total}");
+                }
+            }),
+        )
         .await?;
     println!(
         "  imported {} of {} keys ({} skipped)",

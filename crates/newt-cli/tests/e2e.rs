@@ -328,7 +328,7 @@ fn forwarded_content(b_export: &newt_proto::export::ExportedRoomKey) -> Value {
 }
 
 async fn bob_key(b: &SimDevice) -> newt_proto::export::ExportedRoomKey {
-    let file = b.machine.export_room_keys("pw", 1).await.unwrap();
+    let file = b.machine.export_room_keys("pw", 1, None).await.unwrap();
     newt_proto::export::decrypt_export(&file, "pw").unwrap().remove(0)
 }
 
@@ -782,25 +782,28 @@ async fn nothing_is_acknowledged_before_it_is_persisted() {
 async fn export_import_round_trip_and_bad_passphrase() {
     let (router, a, b) = alice_shared_with_bob().await;
     let e = a.send_text(&room(), "history").await.unwrap();
-    let mut counts = Vec::new();
+    let counts = std::sync::Mutex::new(Vec::new());
+    let progress = |n: u64, _: u64| counts.lock().unwrap().push(n);
     let bytes =
-        b.machine.export_room_keys_to(Vec::new(), "pass", 1000, |n| counts.push(n)).await.unwrap();
-    assert_eq!(counts, vec![1]);
+        b.machine.export_room_keys_to(Vec::new(), "pass", 1000, Some(&progress)).await.unwrap();
+    assert_eq!(counts.into_inner().unwrap(), vec![1]);
     let file = String::from_utf8(bytes).unwrap();
     assert!(file.starts_with("-----BEGIN MEGOLM SESSION DATA-----\n"));
     assert!(file.ends_with("-----END MEGOLM SESSION DATA-----\n"));
     let fresh = dev(&router, "@bob:hs", "B9").await;
     assert!(matches!(
-        fresh.machine.import_room_keys(&file, "wrong", |_, _| {}).await,
+        fresh.machine.import_room_keys(&file, "wrong", &ImportOptions::default(), None).await,
         Err(Error::Export(_))
     ));
-    let mut calls = Vec::new();
-    let s = fresh.machine.import_room_keys(&file, "pass", |d, t| calls.push((d, t))).await.unwrap();
+    let calls = std::sync::Mutex::new(Vec::new());
+    let progress = |d: u64, t: u64| calls.lock().unwrap().push((d, t));
+    let options = ImportOptions::default();
+    let s = fresh.machine.import_room_keys(&file, "pass", &options, Some(&progress)).await.unwrap();
     assert_eq!((s.total, s.imported, s.skipped), (1, 1, 0));
-    assert_eq!(calls, vec![(1, 1)]);
+    assert_eq!(calls.into_inner().unwrap(), vec![(1, 1)]);
     assert_eq!(fresh.decrypt(&room(), &e).await.unwrap().content["body"], "history");
     // Importing again changes nothing.
-    let s = fresh.machine.import_room_keys(&file, "pass", |_, _| {}).await.unwrap();
+    let s = fresh.machine.import_room_keys(&file, "pass", &options, None).await.unwrap();
     assert_eq!((s.imported, s.skipped), (0, 1));
 }
 
@@ -819,11 +822,11 @@ fn with_rounds(file: &str, rounds: u32) -> String {
 async fn attack_export_file_asking_for_too_many_rounds_is_refused_by_import() {
     let (router, a, b) = alice_shared_with_bob().await;
     let e = a.send_text(&room(), "history").await.unwrap();
-    let file = b.machine.export_room_keys("pass", 2000).await.unwrap();
+    let file = b.machine.export_room_keys("pass", 2000, None).await.unwrap();
     let fresh = dev(&router, "@bob:hs", "B9").await;
     // A limit below the file's count: refused, nothing imported.
     let low = ImportOptions { max_rounds: 1000 };
-    let refused = fresh.machine.import_room_keys_with(&file, "pass", &low, |_, _| {}).await;
+    let refused = fresh.machine.import_room_keys(&file, "pass", &low, None).await;
     assert!(
         matches!(
             refused,
@@ -834,7 +837,7 @@ async fn attack_export_file_asking_for_too_many_rounds_is_refused_by_import() {
     assert!(fresh.decrypt(&room(), &e).await.is_err());
     // Raised to the file's count: imported.
     let raised = ImportOptions { max_rounds: 2000 };
-    let s = fresh.machine.import_room_keys_with(&file, "pass", &raised, |_, _| {}).await.unwrap();
+    let s = fresh.machine.import_room_keys(&file, "pass", &raised, None).await.unwrap();
     assert_eq!((s.total, s.imported), (1, 1));
     assert_eq!(fresh.decrypt(&room(), &e).await.unwrap().content["body"], "history");
     // A hostile file asking for u32::MAX rounds (over an hour of CPU) is
@@ -842,7 +845,8 @@ async fn attack_export_file_asking_for_too_many_rounds_is_refused_by_import() {
     // once (without the check it would run for hours; the low limit above
     // fails first).
     let hostile = with_rounds(&file, u32::MAX);
-    let refused = fresh.machine.import_room_keys(&hostile, "pass", |_, _| {}).await;
+    let refused =
+        fresh.machine.import_room_keys(&hostile, "pass", &ImportOptions::default(), None).await;
     assert!(
         matches!(
             refused,

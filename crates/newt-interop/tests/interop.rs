@@ -351,7 +351,7 @@ async fn key_export_newt_to_reference() {
     let event = w.newt.send_text(&room(), "exported by newt").await.unwrap();
     assert!(w.reference.decrypt(&ref_room(), &event).await.is_err(), "no key yet");
 
-    let file = w.newt.machine.export_room_keys("interop passphrase", 10_000).await.unwrap();
+    let file = w.newt.machine.export_room_keys("interop passphrase", 10_000, None).await.unwrap();
     let keys = decrypt_room_key_export(file.as_bytes(), "interop passphrase").unwrap();
     assert_eq!(keys.len(), 1);
     assert_eq!(keys[0].session_id, event["content"]["session_id"].as_str().unwrap());
@@ -384,8 +384,11 @@ async fn key_export_reference_to_newt() {
         .unwrap();
     fresh.flush().await.unwrap();
     assert!(fresh.decrypt(&room(), &events[0]).await.is_err(), "no key yet");
-    let summary =
-        fresh.machine.import_room_keys(&file, "interop passphrase", |_, _| {}).await.unwrap();
+    let summary = fresh
+        .machine
+        .import_room_keys(&file, "interop passphrase", &newt::ImportOptions::default(), None)
+        .await
+        .unwrap();
     assert_eq!((summary.total, summary.imported, summary.skipped), (1, 1, 0));
     for (i, e) in events.iter().enumerate() {
         let decrypted = fresh.decrypt(&room(), e).await.unwrap();

@@ -133,6 +133,7 @@
 mod clock;
 mod error;
 mod machine;
+mod progress;
 mod requests;
 mod types;
 
@@ -161,5 +162,6 @@ pub use newt_proto::verification::qr::QrMatrix;
 pub use newt_proto::verification::qr_flow::ScanError;
 pub use newt_proto::verification::CancelCode;
 pub use newt_store::{MemoryStore, Store, StoreError};
+pub use progress::Progress;
 pub use requests::{OutgoingRequest, RequestKind};
 pub use types::{Device, Emoji, IdentityKeys};

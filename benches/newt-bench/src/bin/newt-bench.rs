@@ -122,7 +122,10 @@ async fn keys_claim(machine: &Machine, users: &[UserId], file: &str) -> Instant 
 }
 
 async fn import(machine: &Machine, file: &str) -> usize {
-    let summary = machine.import_room_keys(file, PASSPHRASE, |_, _| {}).await.expect("import");
+    let summary = machine
+        .import_room_keys(file, PASSPHRASE, &newt::ImportOptions::default(), None)
+        .await
+        .expect("import");
     assert_eq!(summary.imported, summary.total, "every key imported");
     summary.imported
 }
@@ -320,7 +323,8 @@ async fn run(
             for _ in 0..samples {
                 reset_peak_rss();
                 let start = Instant::now();
-                let export = machine.export_room_keys(PASSPHRASE, EXPORT_ROUNDS).await.unwrap();
+                let export =
+                    machine.export_room_keys(PASSPHRASE, EXPORT_ROUNDS, None).await.unwrap();
                 out.push(elapsed_ns(start));
                 peak = peak.max(peak_rss_kib());
                 assert!(export.len() > n * 100);

@@ -206,9 +206,9 @@ pub struct ImportSummary {
     pub skipped: usize,
 }
 
-/// How to read a key export file ([`Machine::import_room_keys_with`]).
+/// How to read a key export file ([`Machine::import_room_keys`]).
 ///
-/// [`Machine::import_room_keys_with`]: crate::Machine::import_room_keys_with
+/// [`Machine::import_room_keys`]: crate::Machine::import_room_keys
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ImportOptions {
     /// The most PBKDF2 rounds the file may ask for; a file asking for more

@@ -10,28 +10,37 @@ use newt_proto::ids::RoomId;
 use newt_proto::megolm::{export_record, session_from_export, should_replace};
 use newt_proto::records::{InboundGroupSessionRecord, SessionSource};
 
-use crate::Error;
+use crate::progress::report;
+use crate::{Error, Progress};
 
 use super::{clone_record, ImportOptions, ImportSummary, Machine, IMPORT_BATCH};
 
 impl Machine {
     /// Exports every inbound session to a key export file protected by
     /// `passphrase` (PBKDF2 with `rounds` iterations; use ≥ 100,000).
-    pub async fn export_room_keys(&self, passphrase: &str, rounds: u32) -> Result<String, Error> {
-        let bytes = self.export_room_keys_to(Vec::new(), passphrase, rounds, |_| {}).await?;
+    /// `progress` gets the running count of keys written after each page of
+    /// sessions (with 0 as the total, which is not known in advance). See
+    /// [`Progress`] for an example.
+    pub async fn export_room_keys(
+        &self,
+        passphrase: &str,
+        rounds: u32,
+        progress: Option<&dyn Progress>,
+    ) -> Result<String, Error> {
+        let bytes = self.export_room_keys_to(Vec::new(), passphrase, rounds, progress).await?;
         String::from_utf8(bytes).map_err(|_| Error::Internal("export is not UTF-8"))
     }
 
-    /// Streams every inbound session into `out` as a key export file.
+    /// [`export_room_keys`](Self::export_room_keys) into `out` (Rust only:
+    /// a `Write` sink, e.g. a file, so the export is never held whole).
     /// Sessions are read from the store a page at a time and written one at
-    /// a time, so memory stays flat however many there are; `progress` gets
-    /// the running count.
+    /// a time, so memory stays flat however many there are.
     pub async fn export_room_keys_to<W: std::io::Write>(
         &self,
         out: W,
         passphrase: &str,
         rounds: u32,
-        mut progress: impl FnMut(usize),
+        progress: Option<&dyn Progress>,
     ) -> Result<W, Error> {
         let mut writer = ExportWriter::new(out, passphrase, rounds)?;
         let mut cursor = None;
@@ -42,37 +51,27 @@ impl Machine {
             for r in page {
                 writer.push(&export_record(r))?;
             }
-            progress(writer.keys_written());
+            report(progress, writer.keys_written(), 0);
         }
         Ok(writer.finish()?)
     }
 
     /// Imports a key export file. Keys are checked and committed in batches
-    /// of 2,000; `progress(done, total)` is called after each batch is
+    /// of 2,000; `progress` gets `(done, total)` after each batch is
     /// committed (so `done` keys are durable). Existing sessions are only
     /// replaced by ones that start at a lower index. A file asking for more
-    /// than [`DEFAULT_MAX_ROUNDS`](crate::DEFAULT_MAX_ROUNDS) PBKDF2 rounds is refused
-    /// ([`import_room_keys_with`](Self::import_room_keys_with) takes another
-    /// limit).
+    /// than `options.max_rounds` PBKDF2 rounds
+    /// ([`DEFAULT_MAX_ROUNDS`](crate::DEFAULT_MAX_ROUNDS) by default) is
+    /// refused before any key derivation. The derivation (PBKDF2: seconds of
+    /// CPU) runs on a thread of its own on native targets, not on the
+    /// caller's executor; on wasm32 it runs inline. See [`Progress`] for an
+    /// example.
     pub async fn import_room_keys(
         &self,
         file: &str,
         passphrase: &str,
-        progress: impl FnMut(usize, usize),
-    ) -> Result<ImportSummary, Error> {
-        self.import_room_keys_with(file, passphrase, &ImportOptions::default(), progress).await
-    }
-
-    /// [`import_room_keys`](Self::import_room_keys) with `options`. The
-    /// passphrase's key derivation (PBKDF2, up to `options.max_rounds`
-    /// iterations: seconds of CPU) runs on a thread of its own on native
-    /// targets, not on the caller's executor; on wasm32 it runs inline.
-    pub async fn import_room_keys_with(
-        &self,
-        file: &str,
-        passphrase: &str,
         options: &ImportOptions,
-        mut progress: impl FnMut(usize, usize),
+        progress: Option<&dyn Progress>,
     ) -> Result<ImportSummary, Error> {
         // The round count is checked here, before any derivation.
         let kdf = ExportKdf::read(file, options.max_rounds)?;
@@ -132,7 +131,7 @@ impl Machine {
                 }
             }
             self.commit(&mut st, std::mem::take(&mut changes), false).await?;
-            progress(done, total);
+            report(progress, done, total);
         }
         self.commit(&mut st, changes, false).await?;
         Ok(summary)
