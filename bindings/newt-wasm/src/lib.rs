@@ -694,14 +694,11 @@ impl Machine {
     ) -> Promise {
         let m = self.inner.clone();
         run(async move {
-            let progress = progress.dyn_into::<Function>().ok();
-            let bytes = m
-                .export_room_keys_to(Vec::new(), &passphrase, rounds, |done| {
-                    report(progress.as_ref(), done, 0);
-                })
+            let progress = JsProgress::of(progress);
+            let text = m
+                .export_room_keys(&passphrase, rounds, progress.as_ref().map(|p| p as _))
                 .await
                 .map_err(error)?;
-            let text = String::from_utf8(bytes).map_err(|_| invalid("export is not UTF-8"))?;
             Ok(text.into())
         })
     }
@@ -718,15 +715,13 @@ impl Machine {
     ) -> Promise {
         let m = self.inner.clone();
         run(async move {
-            let progress = progress.dyn_into::<Function>().ok();
+            let progress = JsProgress::of(progress);
             let mut options = ImportOptions::default();
             if let Some(max) = max_rounds {
                 options.max_rounds = max;
             }
             let summary = m
-                .import_room_keys_with(&file, &passphrase, &options, |done, total| {
-                    report(progress.as_ref(), done, total);
-                })
+                .import_room_keys(&file, &passphrase, &options, progress.as_ref().map(|p| p as _))
                 .await
                 .map_err(error)?;
             to_js(&json!({
@@ -773,10 +768,19 @@ where
     future_to_promise(future)
 }
 
-fn report(progress: Option<&Function>, done: usize, total: usize) {
-    if let Some(f) = progress {
+/// A JS progress callback `(done, total) => void` as newt's [`newt::Progress`].
+struct JsProgress(Function);
+
+impl JsProgress {
+    fn of(value: JsValue) -> Option<Self> {
+        value.dyn_into::<Function>().ok().map(Self)
+    }
+}
+
+impl newt::Progress for JsProgress {
+    fn progress(&self, done: u64, total: u64) {
         // A throwing callback does not stop the operation.
-        let _ = f.call2(&JsValue::NULL, &(done as f64).into(), &(total as f64).into());
+        let _ = self.0.call2(&JsValue::NULL, &(done as f64).into(), &(total as f64).into());
     }
 }
 
