@@ -227,7 +227,7 @@ pub fn share(own: &OwnAccount, input: ShareInput<'_>, now: u64) -> Result<Share,
     let all: Vec<DeviceRecord> = devices_by_user.into_values().flatten().collect();
     // Every recipient's Olm sessions, unpickled on every core.
     let mut sessions: BTreeMap<String, Vec<OlmSession>> =
-        all.iter().map(|d| (d.curve25519.clone(), Vec::new())).collect();
+        recipient_keys(&all).into_iter().map(|k| (k.to_owned(), Vec::new())).collect();
     for live in parallel::map_owned(olm_sessions, 64, OlmSession::from_record) {
         if let Some(list) = sessions.get_mut(&live.sender_key) {
             list.push(live);
