@@ -19,9 +19,10 @@
 //! Modules follow the protocol: [`account`] (our device and its keys),
 //! [`devices`] (other devices, `/keys/query` and `/keys/claim`), [`olm`]
 //! (to-device encryption), [`megolm`] (room encryption), [`sharing`] (who
-//! gets a room key), [`key_requests`] (asking for and forwarding keys),
-//! [`export`] (the key export file format), with [`json`] (canonical JSON
-//! and signatures), [`ids`], [`records`] and [`changes`] underneath.
+//! gets a room key; one share round, composed), [`key_requests`] (asking
+//! for and forwarding keys), [`export`] (the key export file format), with
+//! [`json`] (canonical JSON and signatures), [`ids`], [`records`] and
+//! [`changes`] underneath.
 
 #![cfg_attr(test, allow(clippy::type_complexity, clippy::cloned_ref_to_slice_refs))]
 

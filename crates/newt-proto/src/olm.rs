@@ -626,7 +626,7 @@ fn session_from_key(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use serde_json::json;
 
@@ -667,7 +667,7 @@ mod tests {
         Dev { acc, rec }
     }
 
-    fn claim(from: &Dev, to: &mut Dev) -> OlmSession {
+    pub(crate) fn claim(from: &Dev, to: &mut Dev) -> OlmSession {
         let body = to.acc.keys_upload_body().unwrap();
         to.acc.mark_keys_uploaded(Some(50), 0);
         let (id, key) = body["one_time_keys"].as_object().unwrap().iter().next().unwrap();

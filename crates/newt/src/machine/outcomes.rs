@@ -11,9 +11,11 @@ use newt_proto::export::DEFAULT_MAX_ROUNDS;
 use newt_proto::identities::{CrossSigningError, DeviceTrust};
 use newt_proto::ids::{DeviceId, RoomId, UserId};
 use newt_proto::key_requests::KeyShareError;
-use newt_proto::megolm::{MegolmError, RotationSettings};
+use newt_proto::megolm::MegolmError;
 use newt_proto::olm::{OlmError, KEY_CARRYING_TYPES};
-use newt_proto::sharing::SharingPolicy;
+
+// Defined in the core, which decides with them (`sharing::share`).
+pub use newt_proto::sharing::RoomSettings;
 
 /// What a sync delivered that the crypto layer needs.
 #[derive(Debug, Clone, Default)]
@@ -31,26 +33,6 @@ pub struct SyncChanges {
     pub unused_fallback_key_types: Option<Vec<String>>,
     /// `next_batch`: committed together with the to-device results.
     pub next_batch: Option<String>,
-}
-
-/// Room settings for sharing and encrypting.
-#[derive(Debug, Clone, Default)]
-pub struct RoomSettings {
-    /// Rotation periods from `m.room.encryption`.
-    pub rotation: RotationSettings,
-    /// Who gets the room key.
-    pub policy: SharingPolicy,
-    /// `shared_history` for new keys (history visibility `shared`/`world_readable`).
-    pub shared_history: bool,
-    /// Refuse to share (with [`Error::VerificationViolation`]) while a member
-    /// whose identity we verified has a changed, unacknowledged identity
-    /// ([`IdentityTrust::VerificationViolation`]). When unset, a violation
-    /// is only reported by [`Machine::user_identity_state`].
-    ///
-    /// [`Error::VerificationViolation`]: crate::Error::VerificationViolation
-    /// [`IdentityTrust::VerificationViolation`]: crate::IdentityTrust::VerificationViolation
-    /// [`Machine::user_identity_state`]: crate::Machine::user_identity_state
-    pub block_on_verification_violation: bool,
 }
 
 /// What happened to one to-device event.

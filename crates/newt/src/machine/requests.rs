@@ -10,6 +10,7 @@ use newt_proto::changes::Changes;
 use newt_proto::devices::keys_query_body;
 use newt_proto::ids::{DeviceId, UserId};
 use newt_proto::key_requests::request_content;
+use newt_proto::sharing::{KeyDelivery, WithheldDelivery};
 use newt_store::StoreError;
 
 use crate::requests::{OutgoingRequest, RequestKind};
@@ -24,8 +25,8 @@ pub(super) enum Pending {
     /// One to-device chunk of a room key share; `batch` names the share.
     RoomKeyShare {
         batch: String,
-        devices: Vec<(UserId, DeviceId, String, u32)>,
-        withheld: Vec<(UserId, DeviceId, String)>,
+        devices: Vec<KeyDelivery>,
+        withheld: Vec<WithheldDelivery>,
     },
     KeyRequest(String),
     Other,

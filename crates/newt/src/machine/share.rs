@@ -2,17 +2,15 @@
 //! recording who got it, encrypting events, discarding the session.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Arc;
 
 use serde_json::Value;
 
 use newt_proto::changes::Changes;
-use newt_proto::identities::{DeviceTrust, IdentityTrust};
 use newt_proto::ids::{DeviceId, RoomId, UserId};
 use newt_proto::megolm::OutboundSession;
-use newt_proto::olm::{self, OlmSession};
-use newt_proto::records::{DeviceRecord, ShareInfo};
-use newt_proto::sharing::{audience_shrank, plan_share, withheld_content};
+use newt_proto::sharing::{
+    self, recipient_keys, KeyDelivery, MemberTrust, ShareError, ShareInput, WithheldDelivery,
+};
 use newt_store::StoreError;
 
 use crate::requests::OutgoingRequest;
@@ -29,8 +27,8 @@ pub(super) struct ShareBatch {
     room_id: RoomId,
     session_id: String,
     remaining: usize,
-    devices: Vec<(UserId, DeviceId, String, u32)>,
-    withheld: Vec<(UserId, DeviceId, String)>,
+    devices: Vec<KeyDelivery>,
+    withheld: Vec<WithheldDelivery>,
 }
 
 impl Machine {
@@ -69,189 +67,68 @@ impl Machine {
         settings: &RoomSettings,
     ) -> Result<Vec<OutgoingRequest>, Error> {
         let now = self.now();
-        let mut devices_by_user: BTreeMap<UserId, Vec<DeviceRecord>> =
-            members.iter().map(|u| (u.clone(), Vec::new())).collect();
         let member_list: Vec<UserId> = members.iter().cloned().collect();
-        for d in self.store().devices_of(&member_list).await? {
-            if let Some(devices) = devices_by_user.get_mut(&d.user_id) {
-                devices.push(d);
+        let devices = self.store().devices_of(&member_list).await?;
+        // Identities and our private keys only when the settings look at
+        // trust.
+        let trust_material = if settings.needs_trust() {
+            let material = self.trust_material().await?;
+            let mut identities = BTreeMap::new();
+            for u in members.iter().filter(|u| **u != self.inner.user_id) {
+                if let Some(i) = self.user_identity(u).await? {
+                    identities.insert(u.clone(), i);
+                }
             }
-        }
-        let device_trust =
-            if settings.policy.needs_device_trust() || settings.block_on_verification_violation {
-                let material = self.trust_material().await?;
-                let mut identities = BTreeMap::new();
-                for u in members.iter().filter(|u| **u != self.inner.user_id) {
-                    if let Some(i) = self.user_identity(u).await? {
-                        identities.insert(u.clone(), i);
-                    }
-                }
-                let root = material.root(&st.account);
-                if settings.block_on_verification_violation {
-                    let violating: Vec<UserId> = identities
-                        .values()
-                        .filter(|i| root.identity_trust(i) == IdentityTrust::VerificationViolation)
-                        .map(|i| i.user_id().clone())
-                        .collect();
-                    if !violating.is_empty() {
-                        return Err(Error::VerificationViolation(violating));
-                    }
-                }
-                let mut trust = BTreeMap::new();
-                for d in devices_by_user.values().flatten() {
-                    let t = root.device_trust(identities.get(&d.user_id), d);
-                    trust.insert((d.user_id.clone(), d.device_id.clone()), t);
-                }
-                trust
-            } else {
-                BTreeMap::new()
-            };
-        let trust_of = |d: &DeviceRecord| {
-            device_trust
-                .get(&(d.user_id.clone(), d.device_id.clone()))
-                .copied()
-                .unwrap_or(DeviceTrust::Unknown)
+            Some((material, identities))
+        } else {
+            None
         };
-        let mut changes = Changes::default();
         // The store's record, not the cache: it has other processes' writes.
-        // An update is one generation past the stored record; a new session
-        // starts at generation 0 (the store's rule for outbound sessions).
-        let mut outbound = match self.store().outbound_group_session(room_id).await? {
-            Some(r) => {
-                let mut s = OutboundSession::from_record(r);
-                if s.expired(&settings.rotation, now)
-                    || audience_shrank(&s, members, &devices_by_user, trust_of, settings.policy)
-                {
-                    None
-                } else {
-                    s.meta.generation += 1;
-                    Some(s)
-                }
-            }
-            None => None,
-        };
-        if outbound.is_none() {
-            let s = OutboundSession::new(room_id.clone(), settings.rotation.clone(), now);
-            changes.inbound_group_sessions.push(s.own_inbound(&st.account));
-            outbound = Some(s);
-        }
-        let Some(outbound) = outbound else {
-            return Err(Error::NoOutboundSession(room_id.clone()));
-        };
+        let stored = self.store().outbound_group_session(room_id).await?;
+        let olm_sessions = self.store().olm_sessions_of(&recipient_keys(&devices)).await?;
+        let roots = trust_material
+            .as_ref()
+            .map(|(material, identities)| (material.root(&st.account), identities));
+        let trust = roots.as_ref().map(|(root, identities)| MemberTrust { root, identities });
+        let input = ShareInput { room_id, members, devices, stored, olm_sessions, trust, settings };
+        let share = sharing::share(&st.account, input, now).map_err(share_error)?;
 
-        let all: Vec<DeviceRecord> = devices_by_user.into_values().flatten().collect();
-        // Every recipient's Olm sessions in one read, unpickled on every core.
-        let keys: BTreeSet<&str> = all.iter().map(|d| d.curve25519.as_str()).collect();
-        let keys: Vec<&str> = keys.into_iter().collect();
-        let mut sessions: BTreeMap<String, Vec<OlmSession>> =
-            keys.iter().map(|k| ((*k).to_owned(), Vec::new())).collect();
-        let records = self.store().olm_sessions_of(&keys).await?;
-        for live in newt_proto::parallel::map_owned(records, 64, OlmSession::from_record) {
-            if let Some(list) = sessions.get_mut(&live.sender_key) {
-                list.push(live);
-            }
-        }
-        let plan = plan_share(
-            &st.account,
-            &outbound,
-            &all,
-            |d| sessions.get(&d.curve25519).is_some_and(|s| !s.is_empty()),
-            trust_of,
-            settings.policy,
-        );
-        let room_key = outbound.room_key_content(settings.shared_history);
-        let index = outbound.session.message_index();
-        let mut messages = Vec::new();
-        let mut shared = Vec::new();
-        // Encrypt to each recipient key on every core (its sessions move into
-        // the job); a second device with the same key, if any, waits for a
-        // second, sequential round.
-        let mut jobs = Vec::with_capacity(plan.share.len());
-        let mut second_round = Vec::new();
-        changes.olm_sessions.reserve(plan.share.len());
-        for d in &plan.share {
-            match sessions.remove(&d.curve25519) {
-                Some(live) => jobs.push((d, live)),
-                None => second_round.push(d),
-            }
-        }
-        let plaintext = olm::OlmPlaintext::new(&st.account, "m.room_key", &room_key)
-            .map_err(|_| Error::Internal("olm encryption failed"))?;
-        let encrypt_to = |d: &DeviceRecord, live: &mut [OlmSession]| {
-            olm::preferred_session(live).map(|i| {
-                plaintext.encrypt(&mut live[i], d).map(|content| (content, live[i].to_record()))
-            })
-        };
-        let mut outcomes = Vec::with_capacity(plan.share.len());
-        let encrypted = newt_proto::parallel::map_owned(jobs, 16, |(d, mut live)| {
-            let result = encrypt_to(d, &mut live);
-            (d, live, result)
-        });
-        for (d, live, result) in encrypted {
-            sessions.insert(d.curve25519.clone(), live);
-            outcomes.push((d, result));
-        }
-        for d in second_round {
-            let result = sessions.get_mut(&d.curve25519).and_then(|live| encrypt_to(d, live));
-            outcomes.push((d, result));
-        }
-        // A recipient without an Olm session gets nothing here.
-        for (d, result) in outcomes {
-            let Some(result) = result else { continue };
-            let (content, record) = result.map_err(|_| Error::Internal("olm encryption failed"))?;
-            changes.olm_sessions.push(record);
-            messages.push((d.user_id.clone(), d.device_id.to_string(), content));
-            shared.push((d.user_id.clone(), d.device_id.clone(), d.curve25519.clone(), index));
-        }
-        let mut withheld_messages = Vec::new();
-        let mut withheld = Vec::new();
-        for (d, code) in &plan.withhold {
-            withheld_messages.push((
-                d.user_id.clone(),
-                d.device_id.to_string(),
-                withheld_content(&st.account, &outbound, *code),
-            ));
-            withheld.push((d.user_id.clone(), d.device_id.clone(), code.as_str().to_owned()));
-        }
-        let session_id = outbound.session_id();
-        changes.outbound_group_sessions.push(outbound.to_record());
+        let session_id = share.outbound.session_id();
         st.outbound.remove(room_id);
-        self.commit(st, changes, false).await?;
-        st.outbound.insert(room_id.clone(), outbound);
+        self.commit(st, share.changes, false).await?;
+        st.outbound.insert(room_id.clone(), share.outbound);
 
         let mut out = Vec::new();
         let batch = st.next_id();
-        let chunk_count = messages.chunks(TO_DEVICE_CHUNK).count()
-            + withheld_messages.chunks(TO_DEVICE_CHUNK).count();
+        let chunk_count = share.room_keys.len().div_ceil(TO_DEVICE_CHUNK)
+            + share.withheld.len().div_ceil(TO_DEVICE_CHUNK);
         if chunk_count > 0 {
             st.share_batches.insert(
                 batch.clone(),
                 ShareBatch {
                     room_id: room_id.clone(),
-                    session_id: session_id.clone(),
+                    session_id,
                     remaining: chunk_count,
                     devices: Vec::new(),
                     withheld: Vec::new(),
                 },
             );
         }
-        let mut shared_iter = shared.into_iter();
-        for chunk in newt_proto::parallel::owned_chunks(messages, TO_DEVICE_CHUNK) {
+        for chunk in newt_proto::parallel::owned_chunks(share.room_keys, TO_DEVICE_CHUNK) {
             let id = st.next_id();
-            let devices: Vec<_> = shared_iter.by_ref().take(chunk.len()).collect();
+            let (devices, messages) = split_chunk(chunk, |d| (&d.user_id, &d.device_id));
             let pending =
                 Pending::RoomKeyShare { batch: batch.clone(), devices, withheld: Vec::new() };
             st.in_flight.insert(id.clone(), pending);
-            out.push(to_device_request(id, "m.room.encrypted", chunk));
+            out.push(to_device_request(id, "m.room.encrypted", messages));
         }
-        let mut withheld_iter = withheld.into_iter();
-        for chunk in newt_proto::parallel::owned_chunks(withheld_messages, TO_DEVICE_CHUNK) {
+        for chunk in newt_proto::parallel::owned_chunks(share.withheld, TO_DEVICE_CHUNK) {
             let id = st.next_id();
-            let w: Vec<_> = withheld_iter.by_ref().take(chunk.len()).collect();
+            let (withheld, messages) = split_chunk(chunk, |w| (&w.user_id, &w.device_id));
             let pending =
-                Pending::RoomKeyShare { batch: batch.clone(), devices: Vec::new(), withheld: w };
+                Pending::RoomKeyShare { batch: batch.clone(), devices: Vec::new(), withheld };
             st.in_flight.insert(id.clone(), pending);
-            out.push(to_device_request(id, "m.room_key.withheld", chunk));
+            out.push(to_device_request(id, "m.room_key.withheld", messages));
         }
         Ok(out)
     }
@@ -263,8 +140,8 @@ impl Machine {
         &self,
         st: &mut State,
         batch: &str,
-        devices: Vec<(UserId, DeviceId, String, u32)>,
-        withheld: Vec<(UserId, DeviceId, String)>,
+        devices: Vec<KeyDelivery>,
+        withheld: Vec<WithheldDelivery>,
     ) -> Result<(), Error> {
         let Some(b) = st.share_batches.get_mut(batch) else { return Ok(()) };
         b.devices.extend(devices);
@@ -285,17 +162,8 @@ impl Machine {
                     _ => return Ok(()), // rotated or discarded meanwhile
                 },
             };
-            let shared_with = Arc::make_mut(&mut session.meta.shared_with);
-            for (u, d, sender_key, message_index) in &b.devices {
-                let info =
-                    ShareInfo { sender_key: sender_key.clone(), message_index: *message_index };
-                shared_with.entry(u.clone()).or_default().insert(d.clone(), info);
-            }
-            let withheld_to = Arc::make_mut(&mut session.meta.withheld_to);
-            for (u, d, code) in &b.withheld {
-                withheld_to.entry(u.clone()).or_default().insert(d.clone(), code.clone());
-            }
-            match self.commit_outbound(st, &b.room_id, session).await {
+            let changes = sharing::record_delivery(&mut session, &b.devices, &b.withheld);
+            match self.commit_outbound(st, &b.room_id, session, changes).await {
                 Err(Error::Store(StoreError::StaleGeneration { .. })) if attempt == 0 => {}
                 result => return result,
             }
@@ -303,20 +171,18 @@ impl Machine {
         Ok(())
     }
 
-    /// Stores `session` one generation on and, once stored, caches it as
-    /// the room's live session. If another process wrote the room's session
-    /// since this copy was loaded, the store refuses with
-    /// [`StoreError::StaleGeneration`], nothing is written or cached, and
-    /// the caller reloads from the store.
+    /// Commits `changes`, which write `session` (at its next generation),
+    /// and, once stored, caches it as the room's live session. If another
+    /// process wrote the room's session since this copy was loaded, the
+    /// store refuses with [`StoreError::StaleGeneration`], nothing is
+    /// written or cached, and the caller reloads from the store.
     async fn commit_outbound(
         &self,
         st: &mut State,
         room_id: &RoomId,
-        mut session: OutboundSession,
+        session: OutboundSession,
+        changes: Changes,
     ) -> Result<(), Error> {
-        session.meta.generation += 1;
-        let changes =
-            Changes { outbound_group_sessions: vec![session.to_record()], ..Default::default() };
         self.commit(st, changes, false).await?;
         st.outbound.insert(room_id.clone(), session);
         Ok(())
@@ -352,7 +218,12 @@ impl Machine {
                 return Err(Error::NoOutboundSession(room_id.clone()));
             }
             let encrypted = session.encrypt_ref(&st.account, event_type, &content);
-            match self.commit_outbound(&mut st, room_id, session).await {
+            session.meta.generation += 1;
+            let changes = Changes {
+                outbound_group_sessions: vec![session.to_record()],
+                ..Default::default()
+            };
+            match self.commit_outbound(&mut st, room_id, session, changes).await {
                 Err(Error::Store(StoreError::StaleGeneration { .. })) if attempt == 0 => {}
                 result => return result.map(|()| encrypted),
             }
@@ -370,4 +241,29 @@ impl Machine {
         };
         self.commit(&mut st, changes, false).await
     }
+}
+
+/// The core's refusal as the driver's error.
+fn share_error(e: ShareError) -> Error {
+    match e {
+        ShareError::VerificationViolation(users) => Error::VerificationViolation(users),
+        ShareError::TrustMissing => Error::Internal("share: trust not loaded"),
+        _ => Error::Internal("olm encryption failed"),
+    }
+}
+
+/// A chunk of (recipient, content) as the recipients (for the follow-up)
+/// and the (user, device, content) triples of a to-device request.
+fn split_chunk<T>(
+    chunk: Vec<(T, Value)>,
+    device_of: impl Fn(&T) -> (&UserId, &DeviceId),
+) -> (Vec<T>, Vec<(UserId, String, Value)>) {
+    let mut recipients = Vec::with_capacity(chunk.len());
+    let mut messages = Vec::with_capacity(chunk.len());
+    for (recipient, content) in chunk {
+        let (user_id, device_id) = device_of(&recipient);
+        messages.push((user_id.clone(), device_id.to_string(), content));
+        recipients.push(recipient);
+    }
+    (recipients, messages)
 }
