@@ -16,6 +16,7 @@ npm init -y >/dev/null
 npm install --silent --no-audit --no-fund "$tarball"
 cp "$here"/tests/*.mjs "$here"/tests/*.ts "$project/"
 node --test "$project"/*.test.mjs
+node "$project/panic-check.mjs"
 "$tools/node_modules/.bin/tsc" --noEmit --strict --target es2022 --lib esnext,dom --module nodenext \
     --moduleResolution nodenext "$project/example.ts"
 echo "newt-wasm: node tests and tsc --strict passed on $(basename "$tarball")"

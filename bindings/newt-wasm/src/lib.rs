@@ -13,10 +13,12 @@
 //! the wrong shape); a missing room key also carries the sender's
 //! `withheldCode` and `withheldReason` when one arrived.
 
+use std::cell::{Cell, RefCell};
+use std::collections::BTreeMap;
+
 use js_sys::{Array, Function, Promise, Reflect, Uint8Array};
 use serde_json::{json, Value};
 use wasm_bindgen::prelude::*;
-use wasm_bindgen_futures::future_to_promise;
 
 use newt::{
     DecryptedRoomEvent, Device, DeviceId, Emoji, ImportOptions, LocalTrust, MegolmError,
@@ -32,7 +34,9 @@ export type ErrorCode =
   | "AccountMismatch" | "InvalidId" | "MissingSession" | "UnknownIndex" | "Replay"
   | "DecryptionFailed" | "KeyExport" | "BadResponse" | "UnknownRequest" | "NoOutboundSession"
   | "CrossSigning" | "NoIdentity" | "UnknownDevice" | "UnknownFlow" | "VerificationState"
-  | "VerificationViolation" | "Internal" | "InvalidArgument";
+  | "VerificationViolation" | "Internal" | "InvalidArgument"
+  /** newt panicked (a bug): this and every later call fail; reload the module. */
+  | "Panic";
 
 /** What every newt promise rejects with. */
 export interface NewtError extends Error {
@@ -761,11 +765,84 @@ impl Machine {
     }
 }
 
+thread_local! {
+    /// The reject functions of the promises whose futures are running, so
+    /// that a panic can settle them (see [`start`]).
+    static IN_FLIGHT: RefCell<BTreeMap<u64, Function>> = const { RefCell::new(BTreeMap::new()) };
+    static NEXT_CALL: Cell<u64> = const { Cell::new(0) };
+    /// Set by the first panic: every later call rejects with it.
+    static PANICKED: RefCell<Option<String>> = const { RefCell::new(None) };
+}
+
+/// Runs once when the module is instantiated: installs the panic hook.
+///
+/// A panic should never happen (every bad input is a typed error), but if
+/// one does, the module cannot go on safely (the wasm instance traps). The
+/// hook rejects every pending promise with a `NewtError` of code `Panic`
+/// carrying the message, and every later call rejects with the same error
+/// at once instead of running in a broken instance. Reload the module (or
+/// the page) to start again.
+#[wasm_bindgen(start)]
+pub fn start() {
+    std::panic::set_hook(Box::new(|info| {
+        let message = info.to_string();
+        let pending = IN_FLIGHT.with(|f| f.try_borrow_mut().map(|mut f| std::mem::take(&mut *f)));
+        PANICKED.with(|p| {
+            if let Ok(mut p) = p.try_borrow_mut() {
+                p.get_or_insert_with(|| message.clone());
+            }
+        });
+        for reject in pending.into_iter().flat_map(BTreeMap::into_values) {
+            let _ = reject.call1(&JsValue::NULL, &panic_error(&message));
+        }
+    }));
+}
+
+fn panic_error(message: &str) -> JsValue {
+    new_error("Panic", &format!("newt panicked and must be reloaded: {message}")).into()
+}
+
+/// The promise of `future`, which runs on the JS event loop; see [`start`]
+/// for what happens if it panics.
 fn run<F>(future: F) -> Promise
 where
     F: std::future::Future<Output = Result<JsValue, JsValue>> + 'static,
 {
-    future_to_promise(future)
+    if let Some(message) = PANICKED.with(|p| p.try_borrow().ok().and_then(|p| p.clone())) {
+        return Promise::reject(&panic_error(&message));
+    }
+    let id = NEXT_CALL.with(|n| {
+        let id = n.get();
+        n.set(id.wrapping_add(1));
+        id
+    });
+    let mut settle = None;
+    let promise = Promise::new(&mut |resolve, reject| settle = Some((resolve, reject)));
+    let Some((resolve, reject)) = settle else {
+        return Promise::reject(&new_error("Internal", "promise executor not called").into());
+    };
+    IN_FLIGHT.with(|f| f.borrow_mut().insert(id, reject.clone()));
+    wasm_bindgen_futures::spawn_local(async move {
+        let result = future.await;
+        IN_FLIGHT.with(|f| f.borrow_mut().remove(&id));
+        let _ = match result {
+            Ok(value) => resolve.call1(&JsValue::NULL, &value),
+            Err(error) => reject.call1(&JsValue::NULL, &error),
+        };
+    });
+    promise
+}
+
+/// Test hook (not in the typings): panics inside a running call, so the
+/// tests can check what a panic does. Never call it in an app.
+#[wasm_bindgen(js_name = __newtTestPanic, skip_typescript)]
+pub fn test_panic() -> Promise {
+    run(async {
+        let empty: Vec<u8> = Vec::new();
+        // An out-of-bounds index: a real panic, not a simulated one.
+        let index = empty.len() + 1;
+        Ok(JsValue::from(empty[index]))
+    })
 }
 
 /// A JS progress callback `(done, total) => void` as newt's [`newt::Progress`].

@@ -7,7 +7,7 @@ import assert from "node:assert/strict";
 import init, { Machine } from "newt-wasm";
 import { Server } from "./server.mjs";
 
-await init();
+const wasm = await init();
 
 const ROOM = "!room:example.org";
 
@@ -171,4 +171,28 @@ test("bad inputs give typed errors", async () => {
   const err = await bob.machine.decryptRoomEvent(ROOM, missing).then(() => null, (e) => e);
   assert.ok(err instanceof Error);
   assert.ok(["MissingSession", "DecryptionFailed"].includes(err.code), err.code);
+});
+
+test("10,000 encrypt and decrypt calls do not grow wasm memory without bound", async () => {
+  const { alice, bob } = await pair();
+  await alice.machine.updateTrackedUsers(["@bob:example.org"]);
+  await alice.settle();
+  const claim = await alice.machine.getMissingSessions(["@bob:example.org"]);
+  if (claim) await alice.send([claim]);
+  await alice.send(await alice.machine.shareRoomKey(ROOM, ["@bob:example.org"], { rotationPeriodMsgs: 1000000 }));
+  await bob.settle();
+  const content = await alice.machine.encryptRoomEvent(ROOM, "m.room.message", { body: "same" });
+  const event = { type: "m.room.encrypted", sender: "@alice:example.org", event_id: "$same", origin_server_ts: 1, content };
+  const round = async (n) => {
+    for (let i = 0; i < n; i++) {
+      await alice.machine.encryptRoomEvent(ROOM, "m.room.message", { body: `message ${i}` });
+      const d = await bob.machine.decryptRoomEvent(ROOM, event);
+      assert.equal(d.content.body, "same");
+    }
+  };
+  await round(1000); // warm up: caches, allocator
+  const before = wasm.memory.buffer.byteLength;
+  await round(9000);
+  const after = wasm.memory.buffer.byteLength;
+  assert.ok(after - before <= 1 << 20, `wasm memory grew from ${before} to ${after} bytes`);
 });
