@@ -12,10 +12,10 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use newt::{ImportOptions, RoomId, RoomSettings, UserId};
-use newt_cli::{SimDevice, SimError};
 use newt_router::Router;
 use newt_sqlite::{SqliteStore, StoreKey};
 use newt_store::{MemoryStore, Store};
+use newt_test_support::{SimDevice, SimError};
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();

@@ -1,6 +1,6 @@
 //! Interoperability harness: the reference implementation,
 //! matrix-sdk-crypto 0.18 (`OlmMachine`, in-memory store), driven through
-//! newt's in-process [`Router`], so that newt ([`newt_cli::SimDevice`]) and
+//! newt's in-process [`Router`], so that newt (`newt_test_support::SimDevice`) and
 //! the reference meet on the same wire format.
 //!
 //! [`RefDevice`] does what a client built on matrix-sdk-crypto does with

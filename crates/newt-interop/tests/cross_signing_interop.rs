@@ -5,10 +5,9 @@
 
 use std::sync::Arc;
 
-use newt_cli::SimDevice;
 use newt_interop::RefDevice;
 use newt_router::Router;
-use newt_store::MemoryStore;
+use newt_test_support::dev;
 
 const ALICE: &str = "@alice:localhost";
 const NEWT_DEV: &str = "NEWTDEV";
@@ -18,11 +17,8 @@ const REF_DEV: &str = "REFDEV";
 #[tokio::test]
 async fn reference_accepts_newt_cross_signing_identity() {
     let router = Arc::new(Router::new());
-    let newt = SimDevice::open(router.clone(), ALICE, NEWT_DEV, Arc::new(MemoryStore::new()))
-        .await
-        .unwrap();
+    let newt = dev(&router, ALICE, NEWT_DEV).await;
     let reference = RefDevice::open(router.clone(), BOB, REF_DEV).await.unwrap();
-    newt.flush().await.unwrap();
     reference.flush().await.unwrap();
 
     let master = newt.bootstrap_cross_signing().await.unwrap();

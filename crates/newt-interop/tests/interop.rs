@@ -6,7 +6,6 @@
 use std::sync::Arc;
 
 use newt::{RoomId, RoomSettings, SenderTrust, ToDeviceOutcome, UserId};
-use newt_cli::SimDevice;
 use newt_interop::matrix_sdk_common::deserialized_responses::{
     VerificationLevel, VerificationState,
 };
@@ -14,6 +13,7 @@ use newt_interop::matrix_sdk_crypto::{decrypt_room_key_export, encrypt_room_key_
 use newt_interop::RefDevice;
 use newt_router::Router;
 use newt_store::MemoryStore;
+use newt_test_support::{dev, SimDevice};
 use serde_json::{json, Value};
 
 const ALICE: &str = "@alice:localhost";
@@ -379,10 +379,7 @@ async fn key_export_reference_to_newt() {
     let file = encrypt_room_key_export(&keys, "interop passphrase", 10_000).unwrap();
 
     // A fresh newt device imports it.
-    let fresh = SimDevice::open(w.router.clone(), ALICE, "NEWTFRESH", Arc::new(MemoryStore::new()))
-        .await
-        .unwrap();
-    fresh.flush().await.unwrap();
+    let fresh = dev(&w.router, ALICE, "NEWTFRESH").await;
     assert!(fresh.decrypt(&room(), &events[0]).await.is_err(), "no key yet");
     let summary = fresh
         .machine

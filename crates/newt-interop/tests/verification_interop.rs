@@ -11,12 +11,11 @@ use std::sync::Arc;
 use matrix_sdk_crypto::matrix_sdk_qrcode::QrVerificationData;
 use matrix_sdk_crypto::types::requests::AnyOutgoingRequest;
 use matrix_sdk_crypto::{Sas, VerificationRequest};
-use newt::{DeviceId, DeviceTrust, LocalTrust, OwnIdentityTrust, UserId, VerificationState};
-use newt_cli::SimDevice;
+use newt::{DeviceTrust, LocalTrust, OwnIdentityTrust, VerificationState};
 use newt_interop::ruma::events::key::verification::VerificationMethod;
 use newt_interop::RefDevice;
 use newt_router::Router;
-use newt_store::MemoryStore;
+use newt_test_support::{dev, did, uid, SimDevice};
 use ruma::TransactionId;
 
 const ALICE: &str = "@alice:localhost";
@@ -25,19 +24,16 @@ const REF_DEV: &str = "REFDEV";
 
 async fn pair() -> (SimDevice, RefDevice) {
     let router = Arc::new(Router::new());
-    let newt = SimDevice::open(router.clone(), ALICE, NEWT_DEV, Arc::new(MemoryStore::new()))
-        .await
-        .unwrap();
+    let newt = dev(&router, ALICE, NEWT_DEV).await;
     let reference = RefDevice::open(router.clone(), ALICE, REF_DEV).await.unwrap();
-    newt.flush().await.unwrap();
     reference.flush().await.unwrap();
     let alice = RefDevice::user_id(ALICE).unwrap();
     reference.machine.update_tracked_users([alice.as_ref()]).await.unwrap();
     reference.flush().await.unwrap();
     newt.sync().await.unwrap();
-    newt.machine.update_tracked_users([UserId::parse(ALICE).unwrap()]).await.unwrap();
+    newt.machine.update_tracked_users([uid(ALICE)]).await.unwrap();
     newt.flush().await.unwrap();
-    let devices = newt.machine.devices(&UserId::parse(ALICE).unwrap()).await.unwrap();
+    let devices = newt.machine.devices(&uid(ALICE)).await.unwrap();
     assert!(devices.iter().any(|d| d.device_id.as_str() == REF_DEV), "newt knows the reference");
     (newt, reference)
 }
@@ -91,11 +87,11 @@ async fn compare_and_confirm(newt: &SimDevice, reference: &RefDevice, flow: &str
     assert!(device.is_verified());
     let record = newt
         .machine
-        .devices(&UserId::parse(ALICE).unwrap())
+        .devices(&uid(ALICE))
         .await
         .unwrap()
         .into_iter()
-        .find(|d| d.device_id == DeviceId::parse(REF_DEV).unwrap())
+        .find(|d| d.device_id == did(REF_DEV))
         .unwrap();
     assert_eq!(record.local_trust, LocalTrust::Verified);
 }
@@ -104,11 +100,8 @@ async fn compare_and_confirm(newt: &SimDevice, reference: &RefDevice, flow: &str
 /// reference accepts it; keys are exchanged. Returns the flow ID.
 async fn newt_requests_and_starts(newt: &SimDevice, reference: &RefDevice) -> String {
     let alice = RefDevice::user_id(ALICE).unwrap();
-    let (flow, request) = newt
-        .machine
-        .request_verification(&UserId::parse(ALICE).unwrap(), &DeviceId::parse(REF_DEV).unwrap())
-        .await
-        .unwrap();
+    let (flow, request) =
+        newt.machine.request_verification(&uid(ALICE), &did(REF_DEV)).await.unwrap();
     newt.send(&request).await.unwrap();
     reference.sync().await.unwrap();
     let ref_request = reference.machine.get_verification_request(&alice, &flow).unwrap();
@@ -189,12 +182,7 @@ async fn assert_newt_joined_the_identity(newt: &SimDevice, reference: &RefDevice
         reference.machine.get_device(&alice, NEWT_DEV.into(), None).await.unwrap().unwrap();
     assert!(device.is_verified(), "the reference verified newt's device");
     assert!(device.is_cross_signed_by_owner(), "and signed it with the self-signing key");
-    let trust = newt
-        .machine
-        .device_trust(&UserId::parse(ALICE).unwrap(), &DeviceId::parse(REF_DEV).unwrap())
-        .await
-        .unwrap()
-        .unwrap();
+    let trust = newt.machine.device_trust(&uid(ALICE), &did(REF_DEV)).await.unwrap().unwrap();
     // Verified directly (SAS) or through the now trusted identity (QR).
     assert!(
         matches!(trust, DeviceTrust::LocallyVerified | DeviceTrust::CrossSignedByVerifiedOwner),
@@ -319,10 +307,7 @@ async fn sas_reference_device_joins_the_newt_identity() {
         "newt signed the reference's device with its self-signing key"
     );
     assert_eq!(
-        newt.machine
-            .device_trust(&UserId::parse(ALICE).unwrap(), &DeviceId::parse(REF_DEV).unwrap())
-            .await
-            .unwrap(),
+        newt.machine.device_trust(&uid(ALICE), &did(REF_DEV)).await.unwrap(),
         Some(DeviceTrust::LocallyVerified)
     );
 }

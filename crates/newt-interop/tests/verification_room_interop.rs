@@ -11,14 +11,13 @@ use std::sync::Arc;
 use matrix_sdk_crypto::matrix_sdk_qrcode::qrcode::Color;
 use matrix_sdk_crypto::matrix_sdk_qrcode::QrVerificationData;
 use matrix_sdk_crypto::Verification;
-use newt::{IdentityTrust, RoomId, RoomSettings, UserId, VerificationState};
-use newt_cli::SimDevice;
+use newt::{IdentityTrust, RoomId, RoomSettings, VerificationState};
 use newt_interop::ruma::events::key::verification::VerificationMethod;
 use newt_interop::ruma::events::room::message::RoomMessageEventContent;
 use newt_interop::ruma::{OwnedEventId, OwnedRoomId};
 use newt_interop::RefDevice;
 use newt_router::Router;
-use newt_store::MemoryStore;
+use newt_test_support::{dev, uid, SimDevice};
 
 const ALICE: &str = "@alice:localhost";
 const BOB: &str = "@bob:localhost";
@@ -38,17 +37,14 @@ struct World {
 impl World {
     async fn new() -> Self {
         let router = Arc::new(Router::new());
-        let newt = SimDevice::open(router.clone(), ALICE, NEWT_DEV, Arc::new(MemoryStore::new()))
-            .await
-            .unwrap();
+        let newt = dev(&router, ALICE, NEWT_DEV).await;
         let reference = RefDevice::open(router.clone(), BOB, REF_DEV).await.unwrap();
-        newt.flush().await.unwrap();
         reference.flush().await.unwrap();
 
         newt.bootstrap_cross_signing().await.unwrap();
         reference.bootstrap_cross_signing().await.unwrap();
 
-        let (alice, bob) = (UserId::parse(ALICE).unwrap(), UserId::parse(BOB).unwrap());
+        let (alice, bob) = (uid(ALICE), uid(BOB));
         let (ref_alice, ref_bob) =
             (RefDevice::user_id(ALICE).unwrap(), RefDevice::user_id(BOB).unwrap());
         reference
@@ -102,7 +98,7 @@ impl World {
     }
 
     async fn newt_view_of_bob(&self) -> Option<IdentityTrust> {
-        self.newt.machine.user_identity_state(&UserId::parse(BOB).unwrap()).await.unwrap()
+        self.newt.machine.user_identity_state(&uid(BOB)).await.unwrap()
     }
 
     async fn reference_view_of_alice(&self) -> bool {
@@ -129,7 +125,7 @@ impl World {
 
     /// newt (Alice) sends an in-room request; the reference (Bob) accepts.
     async fn newt_requests(&mut self) -> String {
-        let bob = UserId::parse(BOB).unwrap();
+        let bob = uid(BOB);
         let content = self.newt.machine.room_verification_request_content(&bob).await;
         let event = self.newt.send_event(&self.room, "m.room.message", content).await.unwrap();
         let flow = event["event_id"].as_str().unwrap().to_owned();

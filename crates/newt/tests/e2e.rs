@@ -4,8 +4,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod common;
-use common::*;
+use newt_test_support::*;
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -15,7 +14,6 @@ use newt::{
     RoomId, RoomSettings, RotationSettings, SenderTrust, SharingPolicy, ToDeviceError,
     ToDeviceOutcome, DEFAULT_MAX_ROUNDS,
 };
-use newt_cli::{SimDevice, SimError};
 use newt_proto::account::{OwnAccount, FALLBACK_KEY_GRACE_MS};
 use newt_proto::ids::{DeviceId, RoomId as ProtoRoomId};
 use newt_proto::key_requests::KeyShareError;

@@ -6,8 +6,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod common;
-use common::*;
+use newt_test_support::*;
 
 use std::sync::Arc;
 
@@ -15,7 +14,6 @@ use newt::{
     DeviceTrust, Error, IdentityRejection, IdentityTrust, MegolmError, OwnIdentityTrust, RoomId,
     RoomSettings, SenderTrust, SharingPolicy,
 };
-use newt_cli::{SimDevice, SimError};
 use newt_proto::account::OwnAccount;
 use newt_proto::identities::{CrossSigningError, KeyUsage, PrivateCrossSigningIdentity};
 use newt_router::Router;

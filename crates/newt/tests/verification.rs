@@ -5,8 +5,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod common;
-use common::*;
+use newt_test_support::*;
 
 use std::sync::Arc;
 
@@ -14,7 +13,6 @@ use newt::{
     CancelCode, DeviceTrust, LocalTrust, OwnIdentityTrust, RequestKind, RoomId, RoomSettings,
     VerificationState,
 };
-use newt_cli::SimDevice;
 use newt_proto::vodozemac::sas::Sas;
 use newt_router::Router;
 use serde_json::json;

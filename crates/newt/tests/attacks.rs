@@ -6,8 +6,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod common;
-use common::*;
+use newt_test_support::*;
 
 use std::sync::Arc;
 
@@ -15,7 +14,6 @@ use newt::{
     DeviceTrust, Error, LocalTrust, MegolmError, RoomId, RoomSettings, SenderTrust, SharingPolicy,
     ToDeviceError, ToDeviceOutcome,
 };
-use newt_cli::{SimDevice, SimError};
 use newt_proto::ids::RoomId as ProtoRoomId;
 use newt_proto::megolm::{OutboundSession, RotationSettings};
 use newt_proto::olm::{OlmError, PlaintextCheckError};

@@ -11,10 +11,10 @@
 use std::sync::Arc;
 
 use newt::{Error, RoomId, RoomSettings, SyncChanges, ToDeviceOutcome, UserId};
-use newt_cli::{SimDevice, SimError};
 use newt_router::Router;
 use newt_sqlite::{SqliteStore, StoreKey};
 use newt_store::{MemoryStore, StoreError};
+use newt_test_support::{SimDevice, SimError};
 
 const ROUNDS: usize = 25;
 

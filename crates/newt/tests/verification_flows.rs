@@ -7,8 +7,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod common;
-use common::*;
+use newt_test_support::*;
 
 use std::sync::Arc;
 
@@ -16,7 +15,6 @@ use newt::{
     CancelCode, DeviceTrust, IdentityTrust, OwnIdentityTrust, RequestKind, RoomId, RoomSettings,
     ScanError, VerificationState,
 };
-use newt_cli::SimDevice;
 use newt_router::Router;
 use serde_json::json;
 

@@ -4,13 +4,11 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod common;
-use common::*;
+use newt_test_support::*;
 
 use std::sync::Arc;
 
 use newt::{CancelCode, Error, RoomId, RoomSettings, RotationSettings, VerificationState};
-use newt_cli::SimError;
 use newt_router::Router;
 
 fn room() -> RoomId {
