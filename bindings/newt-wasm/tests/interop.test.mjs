@@ -1,14 +1,16 @@
 // newt-wasm against @matrix-org/matrix-sdk-crypto-wasm 18.9 (matrix-sdk-crypto
 // inside), both in Node, through the same JS stand-in server: Olm sessions
 // made by either side, to-device messages and room keys over Olm, Megolm
-// room messages each way, room key export files each way, and SAS
-// verification to-device started by either side.
+// room messages each way, m.room_key.withheld each way, room key export
+// files each way, SAS verification to-device started by either side (also
+// with cross-signing on both sides), and room key requests between two
+// devices of one user. A `todo` test records a known newt gap.
 import { test } from "node:test";
 import assert from "node:assert/strict";
 
 import init, { Machine } from "newt-wasm";
 import {
-  OlmMachine, UserId, RoomId, ProcessedToDeviceEventType, EncryptionSettings, CollectStrategy,
+  OlmMachine, UserId, RoomId, ProcessedToDeviceEventType, EncryptionSettings, CollectStrategy, LocalTrust,
 } from "@matrix-org/matrix-sdk-crypto-wasm";
 import { Server } from "./server.mjs";
 import { CryptoWasmClient } from "./crypto-wasm-client.mjs";
@@ -362,4 +364,127 @@ test("SAS to-device: crypto-wasm asks, newt accepts, crypto-wasm starts SAS", as
   await alice.machine.confirmSas(flowId);
   await settleBoth(alice, bob);
   await assertVerified(alice, bob, sas, flowId);
+});
+
+/** Both sides create and upload cross-signing keys, then see each other's. */
+async function crossSign(alice, bob) {
+  const server = alice.server;
+  const a = await alice.machine.bootstrapCrossSigning();
+  server.handle(ALICE, "ALICE1", { method: "POST", path: "/keys/device_signing/upload", body: a.deviceSigningUpload });
+  server.handle(ALICE, "ALICE1", { method: "POST", path: "/keys/signatures/upload", body: a.signaturesUpload });
+  const b = await bob.machine.bootstrapCrossSigning(true);
+  if (b.uploadKeysRequest) await bob.send([b.uploadKeysRequest]);
+  server.handle(BOB, "BOB1", { method: "POST", path: "/keys/device_signing/upload", body: b.uploadSigningKeysRequest.body });
+  await bob.send([b.uploadSignaturesRequest]);
+  await settleBoth(alice, bob);
+}
+
+test("SAS to-device with cross-signing on both sides: each verifies the other's identity", async () => {
+  const { alice, bob } = await pair();
+  await crossSign(alice, bob);
+  assert.equal(await alice.machine.ownIdentityState(), "Verified");
+  assert.ok((await bob.machine.crossSigningStatus()).hasMaster);
+  const bobIdentity = await bob.machine.getIdentity(new UserId(ALICE));
+  assert.ok(bobIdentity, "crypto-wasm sees newt's cross-signing identity");
+  assert.equal(bobIdentity.isVerified(), false);
+  const bobMaster = JSON.parse((await bob.machine.getIdentity(new UserId(BOB))).masterKey);
+  assert.equal(await alice.machine.masterKey(BOB), Object.values(bobMaster.keys)[0]);
+  assert.equal(await alice.machine.userIdentityState(BOB), "Pinned");
+  assert.equal(await alice.machine.deviceTrust(BOB, "BOB1"), "CrossSignedByPinnedOwner");
+
+  const { flowId, request } = await alice.machine.requestVerification(BOB, "BOB1");
+  await alice.send([request]);
+  await bob.settle();
+  await bob.send([bob.machine.getVerificationRequest(new UserId(ALICE), flowId).accept()]);
+  await alice.settle();
+  await alice.machine.startSas(flowId);
+  await alice.settle();
+  await bob.settle();
+  const sas = bob.machine.getVerification(new UserId(ALICE), flowId);
+  await bob.send([sas.accept()]);
+  await settleBoth(alice, bob);
+  assert.deepEqual(names(await alice.machine.sasEmoji(flowId)), names(sas.emoji()));
+  await alice.machine.confirmSas(flowId);
+  await bob.send(await sas.confirm());
+  await settleBoth(alice, bob, 4);
+  await assertVerified(alice, bob, sas, flowId);
+
+  assert.equal(await alice.machine.userIdentityState(BOB), "Verified", "newt verified crypto-wasm's identity");
+  const identity = await bob.machine.getIdentity(new UserId(ALICE));
+  assert.ok(identity.isVerified(), "crypto-wasm verified newt's identity");
+  const aliceDevice = await bob.getDevice(ALICE, "ALICE1");
+  assert.ok(aliceDevice.isCrossSigningTrusted(), "crypto-wasm trusts newt's device through cross-signing");
+});
+
+/** Two devices of one user, one newt and one crypto-wasm, each verified by the other locally. */
+async function ownDevices(server, newt, cw) {
+  await newt.settle();
+  await cw.settle();
+  cw.machine.roomKeyRequestsEnabled = true;
+  cw.machine.roomKeyForwardingEnabled = true;
+  await newt.track([ALICE]);
+  await cw.track([ALICE]);
+  await settleBoth(newt, cw);
+  await newt.machine.setLocalTrust(ALICE, cw.device, "Verified");
+  await (await cw.getDevice(ALICE, newt.machine.deviceId)).setLocalTrust(LocalTrust.Verified);
+}
+
+/** crypto-wasm's new device asks newt's device for a key it missed; `olm` makes an Olm session first. */
+async function cwAsksNewt({ olm }) {
+  const server = new Server();
+  const newt = await NewtClient.open(server, ALICE, "ALICE1");
+  await newt.settle();
+  const event = await newt.shareAndSend(ROOM, [ALICE], "before the new device");
+  const cw = await CryptoWasmClient.open(server, ALICE, "ALICE2");
+  await ownDevices(server, newt, cw);
+  if (olm) {
+    const claim = await newt.machine.getMissingSessions([ALICE]);
+    assert.ok(claim, "newt claims a key of the new device");
+    await newt.send([claim]);
+  }
+
+  const err = await cw.decrypt(ROOM, event).then(() => null, (e) => e);
+  assert.ok(err, "crypto-wasm has no key yet");
+  await cw.settle(); // sends m.room_key_request (once per session)
+  const processed = [];
+  for (let i = 0; i < 3; i++) {
+    processed.push(...await newt.settle());
+    await cw.settle();
+    await cw.decrypt(ROOM, event).catch(() => {}); // a client retries decryption
+  }
+  assert.ok(processed.some((p) => p.type === "m.room_key_request" && p.outcome === "KeyRequestAnswered"),
+    `newt answered: ${JSON.stringify(processed)}`);
+  const d = await cw.decrypt(ROOM, event);
+  assert.equal(d.event.content.body, "before the new device");
+  assert.equal(d.sender, ALICE);
+}
+
+test("room key request: crypto-wasm asks its own newt device (Olm session exists), newt forwards the key", () =>
+  cwAsksNewt({ olm: true }));
+
+// newt drops a key request from a device it has no Olm session with
+// ("it will ask again"); matrix-sdk-crypto asks once per session and, as the
+// answering side, claims a one-time key and answers once the session exists.
+test("room key request: crypto-wasm asks its own newt device (no Olm session yet)",
+  { todo: "newt drops key requests when it has no Olm session with the requester" },
+  () => cwAsksNewt({ olm: false }));
+
+test("room key request: newt asks its own crypto-wasm device, crypto-wasm forwards the key", async () => {
+  const server = new Server();
+  const cw = await CryptoWasmClient.open(server, ALICE, "ALICE2");
+  await cw.settle();
+  const event = await cw.shareAndSend(ROOM, [ALICE], "before the new device");
+  const newt = await NewtClient.open(server, ALICE, "ALICE1");
+  await ownDevices(server, newt, cw);
+
+  await assert.rejects(newt.machine.decryptRoomEvent(ROOM, event), { code: "MissingSession" });
+  await newt.machine.requestRoomKey(ROOM, event);
+  await newt.settle();
+  await cw.settle(); // answers with m.forwarded_room_key
+  const processed = await newt.settle();
+  assert.ok(processed.some((p) => p.type === "m.forwarded_room_key" && p.outcome === "RoomKeyStored"),
+    `newt stored the forwarded key: ${JSON.stringify(processed)}`);
+  const m = await newt.machine.decryptRoomEvent(ROOM, event);
+  assert.equal(m.content.body, "before the new device");
+  assert.equal(m.sender, ALICE);
 });
