@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Tests the npm package as a user gets it: builds and packs it (build.sh),
 # installs the tarball into an empty project outside the clone, then runs
-# the Node tests there and type-checks the TypeScript example with
+# the Node tests there (newt alone, and interop.test.mjs against the
+# reference JS stack, @matrix-org/matrix-sdk-crypto-wasm, installed beside
+# it; npm caches it in ~/.npm) and type-checks the TypeScript example with
 # `tsc --noEmit --strict`.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
@@ -13,7 +15,7 @@ project=$(mktemp -d "${TMPDIR:-/tmp}/newt-wasm-test.XXXXXX")
 trap 'rm -rf "$project"' EXIT
 cd "$project"
 npm init -y >/dev/null
-npm install --silent --no-audit --no-fund "$tarball"
+npm install --silent --no-audit --no-fund "$tarball" @matrix-org/matrix-sdk-crypto-wasm@18.9.0
 cp "$here"/tests/*.mjs "$here"/tests/*.ts "$project/"
 node --test "$project"/*.test.mjs
 node "$project/panic-check.mjs"
