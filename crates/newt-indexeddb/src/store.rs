@@ -582,3 +582,23 @@ impl Store for IndexedDbStore {
         self.get_all_of(&OLM_SESSIONS, &prefixes).await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use wasm_bindgen_test::wasm_bindgen_test;
+
+    wasm_bindgen_test::wasm_bindgen_test_configure!(run_in_browser);
+
+    /// The browser reports the durability the store asks for: strict for
+    /// every commit but one of replay records alone.
+    #[wasm_bindgen_test]
+    async fn commits_are_strict_except_replay_records_alone() {
+        let name = format!("newt-unit-durability-{}", js_sys::Math::random());
+        let store = IndexedDbStore::open(&name, StoreKey::Raw([5; 32])).await.unwrap();
+        assert_eq!(store.durability_of_commit(false).as_deref(), Some("strict"));
+        assert_eq!(store.durability_of_commit(true).as_deref(), Some("relaxed"));
+    }
+}

@@ -190,3 +190,8 @@ fn flatten(value: &JsValue) -> Vec<u8> {
         format!("{value:?}").into_bytes()
     }
 }
+
+/// A copy of a record (records hold secrets and are not `Clone`).
+pub(crate) fn copy<T: serde::Serialize + serde::de::DeserializeOwned>(record: &T) -> T {
+    serde_json::from_value(serde_json::to_value(record).unwrap()).unwrap()
+}
