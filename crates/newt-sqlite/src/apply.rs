@@ -19,17 +19,12 @@ use crate::cipher::{withheld_key, Cipher, Kind, RowCipher};
 use crate::integrity::{self, CounterFloor, Digest, Integrity};
 use crate::retry::TxError;
 use crate::schema::{
-    Table, DEVICES, IDENTITIES, INBOUND, KEY_REQUESTS, MESSAGE_INDICES, OLM_SESSIONS, OUTBOUND,
-    SINGLETONS, TRACKED_USERS, WITHHELD,
+    Table, TableSql, DEVICES, IDENTITIES, INBOUND, KEY_REQUESTS, MESSAGE_INDICES, OLM_SESSIONS,
+    OUTBOUND, SINGLETONS, TRACKED_USERS, WITHHELD,
 };
 use crate::store::query;
 
-/// The `singletons` name of the account.
-pub(crate) const ACCOUNT: &str = "account";
-/// The `singletons` name of the sync token.
-pub(crate) const SYNC_TOKEN: &str = "sync_token";
-/// The `singletons` name of our private cross-signing keys (schema v2).
-pub(crate) const PRIVATE_IDENTITY: &str = "private_identity";
+pub(crate) use newt_store_crypto::tables::{ACCOUNT, PRIVATE_IDENTITY, SYNC_TOKEN};
 
 /// One prepared statement execution.
 struct Write {

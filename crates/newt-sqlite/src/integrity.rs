@@ -57,7 +57,7 @@ pub(crate) use newt_store_crypto::{tampered, CounterFloor, Digest};
 use crate::cipher::{Cipher, RowCipher};
 use crate::keys;
 use crate::retry::TxError;
-use crate::schema::{Table, SINGLETONS, TABLES};
+use crate::schema::{Table, TableSql, SINGLETONS, TABLES};
 use crate::store::{query_sealed, SealedRow};
 
 /// The `meta` name of the record.
@@ -140,9 +140,8 @@ impl Integrity {
 
 /// The position of `table` in [`TABLES`]: the record's number for it.
 fn table_index(table: &Table) -> Result<usize, StoreError> {
-    TABLES
-        .iter()
-        .position(|t| t.name == table.name)
+    table
+        .index()
         .ok_or_else(|| StoreError::Backend(format!("{} is not in TABLES", table.name).into()))
 }
 

@@ -39,79 +39,28 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
     Migration { version: 3, run: integrity::create },
 ];
 
-/// A table: its name and key columns, in the order they enter the associated
-/// data of its sealed `value`.
-pub(crate) struct Table {
-    /// The table name.
-    pub(crate) name: &'static str,
-    /// Key columns (hashes, flags, indices); the `value` column follows.
-    pub(crate) keys: &'static [&'static str],
-    /// How many of the first `keys` make the primary key.
-    pub(crate) primary_key: usize,
+pub(crate) use newt_store_crypto::tables::{
+    Table, DEVICES, IDENTITIES, INBOUND, KEY_REQUESTS, MESSAGE_INDICES, OLM_SESSIONS, OUTBOUND,
+    SINGLETONS, TABLES, TRACKED_USERS, WITHHELD,
+};
+
+/// The SQL of a [`Table`] (its name and key columns come from
+/// [`newt_store_crypto::tables`], shared with the other backends).
+pub(crate) trait TableSql {
+    /// `INSERT OR REPLACE` of every key column and the value.
+    fn upsert_sql(&self) -> String;
+    /// `SELECT` of every key column and the value, then `tail` (a `WHERE`
+    /// clause, an `ORDER BY`, ...).
+    fn select_sql(&self, tail: &str) -> String;
+    /// `WHERE` on the primary key, as `?1`, `?2`, ...
+    fn primary_key_where(&self) -> String;
+    /// `DELETE` by the given columns.
+    fn delete_sql(&self, by: &[&str]) -> String;
 }
 
-/// The account, the sync token and our private cross-signing keys, by name.
-pub(crate) const SINGLETONS: Table = Table { name: "singletons", keys: &["name"], primary_key: 1 };
-/// Olm sessions by (sender key, session ID).
-pub(crate) const OLM_SESSIONS: Table =
-    Table { name: "olm_sessions", keys: &["sender_key_hash", "session_hash"], primary_key: 2 };
-/// Inbound Megolm sessions by (room, session ID), with the backup flag.
-pub(crate) const INBOUND: Table = Table {
-    name: "inbound_group_sessions",
-    keys: &["room_hash", "session_hash", "backed_up"],
-    primary_key: 2,
-};
-/// Outbound Megolm sessions by room.
-pub(crate) const OUTBOUND: Table =
-    Table { name: "outbound_group_sessions", keys: &["room_hash"], primary_key: 1 };
-/// Devices by (user, device ID).
-pub(crate) const DEVICES: Table =
-    Table { name: "devices", keys: &["user_hash", "device_hash"], primary_key: 2 };
-/// Tracked users by user.
-pub(crate) const TRACKED_USERS: Table =
-    Table { name: "tracked_users", keys: &["user_hash"], primary_key: 1 };
-/// Key requests by request ID, with their session and sent flag.
-pub(crate) const KEY_REQUESTS: Table = Table {
-    name: "key_requests",
-    keys: &["request_hash", "room_hash", "session_hash", "sent"],
-    primary_key: 1,
-};
-/// Withheld notices by (room, session ID and sender). `session_hash` is the
-/// keyed hash of the session ID and the sender together
-/// ([`Kind::WithheldSender`](crate::cipher::Kind::WithheldSender)); rows
-/// written before notices were kept per sender hash the session ID alone
-/// and are read only for the sender their value names.
-pub(crate) const WITHHELD: Table =
-    Table { name: "withheld", keys: &["room_hash", "session_hash"], primary_key: 2 };
-/// Replay-detection records by (room, session ID, index).
-pub(crate) const MESSAGE_INDICES: Table = Table {
-    name: "message_indices",
-    keys: &["room_hash", "session_hash", "message_index"],
-    primary_key: 3,
-};
-/// Public cross-signing identities by user (schema v2).
-pub(crate) const IDENTITIES: Table =
-    Table { name: "identities", keys: &["user_hash"], primary_key: 1 };
-
-/// Every table of records (all but `meta`). The integrity record keeps one
-/// sum per table in this order: a schema version that adds a table appends
-/// it here and rewrites the record in its migration.
-pub(crate) const TABLES: &[&Table] = &[
-    &SINGLETONS,
-    &OLM_SESSIONS,
-    &INBOUND,
-    &OUTBOUND,
-    &DEVICES,
-    &TRACKED_USERS,
-    &KEY_REQUESTS,
-    &WITHHELD,
-    &MESSAGE_INDICES,
-    &IDENTITIES,
-];
-
-impl Table {
+impl TableSql for Table {
     /// `INSERT OR REPLACE` of every key column and the value.
-    pub(crate) fn upsert_sql(&self) -> String {
+    fn upsert_sql(&self) -> String {
         let placeholders: Vec<String> =
             (1..=self.keys.len() + 1).map(|i| format!("?{i}")).collect();
         format!(
@@ -124,12 +73,12 @@ impl Table {
 
     /// `SELECT` of every key column and the value, then `tail` (a `WHERE`
     /// clause, an `ORDER BY`, ...).
-    pub(crate) fn select_sql(&self, tail: &str) -> String {
+    fn select_sql(&self, tail: &str) -> String {
         format!("SELECT {}, value FROM {} {tail}", self.keys.join(", "), self.name)
     }
 
     /// `WHERE` on the primary key, as `?1`, `?2`, ...
-    pub(crate) fn primary_key_where(&self) -> String {
+    fn primary_key_where(&self) -> String {
         let clauses: Vec<String> = self.keys[..self.primary_key]
             .iter()
             .enumerate()
@@ -139,7 +88,7 @@ impl Table {
     }
 
     /// `DELETE` by the given columns.
-    pub(crate) fn delete_sql(&self, by: &[&str]) -> String {
+    fn delete_sql(&self, by: &[&str]) -> String {
         let clauses: Vec<String> =
             by.iter().enumerate().map(|(i, c)| format!("{c} = ?{}", i + 1)).collect();
         format!("DELETE FROM {} WHERE {}", self.name, clauses.join(" AND "))

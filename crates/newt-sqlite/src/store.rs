@@ -24,9 +24,9 @@ use crate::integrity::{self, CounterFloor, Integrity};
 use crate::keys::{self, DataKey, StoreKey};
 use crate::retry::{install_busy_handler, sqlite_error, with_retry, TxError};
 use crate::schema::{
-    self, Table, APPLICATION_ID, DEVICES, IDENTITIES, INBOUND, KEY_REQUESTS, MESSAGE_INDICES,
-    MIGRATIONS, OLM_SESSIONS, OUTBOUND, SCHEMA_VERSION, SINGLETONS, TABLES, TRACKED_USERS,
-    WITHHELD,
+    self, Table, TableSql, APPLICATION_ID, DEVICES, IDENTITIES, INBOUND, KEY_REQUESTS,
+    MESSAGE_INDICES, MIGRATIONS, OLM_SESSIONS, OUTBOUND, SCHEMA_VERSION, SINGLETONS, TABLES,
+    TRACKED_USERS, WITHHELD,
 };
 
 /// A [`Store`] in one SQLite file, encrypted at rest. See the

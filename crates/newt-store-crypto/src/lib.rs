@@ -104,6 +104,7 @@
 mod cipher;
 mod integrity;
 mod keys;
+pub mod tables;
 
 pub use cipher::{associated_data, withheld_key, Cipher, Hash, KeyColumn, Kind};
 pub use integrity::{tampered, CounterFloor, Digest, IntegrityRecord};
