@@ -2,6 +2,7 @@
 # newt's test command: what the README promises and CI runs.
 #   scripts/test.sh          everything: format, lints, all tests including the
 #                            interop tests against matrix-sdk-crypto, wasm32 check,
+#                            the IndexedDB store's tests in headless Chromium,
 #                            the npm package's tests in Node, the demo, and the
 #                            benchmarks in smoke mode
 #   scripts/test.sh --quick  the default crates' tests only (no reference build)
@@ -41,6 +42,8 @@ step "cargo test (workspace, including interop with matrix-sdk-crypto)"
 cargo test --workspace
 step "wasm32 build check of the core crates"
 cargo check --target wasm32-unknown-unknown -p newt-proto -p newt-store -p newt-store-crypto -p newt-indexeddb -p newt
+step "browser: newt-indexeddb (conformance suite and store tests) in headless Chromium"
+scripts/test-browser.sh
 step "newt-wasm: the npm package built, packed, installed and tested in Node"
 bindings/newt-wasm/test.sh
 step "demo"
