@@ -7,7 +7,7 @@
 
 mod support;
 
-use hmac::{Hmac, Mac as _};
+use hmac::{Hmac, KeyInit as _, Mac as _};
 use newt_proto::ids::{DeviceId, UserId};
 use newt_proto::json::{b64_decode, b64_encode};
 use newt_proto::verification::emoji::EMOJI;

@@ -19,7 +19,7 @@
 use std::fmt;
 use std::time::{Duration, Instant};
 
-use rand::Rng;
+use rand::RngExt;
 use rusqlite::ErrorCode;
 
 use newt_store::StoreError;
@@ -93,7 +93,7 @@ pub(crate) fn install_busy_handler(conn: &mut rusqlite::Connection) -> rusqlite:
             return false;
         }
         // Jittered, so two waiting processes do not wake in step.
-        let micros = rand::thread_rng().gen_range(200..=1500);
+        let micros = rand::rng().random_range(200..=1500);
         std::thread::sleep(Duration::from_micros(micros));
         true
     }))
@@ -133,7 +133,7 @@ pub(crate) fn with_retry<T>(mut work: impl FnMut() -> Result<T, TxError>) -> Res
                     return Err(StoreError::Backend(Box::new(Busy { waited })));
                 }
                 // Jitter keeps two processes from retrying in lockstep.
-                let jitter = rand::thread_rng().gen_range(0..=delay.as_micros() as u64);
+                let jitter = rand::rng().random_range(0..=delay.as_micros() as u64);
                 std::thread::sleep(delay + Duration::from_micros(jitter));
                 delay = (delay * 2).min(MAX_DELAY);
             }

@@ -2,11 +2,12 @@
 //! store's data key (the scheme is described in the [crate docs](crate)).
 
 use aes_gcm::aead::{Aead, KeyInit, Payload};
-use aes_gcm::{Aes256Gcm, Nonce};
+use aes_gcm::Aes256Gcm;
 use hkdf::Hkdf;
 use hmac::{Hmac, Mac};
-use rand::rngs::OsRng;
-use rand::RngCore;
+use rand::rand_core::UnwrapErr;
+use rand::rngs::SysRng;
+use rand::Rng;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use sha2::Sha256;
@@ -214,7 +215,7 @@ pub(crate) fn seal_with(
     plaintext: &[u8],
 ) -> Result<Vec<u8>, StoreError> {
     let mut nonce = [0u8; NONCE_LEN];
-    OsRng.fill_bytes(&mut nonce);
+    UnwrapErr(SysRng).fill_bytes(&mut nonce);
     seal_with_nonce(key, &nonce, ad, plaintext)
 }
 
@@ -226,7 +227,7 @@ fn seal_with_nonce(
     plaintext: &[u8],
 ) -> Result<Vec<u8>, StoreError> {
     let ciphertext = key
-        .encrypt(Nonce::from_slice(nonce), Payload { msg: plaintext, aad: ad })
+        .encrypt(nonce.into(), Payload { msg: plaintext, aad: ad })
         .map_err(|_| StoreError::Backend("AES-GCM encryption failed".into()))?;
     let mut sealed = Vec::with_capacity(NONCE_LEN + ciphertext.len());
     sealed.extend_from_slice(nonce);
@@ -236,13 +237,8 @@ fn seal_with_nonce(
 
 /// Opens `nonce || ciphertext || tag`; `None` if it does not authenticate.
 pub(crate) fn open_with(key: &Aes256Gcm, ad: &[u8], sealed: &[u8]) -> Option<Zeroizing<Vec<u8>>> {
-    if sealed.len() < NONCE_LEN {
-        return None;
-    }
-    let (nonce, ciphertext) = sealed.split_at(NONCE_LEN);
-    key.decrypt(Nonce::from_slice(nonce), Payload { msg: ciphertext, aad: ad })
-        .ok()
-        .map(Zeroizing::new)
+    let (nonce, ciphertext) = sealed.split_first_chunk::<NONCE_LEN>()?;
+    key.decrypt(nonce.into(), Payload { msg: ciphertext, aad: ad }).ok().map(Zeroizing::new)
 }
 
 /// A purpose key: HKDF-SHA256 of the data key, no salt, `info`.
@@ -266,7 +262,7 @@ pub(crate) fn hkdf_sha256(
 
 /// An HMAC-SHA256 keyed with `key`.
 fn hmac_sha256(key: &[u8]) -> Result<Hmac<Sha256>, StoreError> {
-    <Hmac<Sha256> as Mac>::new_from_slice(key).map_err(backend)
+    <Hmac<Sha256> as KeyInit>::new_from_slice(key).map_err(backend)
 }
 
 fn backend(e: impl std::fmt::Display) -> StoreError {

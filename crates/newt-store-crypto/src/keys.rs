@@ -5,8 +5,9 @@ use std::fmt;
 
 use aes_gcm::{Aes256Gcm, KeyInit};
 use argon2::{Algorithm, Argon2, Params, Version};
-use rand::rngs::OsRng;
-use rand::RngCore;
+use rand::rand_core::UnwrapErr;
+use rand::rngs::SysRng;
+use rand::Rng;
 use serde::{Deserialize, Serialize};
 use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
 
@@ -85,7 +86,7 @@ impl KekSource {
     /// Fresh parameters for `key`.
     fn fresh(key: &StoreKey) -> Self {
         let mut salt = vec![0u8; 16];
-        OsRng.fill_bytes(&mut salt);
+        UnwrapErr(SysRng).fill_bytes(&mut salt);
         match key {
             StoreKey::Raw(_) => KekSource::HkdfSha256 { salt },
             StoreKey::Passphrase(_) => {
@@ -183,7 +184,7 @@ pub fn unlock(material: &KeyMaterial, key: &StoreKey) -> Result<(DataKey, Cipher
 /// A new random data key, wrapped for `key` (slow for passphrases).
 pub fn generate(key: &StoreKey) -> Result<(DataKey, Cipher, WrappedDataKey), StoreError> {
     let mut data_key: DataKey = Zeroizing::new([0u8; 32]);
-    OsRng.fill_bytes(&mut data_key[..]);
+    UnwrapErr(SysRng).fill_bytes(&mut data_key[..]);
     let wrapped = wrap(&data_key, key)?;
     let cipher = Cipher::new(&data_key)?;
     Ok((data_key, cipher, wrapped))

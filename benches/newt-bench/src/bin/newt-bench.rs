@@ -473,7 +473,7 @@ fn floor() {
 
 fn container_crypto_ns_per_byte() -> f64 {
     use aes::cipher::{KeyIvInit, StreamCipher};
-    use hmac::Mac;
+    use hmac::{KeyInit, Mac};
     let mut data = vec![0u8; 4 << 20];
     let mut best = f64::MAX;
     for _ in 0..5 {

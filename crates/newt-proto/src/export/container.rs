@@ -5,9 +5,9 @@
 use std::fmt;
 
 use aes::cipher::{KeyIvInit, StreamCipher};
-use hmac::{Hmac, Mac};
-use rand::rngs::OsRng;
-use rand::RngCore;
+use hmac::{Hmac, KeyInit, Mac};
+use rand::rngs::SysRng;
+use rand::TryRng;
 use sha2::{Sha256, Sha512};
 use zeroize::Zeroizing;
 
@@ -79,8 +79,8 @@ pub(super) type FreshHeader = ([u8; HEADER_LEN], [u8; SALT_LEN], [u8; IV_LEN]);
 pub(super) fn fresh_header(rounds: u32) -> Result<FreshHeader, ExportError> {
     let mut salt = [0u8; SALT_LEN];
     let mut iv = [0u8; IV_LEN];
-    OsRng.try_fill_bytes(&mut salt).map_err(|e| ExportError::Rng(e.to_string()))?;
-    OsRng.try_fill_bytes(&mut iv).map_err(|e| ExportError::Rng(e.to_string()))?;
+    SysRng.try_fill_bytes(&mut salt).map_err(|e| ExportError::Rng(e.to_string()))?;
+    SysRng.try_fill_bytes(&mut iv).map_err(|e| ExportError::Rng(e.to_string()))?;
     // Clear bit 63 so that 64- and 128-bit CTR counters agree (see `Aes256Ctr`).
     iv[8] &= 0x7f;
     let mut header = [0u8; HEADER_LEN];
@@ -119,7 +119,7 @@ impl DerivedKeys {
         // padding by hand gives the same MAC without a fallible constructor.
         let mut block = Zeroizing::new([0u8; 64]);
         block[..KEY_LEN].copy_from_slice(&*self.mac);
-        let mut mac = <HmacSha256 as Mac>::new((&*block).into());
+        let mut mac = <HmacSha256 as KeyInit>::new((&*block).into());
         mac.update(data);
         mac
     }

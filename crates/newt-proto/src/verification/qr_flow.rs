@@ -19,8 +19,9 @@
 //! The keys are fixed when the code is shown or scanned, from the keys the
 //! driver passes in ([`SasIds`] plus the master key we believe is ours).
 
-use rand::rngs::OsRng;
-use rand::RngCore;
+use rand::rand_core::UnwrapErr;
+use rand::rngs::SysRng;
+use rand::Rng;
 use serde_json::{Map, Value};
 use vodozemac::Ed25519PublicKey;
 
@@ -188,7 +189,7 @@ pub fn show(
         )
     };
     let mut secret = vec![0u8; SECRET_LEN];
-    OsRng.fill_bytes(&mut secret);
+    UnwrapErr(SysRng).fill_bytes(&mut secret);
     let payload = QrPayload {
         mode,
         flow_id: flow.as_str().to_owned(),

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use newt_proto::records::{DeviceRecord, LocalTrust, TrackedUser};
 use newt_sqlite::{SqliteStore, StoreKey};
 use newt_store::{Changes, Store};
-use rand::Rng;
+use rand::RngExt;
 
 use crate::common::*;
 
@@ -94,7 +94,7 @@ fn crash_safety_under_sigkill() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("crash.sqlite");
     drop(SqliteStore::open(&path, StoreKey::Raw(KEY)).unwrap());
-    let mut rng = rand::thread_rng();
+    let mut rng = rand::rng();
     let mut acknowledged = BTreeSet::new();
     let mut killed_with_acks = 0;
 
@@ -107,7 +107,7 @@ fn crash_safety_under_sigkill() {
         let stdout = drain(child.stdout.take().unwrap());
         let stderr = drain(child.stderr.take().unwrap());
         // Random moments: some kills land while the child is still opening.
-        std::thread::sleep(Duration::from_millis(rng.gen_range(5..300)));
+        std::thread::sleep(Duration::from_millis(rng.random_range(5..300)));
         child.kill().unwrap(); // SIGKILL on unix
         let status = child.wait().unwrap();
         assert!(!status.success(), "the child exited by itself: {status:?}");

@@ -32,8 +32,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use newt_proto::vodozemac::Ed25519PublicKey;
-use rand::rngs::OsRng;
-use rand::RngCore;
+use rand::rand_core::UnwrapErr;
+use rand::rngs::SysRng;
+use rand::Rng;
 use serde_json::Value;
 
 use newt_proto::changes::Changes;
@@ -137,7 +138,7 @@ impl Flows {
 /// A fresh, unguessable transaction ID for a to-device flow.
 fn new_transaction_id() -> String {
     let mut bytes = [0u8; 12];
-    OsRng.fill_bytes(&mut bytes);
+    UnwrapErr(SysRng).fill_bytes(&mut bytes);
     let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
     format!("newt-{hex}")
 }
