@@ -88,7 +88,7 @@ export interface ProcessedToDevice {
   /** Curve25519 key the Olm channel authenticated. */
   senderKey?: string;
   senderDeviceTrust?: DeviceTrust;
-  outcome: "ForApp" | "RoomKeyStored" | "KeyRequestAnswered" | "WithheldStored" | "Handled" | "Rejected";
+  outcome: "ForApp" | "RoomKeyStored" | "KeyRequestAnswered" | "KeyRequestWaiting" | "WithheldStored" | "Handled" | "Rejected";
   /** For `Rejected`: why. */
   error?: string;
 }
@@ -1042,6 +1042,7 @@ fn processed_to_device(p: &ProcessedToDevice) -> Value {
         ToDeviceOutcome::ForApp => ("ForApp", None),
         ToDeviceOutcome::RoomKeyStored(..) => ("RoomKeyStored", None),
         ToDeviceOutcome::KeyRequestAnswered => ("KeyRequestAnswered", None),
+        ToDeviceOutcome::KeyRequestWaiting => ("KeyRequestWaiting", None),
         ToDeviceOutcome::WithheldStored => ("WithheldStored", None),
         ToDeviceOutcome::Rejected(e) => ("Rejected", Some(e.to_string())),
         _ => ("Handled", None),

@@ -489,6 +489,200 @@ async fn key_requests_answered_only_for_verified_own_devices() {
     assert_eq!(a2.decrypt(&room(), &e).await.unwrap().content["body"], "hello alice");
 }
 
+/// Alice's A1 holds a room key (`event` is encrypted with it); her new
+/// device `name` appears, A1 and it trust each other locally, and neither
+/// has an Olm session with the other (A1 never claims one itself).
+async fn new_device_without_olm(router: &Arc<Router>, a1: &SimDevice, name: &str) -> SimDevice {
+    let alice = [uid("@alice:hs")];
+    let new = dev(router, "@alice:hs", name).await;
+    settle(&[a1, &new], &alice).await;
+    for (d, other) in [(a1, name), (&new, "A1")] {
+        d.machine.set_local_trust(&alice[0], &did(other), LocalTrust::Verified).await.unwrap();
+    }
+    new
+}
+
+/// A1 with a room key and a message under it, before any other device.
+async fn a1_with_a_key(router: &Arc<Router>) -> (SimDevice, Value) {
+    let a1 = dev(router, "@alice:hs", "A1").await;
+    let alice = [uid("@alice:hs")];
+    settle(&[&a1], &alice).await;
+    a1.share_room_key(&room(), &alice, &RoomSettings::default()).await.unwrap();
+    let e = a1.send_text(&room(), "before the new device").await.unwrap();
+    (a1, e)
+}
+
+/// `asker` asks for the key of `event`; `a1` takes the sync (without
+/// sending anything) and its outcome for the request is returned with the
+/// request's content.
+async fn ask_a1(a1: &SimDevice, asker: &SimDevice, event: &Value) -> (ToDeviceOutcome, Value) {
+    assert!(asker.decrypt(&room(), event).await.is_err());
+    asker.machine.request_room_key(&room(), event).await.unwrap();
+    asker.flush().await.unwrap();
+    let out = a1.machine.receive_sync(a1.next_sync().unwrap()).await.unwrap();
+    let req = out.to_device.iter().find(|t| t.event_type == "m.room_key_request").unwrap();
+    (req.outcome.clone(), req.content.clone())
+}
+
+fn claims(requests: &[newt::OutgoingRequest]) -> Vec<&Value> {
+    requests
+        .iter()
+        .filter_map(|r| match &r.kind {
+            newt::RequestKind::KeysClaim { body } => Some(body),
+            _ => None,
+        })
+        .collect()
+}
+
+fn to_device_to<'r>(requests: &'r [newt::OutgoingRequest], device: &str) -> Vec<&'r Value> {
+    requests
+        .iter()
+        .filter_map(|r| match &r.kind {
+            newt::RequestKind::ToDevice { body, .. } => body["messages"]["@alice:hs"].get(device),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Sends `requests` from `d` and reports them.
+async fn send_all(d: &SimDevice, requests: &[newt::OutgoingRequest]) {
+    for r in requests {
+        d.send(r).await.unwrap();
+    }
+}
+
+/// matrix-sdk-crypto asks once per session: a request from a trusted own
+/// device we have no Olm session with waits, newt claims a one-time key of
+/// the device by itself and answers over the new session.
+#[tokio::test]
+async fn key_request_without_olm_session_waits_for_a_claim_and_is_answered() {
+    let router = Arc::new(Router::new());
+    let (a1, e) = a1_with_a_key(&router).await;
+    let a2 = new_device_without_olm(&router, &a1, "A2").await;
+    let (outcome, request) = ask_a1(&a1, &a2, &e).await;
+    assert_eq!(outcome, ToDeviceOutcome::KeyRequestWaiting);
+    // The same request again (a redelivered sync) waits once.
+    send_to_a1(&router, "A2", &request);
+    let out = a1.machine.receive_sync(a1.next_sync().unwrap()).await.unwrap();
+    assert_eq!(out.to_device[0].outcome, ToDeviceOutcome::KeyRequestWaiting);
+
+    // outgoing_requests: a claim of A2's one-time key, nothing for A2 yet.
+    let requests = a1.machine.outgoing_requests().await.unwrap();
+    let claim = claims(&requests);
+    assert_eq!(claim.len(), 1, "{requests:?}");
+    assert!(claim[0]["one_time_keys"]["@alice:hs"].get("A2").is_some());
+    assert!(to_device_to(&requests, "A2").is_empty());
+    // In flight: not claimed twice.
+    assert!(claims(&a1.machine.outgoing_requests().await.unwrap()).is_empty());
+    send_all(&a1, &requests).await;
+
+    // The claim's answer made the session: one answer, then nothing more.
+    let requests = a1.machine.outgoing_requests().await.unwrap();
+    assert_eq!(to_device_to(&requests, "A2").len(), 1, "{requests:?}");
+    send_all(&a1, &requests).await;
+    assert_eq!(a1.flush().await.unwrap(), 0);
+
+    let out = a2.sync().await.unwrap();
+    assert!(
+        out.to_device.iter().any(|t| t.event_type == "m.forwarded_room_key"
+            && matches!(t.outcome, ToDeviceOutcome::RoomKeyStored(..))),
+        "{out:?}"
+    );
+    assert_eq!(a2.decrypt(&room(), &e).await.unwrap().content["body"], "before the new device");
+}
+
+/// A plaintext `m.room_key_request` content from Alice's `from` to A1.
+fn send_to_a1(router: &Router, from: &str, content: &Value) {
+    let body = json!({"messages": {"@alice:hs": {"A1": content}}});
+    router.handle("@alice:hs", from, "PUT", "/sendToDevice/m.room_key_request/t", &body).unwrap();
+}
+
+/// A device blacklisted after it asked gets nothing: not when the claim
+/// it waited for completes, and no claim at all when it is blacklisted
+/// before the claim goes out.
+#[tokio::test]
+async fn waiting_key_request_of_a_device_blacklisted_meanwhile_is_not_answered() {
+    let router = Arc::new(Router::new());
+    let (a1, e) = a1_with_a_key(&router).await;
+    let alice = uid("@alice:hs");
+
+    // Blacklisted while the claim is in flight: the session is made, no answer.
+    let a2 = new_device_without_olm(&router, &a1, "A2").await;
+    assert_eq!(ask_a1(&a1, &a2, &e).await.0, ToDeviceOutcome::KeyRequestWaiting);
+    let requests = a1.machine.outgoing_requests().await.unwrap();
+    assert_eq!(claims(&requests).len(), 1, "{requests:?}");
+    a1.machine.set_local_trust(&alice, &did("A2"), LocalTrust::Blacklisted).await.unwrap();
+    send_all(&a1, &requests).await;
+    let requests = a1.machine.outgoing_requests().await.unwrap();
+    assert!(to_device_to(&requests, "A2").is_empty(), "{requests:?}");
+    send_all(&a1, &requests).await;
+    // Trusted again: the dropped request stays dropped.
+    a1.machine.set_local_trust(&alice, &did("A2"), LocalTrust::Verified).await.unwrap();
+    assert_eq!(a1.flush().await.unwrap(), 0);
+    let out = a2.sync().await.unwrap();
+    assert!(!out.to_device.iter().any(|t| t.event_type == "m.forwarded_room_key"), "{out:?}");
+    assert!(a2.decrypt(&room(), &e).await.is_err());
+
+    // Blacklisted before A1 sends anything: no claim of its one-time key.
+    let a3 = new_device_without_olm(&router, &a1, "A3").await;
+    assert_eq!(ask_a1(&a1, &a3, &e).await.0, ToDeviceOutcome::KeyRequestWaiting);
+    a1.machine.set_local_trust(&alice, &did("A3"), LocalTrust::Blacklisted).await.unwrap();
+    let requests = a1.machine.outgoing_requests().await.unwrap();
+    assert!(claims(&requests).is_empty(), "{requests:?}");
+    send_all(&a1, &requests).await;
+    a1.machine.set_local_trust(&alice, &did("A3"), LocalTrust::Verified).await.unwrap();
+    assert_eq!(a1.flush().await.unwrap(), 0);
+    let out = a3.sync().await.unwrap();
+    assert!(!out.to_device.iter().any(|t| t.event_type == "m.forwarded_room_key"), "{out:?}");
+    assert!(a3.decrypt(&room(), &e).await.is_err());
+}
+
+/// The requester's cancellation removes its waiting request (another
+/// request ID does not); and a request whose device meanwhile made a
+/// session with us (a pre-key message) is answered without a claim.
+#[tokio::test]
+async fn waiting_key_request_is_cancelled_or_answered_over_a_session_the_requester_made() {
+    let router = Arc::new(Router::new());
+    let (a1, e) = a1_with_a_key(&router).await;
+    let a2 = new_device_without_olm(&router, &a1, "A2").await;
+    let (outcome, request) = ask_a1(&a1, &a2, &e).await;
+    assert_eq!(outcome, ToDeviceOutcome::KeyRequestWaiting);
+    let cancel = |id: &Value| json!({"action": "request_cancellation", "requesting_device_id": "A2", "request_id": id});
+    send_to_a1(&router, "A2", &cancel(&json!("another request")));
+    send_to_a1(&router, "A2", &cancel(&request["request_id"]));
+    let out = a1.machine.receive_sync(a1.next_sync().unwrap()).await.unwrap();
+    assert_eq!(out.to_device.len(), 2);
+    assert!(out.to_device.iter().all(|t| t.outcome == ToDeviceOutcome::Handled), "{out:?}");
+    let requests = a1.machine.outgoing_requests().await.unwrap();
+    assert!(claims(&requests).is_empty(), "{requests:?}");
+    send_all(&a1, &requests).await;
+    // Even with a session to A2 made now, the cancelled request is not answered.
+    let claim = a1.machine.get_missing_sessions([uid("@alice:hs")]).await.unwrap().unwrap();
+    a1.send(&claim).await.unwrap();
+    assert_eq!(a1.flush().await.unwrap(), 0);
+
+    // Asked again (a new request ID); then A2 makes the Olm session itself
+    // (it shares a room key with A1): answered over it, nothing claimed.
+    let a3 = new_device_without_olm(&router, &a1, "A3").await;
+    assert_eq!(ask_a1(&a1, &a3, &e).await.0, ToDeviceOutcome::KeyRequestWaiting);
+    let other_room = RoomId::parse("!other:hs").unwrap();
+    a3.share_room_key(&other_room, &[uid("@alice:hs")], &RoomSettings::default()).await.unwrap();
+    let out = a1.machine.receive_sync(a1.next_sync().unwrap()).await.unwrap();
+    assert!(
+        out.to_device.iter().any(|t| matches!(t.outcome, ToDeviceOutcome::RoomKeyStored(..))),
+        "{out:?}"
+    );
+    let requests = a1.machine.outgoing_requests().await.unwrap();
+    assert!(claims(&requests).is_empty(), "{requests:?}");
+    assert_eq!(to_device_to(&requests, "A3").len(), 1, "{requests:?}");
+    send_all(&a1, &requests).await;
+    a3.sync().await.unwrap();
+    assert_eq!(a3.decrypt(&room(), &e).await.unwrap().content["body"], "before the new device");
+    // A2's request stayed cancelled.
+    let out = a2.sync().await.unwrap();
+    assert!(!out.to_device.iter().any(|t| t.event_type == "m.forwarded_room_key"), "{out:?}");
+}
+
 #[tokio::test]
 async fn olm_plaintext_forgeries_rejected_end_to_end() {
     let router = Arc::new(Router::new());

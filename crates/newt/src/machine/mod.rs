@@ -18,6 +18,7 @@ use serde_json::{Map, Value};
 use newt_proto::account::OwnAccount;
 use newt_proto::changes::Changes;
 use newt_proto::ids::{DeviceId, RoomId, UserId};
+use newt_proto::key_requests::WaitingKeyRequests;
 use newt_proto::megolm::OutboundSession;
 use newt_proto::records::{InboundGroupSessionRecord, TrackedUser};
 use newt_store::{Store, StoreError};
@@ -78,6 +79,10 @@ struct State {
     claim_failures: BTreeMap<(UserId, DeviceId), u64>,
     last_unwedge: BTreeMap<String, u64>,
     wedged: BTreeSet<(UserId, DeviceId)>,
+    /// Key requests of our trusted devices that wait for an Olm session
+    /// (in memory only: a restart forgets them); `outgoing_requests` claims
+    /// one, `handle_claim_response` answers them.
+    waiting_key_requests: WaitingKeyRequests,
     reports: Vec<KeysQueryReport>,
     flows: verification::Flows,
     share_batches: BTreeMap<String, ShareBatch>,
@@ -204,6 +209,7 @@ impl Machine {
                     claim_failures: BTreeMap::new(),
                     last_unwedge: BTreeMap::new(),
                     wedged: BTreeSet::new(),
+                    waiting_key_requests: WaitingKeyRequests::default(),
                     reports: Vec::new(),
                     flows: verification::Flows::default(),
                     share_batches: BTreeMap::new(),

@@ -100,6 +100,19 @@ pub enum ToDeviceOutcome {
     RoomKeyStored(RoomId, String),
     /// A key request was answered with a forwarded key.
     KeyRequestAnswered,
+    /// A key request newt will answer (it passed every check) but cannot
+    /// yet: there is no Olm session with the requesting device. It waits
+    /// in memory (at most
+    /// [`MAX_WAITING_KEY_REQUESTS`](newt_proto::key_requests::MAX_WAITING_KEY_REQUESTS),
+    /// the oldest dropped; a repeated request ID is kept once; the
+    /// requester's cancellation removes it); the next
+    /// [`Machine::outgoing_requests`](crate::Machine::outgoing_requests)
+    /// includes a `/keys/claim` for the device, and when that claim's answer
+    /// is reported ([`Machine::mark_request_sent`](crate::Machine::mark_request_sent))
+    /// the request is checked again (the device may have been blacklisted
+    /// meanwhile) and answered by a to-device request of a later
+    /// `outgoing_requests`. A restart forgets waiting requests.
+    KeyRequestWaiting,
     /// A withheld notice was stored.
     WithheldStored,
     /// Handled internally (dummy, cancellation, duplicate key, ...).

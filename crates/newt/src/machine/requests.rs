@@ -34,7 +34,10 @@ pub(super) enum Pending {
 
 impl Machine {
     /// The requests to send now: key upload, device queries, queued
-    /// to-device messages and key requests. Each must be reported with
+    /// to-device messages, key requests, and a `/keys/claim` for our
+    /// devices whose key requests wait for an Olm session
+    /// ([`ToDeviceOutcome::KeyRequestWaiting`](crate::ToDeviceOutcome::KeyRequestWaiting);
+    /// answered once the claim's answer is reported). Each must be reported with
     /// [`mark_request_sent`](Self::mark_request_sent).
     pub async fn outgoing_requests(&self) -> Result<Vec<OutgoingRequest>, Error> {
         let mut st = self.inner.state.lock().await;
@@ -95,6 +98,10 @@ impl Machine {
                 "m.room_key_request",
                 [(self.inner.user_id.clone(), "*".to_owned(), content)],
             ));
+        }
+        // Key requests waiting for an Olm session: answered, or a claim.
+        if let Some(claim) = self.serve_waiting_key_requests(&mut st).await? {
+            out.push(claim);
         }
         for r in std::mem::take(&mut st.queued) {
             if !st.in_flight.contains_key(&r.id) {

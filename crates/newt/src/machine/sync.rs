@@ -46,6 +46,16 @@ impl Machine {
     /// Processes the crypto parts of a sync response. Returns only after the
     /// to-device results, the ratchets they advanced, the one-time keys they
     /// consumed and `next_batch` are committed together.
+    ///
+    /// A room key request (`m.room_key_request`) from one of our trusted
+    /// devices for a session we hold is answered over Olm
+    /// ([`ToDeviceOutcome::KeyRequestAnswered`], the answer comes out of
+    /// [`outgoing_requests`](Self::outgoing_requests)). With no Olm session
+    /// to that device yet it waits in memory
+    /// ([`ToDeviceOutcome::KeyRequestWaiting`]): `outgoing_requests` claims
+    /// a one-time key of the device and the claim's answer makes the
+    /// session and answers it, after checking it again. A restart forgets
+    /// waiting requests (the requester's next request is handled afresh).
     pub async fn receive_sync(&self, sync: SyncChanges) -> Result<SyncOutcome, Error> {
         let mut st = self.inner.state.lock().await;
         self.refresh_account(&mut st).await?;
@@ -397,8 +407,12 @@ impl Machine {
             Err(e) => return Ok(ToDeviceOutcome::Rejected(e.into())),
         };
         let from_self = sender == &self.inner.user_id && request.device_id == self.inner.device_id;
-        if request.cancellation || from_self {
-            // Our own request echoed back by a `*` fan-out, or a cancellation.
+        if from_self {
+            // Our own request (or cancellation) echoed back by a `*` fan-out.
+            return Ok(ToDeviceOutcome::Handled);
+        }
+        if request.cancellation {
+            st.waiting_key_requests.cancel(&request);
             return Ok(ToDeviceOutcome::Handled);
         }
         let own_devices = if sender == &self.inner.user_id {
@@ -431,8 +445,13 @@ impl Machine {
         let Some(device) = requester else { return Ok(ToDeviceOutcome::Handled) };
         let sessions = self.sessions_for(batch, &device.curve25519).await?;
         let Some(i) = olm::preferred_session(&sessions.live) else {
-            // No channel to the device yet; it will ask again.
-            return Ok(ToDeviceOutcome::Handled);
+            // No channel to the device yet, and the requester may never ask
+            // again: the request waits until `outgoing_requests` has claimed
+            // a one-time key of the device and the claim's answer made the
+            // session (answered then, after `answer_request` is asked again).
+            drop(forwarded);
+            st.waiting_key_requests.push(request);
+            return Ok(ToDeviceOutcome::KeyRequestWaiting);
         };
         let encrypted = match olm::encrypt(
             &st.account,
