@@ -20,6 +20,8 @@
 // A test suite: failing loudly is its job.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+pub mod fixtures;
+
 use std::collections::BTreeSet;
 use std::future::Future;
 use std::sync::OnceLock;
