@@ -17,6 +17,7 @@ use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
 
 use js_sys::{Array, Function, Promise, Reflect, Uint8Array};
+use newt_store_crypto::StoreKey;
 use serde_json::{json, Value};
 use wasm_bindgen::prelude::*;
 
@@ -163,6 +164,23 @@ export interface BootstrapRequests {
 
 export interface ImportSummary { total: number; imported: number; skipped: number }
 
+/**
+ * Where `Machine.open` keeps the device's state: an IndexedDB database
+ * `name`, encrypted at rest under a passphrase (Argon2id, about a second per
+ * open) or a raw 32-byte key (e.g. from `crypto.getRandomValues`, kept by the
+ * app). Open one database from one `Machine` per tab; `deleteStore(name)`
+ * removes it (sign-out).
+ */
+export type StoreOptions =
+  | { name: string; passphrase: string; key?: undefined }
+  | { name: string; key: Uint8Array; passphrase?: undefined };
+
+/** Options of `Machine.open`. */
+export interface OpenOptions {
+  /** Absent: an in-memory store (nothing survives a reload). */
+  store?: StoreOptions;
+}
+
 /** Progress of a long operation: `done` of `total` (total 0 when unknown). */
 export type Progress = (done: number, total: number) => void;
 "#;
@@ -175,17 +193,23 @@ pub struct Machine {
 
 #[wasm_bindgen]
 impl Machine {
-    /// Opens the device `deviceId` of `userId` on an in-memory store
-    /// (nothing survives a reload).
+    /// Opens the device `deviceId` of `userId`, creating its account on
+    /// first use. Without `options.store` the store is in memory (nothing
+    /// survives a reload); with it, the IndexedDB database
+    /// `options.store.name`, encrypted at rest under the passphrase (Argon2id:
+    /// about a second per open) or the raw 32-byte key. A wrong passphrase
+    /// or key rejects with `WrongKey` and writes nothing.
     #[wasm_bindgen(unchecked_return_type = "Promise<Machine>")]
     pub fn open(
         #[wasm_bindgen(js_name = userId)] user_id: String,
         #[wasm_bindgen(js_name = deviceId)] device_id: String,
+        #[wasm_bindgen(unchecked_optional_param_type = "OpenOptions")] options: Option<JsValue>,
     ) -> Promise {
+        let store = store_option(&options.unwrap_or(JsValue::UNDEFINED));
         run(async move {
             let user = user_id_of(&user_id)?;
             let device = device_id_of(&device_id)?;
-            let store = std::sync::Arc::new(newt::MemoryStore::new());
+            let store = open_store(store?).await?;
             let inner = newt::Machine::open(store, user, device).await.map_err(error)?;
             Ok(Machine { inner }.into())
         })
@@ -735,6 +759,100 @@ impl Machine {
             }))
         })
     }
+}
+
+/// Deletes the IndexedDB database `name` of a store (sign-out). Connections
+/// still open on it (this page's or another tab's) close first; a machine
+/// that used it fails with `StoreBackend` afterwards.
+#[wasm_bindgen(js_name = deleteStore, unchecked_return_type = "Promise<void>")]
+pub fn delete_store(name: String) -> Promise {
+    run(async move {
+        #[cfg(target_arch = "wasm32")]
+        {
+            newt_indexeddb::delete_store(&name).await.map_err(store_error)?;
+            Ok(JsValue::UNDEFINED)
+        }
+        #[cfg(not(target_arch = "wasm32"))]
+        {
+            let _ = name;
+            Err(no_indexeddb())
+        }
+    })
+}
+
+/// `options.store` of [`Machine::open`]: the database name and its key.
+struct StoreOption {
+    name: String,
+    key: StoreKey,
+}
+
+/// Reads `options.store` (read before the call starts, as JS values do not
+/// cross into the future).
+fn store_option(options: &JsValue) -> Result<Option<StoreOption>, JsValue> {
+    let field = |object: &JsValue, key: &str| -> Result<JsValue, JsValue> {
+        if object.is_undefined() || object.is_null() {
+            return Ok(JsValue::UNDEFINED);
+        }
+        if !object.is_object() {
+            return Err(invalid("open options and options.store must be objects"));
+        }
+        Reflect::get(object, &key.into()).map_err(|_| invalid("unreadable open options"))
+    };
+    let store = field(options, "store")?;
+    if store.is_undefined() || store.is_null() {
+        return Ok(None);
+    }
+    let name =
+        field(&store, "name")?.as_string().ok_or_else(|| invalid("store.name must be a string"))?;
+    let passphrase = field(&store, "passphrase")?;
+    let key = field(&store, "key")?;
+    let key = match (passphrase.as_string(), key.dyn_into::<Uint8Array>()) {
+        (Some(p), Err(_)) => StoreKey::Passphrase(p),
+        (None, Ok(k)) if k.length() == 32 => {
+            let mut raw = [0u8; 32];
+            k.copy_to(&mut raw);
+            StoreKey::Raw(raw)
+        }
+        (None, Ok(_)) => return Err(invalid("store.key must be 32 bytes")),
+        _ => {
+            return Err(invalid(
+                "store needs exactly one of passphrase (a string) or key (a Uint8Array)",
+            ))
+        }
+    };
+    Ok(Some(StoreOption { name, key }))
+}
+
+/// The store for `option`: IndexedDB when given, else memory.
+async fn open_store(
+    option: Option<StoreOption>,
+) -> Result<std::sync::Arc<dyn newt::Store>, JsValue> {
+    let Some(option) = option else {
+        return Ok(std::sync::Arc::new(newt::MemoryStore::new()));
+    };
+    #[cfg(target_arch = "wasm32")]
+    {
+        let store = newt_indexeddb::IndexedDbStore::open(&option.name, option.key)
+            .await
+            .map_err(store_error)?;
+        #[allow(clippy::arc_with_non_send_sync)]
+        Ok(std::sync::Arc::new(store))
+    }
+    #[cfg(not(target_arch = "wasm32"))]
+    {
+        let _ = (option.name, option.key);
+        Err(no_indexeddb())
+    }
+}
+
+#[cfg(target_arch = "wasm32")]
+fn store_error(e: newt::StoreError) -> JsValue {
+    error(newt::Error::Store(e))
+}
+
+#[cfg(not(target_arch = "wasm32"))]
+fn no_indexeddb() -> JsValue {
+    error(newt::Error::Store(newt::StoreError::Backend("IndexedDB exists on wasm32 only".into())))
 }
 
 /// The verification steps that take only a flow ID.

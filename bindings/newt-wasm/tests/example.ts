@@ -1,6 +1,6 @@
 // The README's example, type-checked with `tsc --noEmit --strict` against
 // the installed package (it is not run: node.test.mjs runs the same calls).
-import init, { Machine, type DecryptedEvent, type NewtError, type OutgoingRequest } from "newt-wasm";
+import init, { Machine, deleteStore, type DecryptedEvent, type NewtError, type OutgoingRequest } from "newt-wasm";
 
 async function send(machine: Machine, requests: OutgoingRequest[]): Promise<void> {
   for (const r of requests) {
@@ -35,4 +35,17 @@ export async function main(): Promise<void> {
     const error = e as NewtError;
     if (error.code === "MissingSession") console.log("waiting for the key", error.withheldCode);
   }
+}
+
+// In a browser: the device on an encrypted IndexedDB store, then sign-out.
+export async function persistent(passphrase: string, key: Uint8Array): Promise<void> {
+  const byPassphrase = await Machine.open("@alice:example.org", "ALICE1", { store: { name: "newt-alice", passphrase } });
+  byPassphrase.free();
+  try {
+    const byKey = await Machine.open("@bob:example.org", "BOB1", { store: { name: "newt-bob", key } });
+    byKey.free();
+  } catch (e) {
+    if ((e as NewtError).code === "WrongKey") console.log("not this key");
+  }
+  await deleteStore("newt-alice");
 }

@@ -4,7 +4,7 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
 
-import init, { Machine } from "newt-wasm";
+import init, { Machine, deleteStore } from "newt-wasm";
 import { Server } from "./server.mjs";
 
 const wasm = await init();
@@ -156,6 +156,12 @@ test("SAS verification to-device shows the same emoji on both sides", async () =
 test("bad inputs give typed errors", async () => {
   const { bob } = await pair();
   await assert.rejects(Machine.open("not a user id", "D"), { name: "NewtError", code: "InvalidId" });
+  // Store options: a malformed one is refused; Node has no IndexedDB.
+  await assert.rejects(Machine.open("@a:example.org", "D", { store: { name: "db", key: new Uint8Array(31) } }), { code: "InvalidArgument" });
+  await assert.rejects(Machine.open("@a:example.org", "D", { store: { name: "db" } }), { code: "InvalidArgument" });
+  await assert.rejects(Machine.open("@a:example.org", "D", 7), { code: "InvalidArgument" });
+  await assert.rejects(Machine.open("@a:example.org", "D", { store: { name: "db", passphrase: "p" } }), { code: "StoreBackend" });
+  await assert.rejects(deleteStore("db"), { code: "StoreBackend" });
   await assert.rejects(bob.machine.decryptRoomEvent(ROOM, { content: {} }), { code: "DecryptionFailed" });
   await assert.rejects(bob.machine.decryptRoomEvent(ROOM, "{not json"), { code: "InvalidArgument" });
   await assert.rejects(bob.machine.markRequestSent("no-such-request", {}), { code: "UnknownRequest" });
